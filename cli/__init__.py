@@ -1,0 +1,1 @@
+"""The loramerge command line (installed as the `loramerge_cli` package)."""

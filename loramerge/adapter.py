@@ -1,0 +1,155 @@
+"""The one in-memory model of a LoRA adapter that every reader produces and every writer takes."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import torch
+
+
+class ModuleKind(str, Enum):
+    """How a module's update lands on its base tensor (rules.md section 1)."""
+
+    LINEAR = "linear"  # W (out x in) += s B A
+    CONV1D = "conv1d"  # GPT-2 Conv1D, W stored (in x out) += s (B A)^T
+    EMBEDDING = "embedding"  # table (num x dim) += s (B A)^T, A is (r x num)
+    CONV2D = "conv2d"  # W (out, in, kh, kw) += s reshape(B A)
+
+
+class LazyTensor:
+    """A tensor known by shape and dtype, loaded on first use and then kept."""
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, load: Callable[[], torch.Tensor]
+    ) -> None:
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self._load = load
+        self._value: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> LazyTensor:
+        lazy = cls(tuple(tensor.shape), tensor.dtype, lambda: tensor)
+        lazy._value = tensor
+        return lazy
+
+    def load(self) -> torch.Tensor:
+        if self._value is None:
+            value = self._load()
+            if tuple(value.shape) != self.shape:
+                raise ValueError(
+                    f"lazy tensor loaded shape {tuple(value.shape)}, expected {self.shape}"
+                )
+            self._value = value
+        return self._value
+
+    def float(self) -> torch.Tensor:
+        return self.load().to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def match_pattern(patterns: Mapping[str, float], module_path: str) -> str | None:
+    """The first pattern (in order) for which `(.*\\.)?(PATTERN)$` matches the module path."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module_path):
+                return pattern
+        except re.error:
+            if module_path == pattern or module_path.endswith("." + pattern):
+                return pattern
+    return None
+
+
+@dataclass
+class LoraModule:
+    """One adapted module. `path` is the module path in the base model (no PEFT prefix).
+
+    A is (r x in) [(r x num) for embeddings, (r, in, kh, kw) for conv2d]; B is (out x r)
+    [(dim x r), (out, r, 1, 1)]. `kind` may be refined from LINEAR to CONV1D once the base
+    tensor's shape is known.
+    """
+
+    path: str
+    lora_A: LazyTensor
+    lora_B: LazyTensor
+    alpha: float
+    kind: ModuleKind = ModuleKind.LINEAR
+    use_rslora: bool = False
+    magnitude: LazyTensor | None = None  # DoRA, shape (out,)
+    bias: LazyTensor | None = None  # lora_B bias, shape (out,)
+    fan_in_fan_out: bool = False  # the source's claim; the base tensor's shape decides
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.r, self.alpha, self.use_rslora)
+
+    @property
+    def name(self) -> str:
+        """The last component of the path (e.g. q_proj), as target_modules lists it."""
+        return self.path.rsplit(".", 1)[-1]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) as float32 matrices: conv2d factors are flattened, embeddings as stored."""
+        lora_b = self.lora_B.float()
+        lora_a = self.lora_A.float()
+        return lora_b.reshape(lora_b.shape[0], -1), lora_a.reshape(lora_a.shape[0], -1)
+
+    def with_factors(self, lora_b: torch.Tensor, lora_a: torch.Tensor, alpha: float) -> LoraModule:
+        """A copy with new factors (same kind), reshaped back for conv2d."""
+        if self.kind is ModuleKind.CONV2D:
+            lora_a = lora_a.reshape(lora_a.shape[0], *self.lora_A.shape[1:])
+            lora_b = lora_b.reshape(lora_b.shape[0], lora_b.shape[1], 1, 1)
+        return replace(
+            self, lora_A=LazyTensor.of(lora_a), lora_B=LazyTensor.of(lora_b), alpha=alpha
+        )
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: modules by path, plus full tensors it carries and where it came from.
+
+    `modules_to_save` maps a base tensor name (e.g. `lm_head.weight`) to a trained full copy that
+    replaces it. `base_tables` maps a base tensor name (e.g. `model.embed_tokens.weight`) to the
+    table PEFT saved as `<path>.base_layer.weight`: the base value the module's update applies to
+    (it differs from the base file when tokens were added during training).
+    """
+
+    modules: dict[str, LoraModule]
+    modules_to_save: dict[str, LazyTensor] = field(default_factory=dict)
+    base_tables: dict[str, LazyTensor] = field(default_factory=dict)
+    base_model: str | None = None
+    source_format: str = "peft"
+    source_path: str | None = None
+    task_type: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.modules = dict(sorted(self.modules.items()))
+
+    @property
+    def ranks(self) -> list[int]:
+        return [module.r for module in self.modules.values()]
+
+    def parameter_count(self) -> int:
+        total = 0
+        for module in self.modules.values():
+            total += math.prod(module.lora_A.shape) + math.prod(module.lora_B.shape)
+            for extra in (module.magnitude, module.bias):
+                if extra is not None:
+                    total += math.prod(extra.shape)
+        return total + sum(math.prod(t.shape) for t in self.modules_to_save.values())

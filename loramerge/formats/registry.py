@@ -1,0 +1,132 @@
+"""The ordered list of adapter formats: detection, reading and writing dispatch through it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge.adapter import Adapter
+from loramerge.atomic import atomic_output, check_output_target
+from loramerge.errors import OptionError, UnknownFormatError
+from loramerge.formats import kohya, peft
+from loramerge.safetensors_io import read_header
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Facts a format cannot carry itself, supplied by the user."""
+
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    name: str
+    description: str
+    sniff: Callable[[Path], bool]
+    read: Callable[[Path, ReadOptions], Adapter]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    name: str
+    description: str
+    is_dir: bool
+    write: Callable[[Adapter, Path], None]
+
+
+# Most specific first: the first sniffer that claims a path wins only if no other claims it.
+INPUT_FORMATS: list[InputFormat] = [
+    InputFormat(
+        "peft", "PEFT adapter folder (adapter_config.json)", peft.sniff, lambda p, o: peft.read(p)
+    ),
+    InputFormat(
+        "kohya", "kohya / sd-scripts LoRA .safetensors", kohya.sniff, lambda p, o: kohya.read(p)
+    ),
+]
+
+OUTPUT_FORMATS: list[OutputFormat] = [
+    OutputFormat("peft", "PEFT adapter folder", True, peft.write),
+    OutputFormat("kohya", "kohya .safetensors file", False, kohya.write),
+]
+
+
+def input_format(name: str) -> InputFormat:
+    for entry in INPUT_FORMATS:
+        if entry.name == name:
+            return entry
+    names = ", ".join(e.name for e in INPUT_FORMATS)
+    raise OptionError(f"unknown input format {name!r}; choose one of {names}")
+
+
+def output_format(name: str) -> OutputFormat:
+    for entry in OUTPUT_FORMATS:
+        if entry.name == name:
+            return entry
+    names = ", ".join(e.name for e in OUTPUT_FORMATS)
+    raise OptionError(f"unknown output format {name!r}; choose one of {names}")
+
+
+def describe_path(path: Path) -> str:
+    """A short account of what a path holds, for messages when no format claims it."""
+    if not path.exists():
+        return "nothing exists at this path"
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
+            return "a folder with config.json and weights: a base model, not an adapter"
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        return f"a folder holding {shown or 'nothing'}"
+    if path.suffix == ".safetensors":
+        try:
+            header = read_header(path)
+        except Exception as exc:
+            return f"a .safetensors file that cannot be read ({exc})"
+        sample = ", ".join(list(header.entries)[:3])
+        return f"a .safetensors file with {len(header.entries)} tensors such as {sample}"
+    return f"a {path.suffix or 'extension-less'} file"
+
+
+def detect(path: Path) -> InputFormat:
+    claims = [entry for entry in INPUT_FORMATS if entry.sniff(path)]
+    if len(claims) > 1:
+        names = " and ".join(e.name for e in claims)
+        raise UnknownFormatError(
+            f"is claimed by {names}", path=path, hint="pass --format to pick one"
+        )
+    if not claims:
+        known = ", ".join(e.name for e in INPUT_FORMATS)
+        raise UnknownFormatError(
+            f"is not an adapter loramerge recognises: {describe_path(path)}",
+            path=path,
+            hint=f"known formats: {known}; pass --format if you know which it is",
+        )
+    return claims[0]
+
+
+def read_adapter(
+    path: str | Path, fmt: str | None = None, options: ReadOptions | None = None
+) -> Adapter:
+    path = Path(path)
+    if not path.exists():
+        raise UnknownFormatError("does not exist", path=path, hint="check the path")
+    entry = input_format(fmt) if fmt else detect(path)
+    return entry.read(path, options or ReadOptions())
+
+
+def write_adapter(
+    adapter: Adapter,
+    out: str | Path,
+    to: str = "peft",
+    *,
+    force: bool = False,
+    inputs: list[Path] | None = None,
+) -> Path:
+    """Write an adapter atomically in the named output format."""
+    out = Path(out)
+    entry = output_format(to)
+    check_output_target(out, list(inputs or []), force)
+    with atomic_output(out, is_dir=entry.is_dir) as temp:
+        entry.write(adapter, temp)
+    return out

@@ -1,0 +1,120 @@
+"""What an adapter holds, and with a base, how large its updates are and what rounding keeps."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramerge.adapter import Adapter
+from loramerge.model.folder import open_base
+from loramerge.model.plan import Action, plan_merge
+from loramerge.model.stream import Sources, merged_tiles
+from loramerge.ops.lowrank import update_frobenius_norm
+from loramerge.safetensors_io import dtype_code, torch_dtype
+
+ERASED_SHARE = 0.5
+
+
+@dataclass
+class ModuleReport:
+    path: str
+    kind: str
+    r: int
+    alpha: float
+    scale: float
+    dtype: str
+    update_norm: float
+    dora: bool = False
+    base_tensor: str | None = None
+    base_dtype: str | None = None
+    base_norm: float | None = None
+    relative_update: float | None = None
+    changed_share: float | None = None
+
+
+@dataclass
+class AdapterReport:
+    path: str
+    format: str
+    base_model: str | None
+    module_count: int
+    ranks: list[int]
+    alphas: list[float]
+    scales: list[float]
+    dtypes: list[str]
+    parameter_count: int
+    modules_to_save: list[str]
+    modules: list[ModuleReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> AdapterReport:
+    modules = []
+    for module in adapter.modules.values():
+        lora_b, lora_a = module.factors()
+        modules.append(
+            ModuleReport(
+                path=module.path,
+                kind=module.kind.value,
+                r=module.r,
+                alpha=module.alpha,
+                scale=module.scale,
+                dtype=dtype_code(module.lora_A.dtype),
+                update_norm=update_frobenius_norm(lora_b, lora_a, module.scale),
+                dora=module.magnitude is not None,
+            )
+        )
+    report = AdapterReport(
+        path=adapter.source_path or "",
+        format=adapter.source_format,
+        base_model=adapter.base_model,
+        module_count=len(adapter.modules),
+        ranks=sorted({m.r for m in modules}),
+        alphas=sorted({m.alpha for m in modules}),
+        scales=sorted({round(m.scale, 6) for m in modules}),
+        dtypes=sorted({m.dtype for m in modules}),
+        parameter_count=adapter.parameter_count(),
+        modules_to_save=sorted(adapter.modules_to_save),
+        modules=modules,
+    )
+    if base_ref is not None:
+        _measure_against_base(adapter, base_ref, report)
+    return report
+
+
+def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: AdapterReport) -> None:
+    base = open_base(base_ref)
+    plan = plan_merge(base.tensors(), base.config, adapter)
+    by_path = {m.path: m for m in report.modules}
+    with ExitStack() as stack:
+        sources = Sources(base, adapter, stack)
+        for shard in plan.shards:
+            for tensor in shard.tensors:
+                if tensor.action is not Action.MERGE:
+                    continue
+                entry = by_path[tensor.module or ""]
+                entry.kind = (tensor.kind or adapter.modules[entry.path].kind).value
+                out_dtype = torch_dtype(tensor.dtype)
+                squares, changed, elements = 0.0, 0, 0
+                for base_rows, values in merged_tiles(tensor, sources, adapter):
+                    squares += float(base_rows.to(torch.float64).square().sum())
+                    changed += int((values.to(out_dtype) != base_rows.to(out_dtype)).sum())
+                    elements += values.numel()
+                entry.base_tensor = tensor.name
+                entry.base_dtype = tensor.dtype
+                entry.base_norm = squares**0.5
+                entry.relative_update = entry.update_norm / entry.base_norm if squares else None
+                entry.changed_share = changed / elements if elements else 0.0
+                if entry.changed_share < ERASED_SHARE:
+                    report.warnings.append(
+                        f"{entry.path}: rounding to {tensor.dtype} keeps only "
+                        f"{entry.changed_share:.0%} of the update's elements; merge with "
+                        "--dtype float32 to keep it"
+                    )

@@ -1,0 +1,164 @@
+"""A base model folder: config, shard headers, index, and the small files that travel with it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loramerge.errors import FormatError, LoramergeError
+from loramerge.formats.common import read_json
+from loramerge.safetensors_io import SafetensorsHeader, TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Files that are weights or adapters: never copied into a merged folder.
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+)
+_ADAPTER_FILES = {"adapter_config.json", INDEX_NAME}
+
+
+@dataclass
+class BaseModel:
+    """A resolved base model: where each tensor lives and what its header says."""
+
+    root: Path
+    config: dict[str, Any]
+    shard_names: list[str]
+    headers: dict[str, SafetensorsHeader]
+    has_index: bool
+
+    def tensors(self) -> list[tuple[str, TensorEntry]]:
+        """(shard name, entry) for every tensor, shard by shard in data order."""
+        return [
+            (shard, e) for shard in self.shard_names for e in self.headers[shard].entries.values()
+        ]
+
+    def locate(self) -> dict[str, tuple[str, TensorEntry]]:
+        return {entry.name: (shard, entry) for shard, entry in self.tensors()}
+
+    def shard_path(self, shard: str) -> Path:
+        return self.root / shard
+
+    def extra_files(self) -> list[Path]:
+        """Config, tokenizer, generation and other small top-level files to copy."""
+        files = []
+        for path in sorted(self.root.iterdir()):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.name.endswith(_WEIGHT_SUFFIXES) or path.name in _ADAPTER_FILES:
+                continue
+            if path.name.startswith("adapter_model"):
+                continue
+            files.append(path)
+        return files
+
+
+def resolve_base(ref: str | Path) -> Path:
+    """A local folder, or a hub repo id looked up in huggingface-hub's cache (then online)."""
+    path = Path(ref)
+    if path.exists():
+        if not path.is_dir():
+            raise FormatError(
+                "is a file; the base must be a model folder", path=path, hint="pass the folder"
+            )
+        return path
+    text = str(ref)
+    if not _REPO_ID.match(text):
+        raise FormatError("does not exist", path=path, hint="pass a model folder or a hub repo id")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(text, local_files_only=True, allow_patterns=patterns))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except Exception as exc:
+        raise LoramergeError(
+            f"is neither a local folder nor a cached hub model ({type(exc).__name__})",
+            path=text,
+            hint="download it first with `hf download` or pass a local folder",
+        ) from None
+
+
+def _shard_inside(root: Path, index_path: Path, shard: object) -> str:
+    if (
+        not isinstance(shard, str)
+        or not shard
+        or Path(shard).is_absolute()
+        or ".." in Path(shard).parts
+    ):
+        raise FormatError(
+            f"names shard {shard!r}, which leaves the model folder",
+            path=index_path,
+            hint="an index may only name files inside its own folder",
+        )
+    target = (root / shard).resolve()
+    if root.resolve() not in target.parents:
+        raise FormatError(
+            f"names shard {shard!r}, which links outside the model folder", path=index_path
+        )
+    if not target.is_file():
+        raise FormatError(
+            f"names shard {shard!r}, which does not exist",
+            path=index_path,
+            hint="the download is incomplete; fetch the missing shard",
+        )
+    return shard
+
+
+def open_base(ref: str | Path) -> BaseModel:
+    root = resolve_base(ref)
+    config_path = root / "config.json"
+    config = read_json(config_path) if config_path.exists() else {}
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        index = read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError("has no weight_map", path=index_path)
+        shards = sorted({_shard_inside(root, index_path, s) for s in weight_map.values()})
+        headers = {s: read_header(root / s) for s in shards}
+        for name, shard in weight_map.items():
+            if name not in headers[shard].entries:
+                raise FormatError(
+                    f"maps tensor {name!r} to {shard}, which does not hold it", path=index_path
+                )
+        has_index = True
+    elif (root / SINGLE_NAME).is_file():
+        shards = [SINGLE_NAME]
+        headers = {SINGLE_NAME: read_header(root / SINGLE_NAME)}
+        has_index = False
+    else:
+        found = sorted(p.name for p in root.glob("*.safetensors"))
+        if not found:
+            pickled = sorted(p.name for p in root.glob("*.bin"))
+            what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+            raise FormatError(
+                f"holds {what}; loramerge merges into safetensors models",
+                path=root,
+                hint="pass a folder with model.safetensors or sharded safetensors and an index",
+            )
+        shards = found
+        headers = {s: read_header(root / s) for s in shards}
+        has_index = len(shards) > 1
+    seen: dict[str, str] = {}
+    for shard in shards:
+        for name in headers[shard].entries:
+            if name in seen:
+                raise FormatError(f"tensor {name!r} is in both {seen[name]} and {shard}", path=root)
+            seen[name] = shard
+    return BaseModel(root, config, shards, headers, has_index)

@@ -1,0 +1,389 @@
+"""Streaming safetensors I/O: a validating header reader, row-range reads, a sequential writer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loramerge.errors import FormatError
+
+MAX_HEADER_BYTES = 100_000_000
+_COPY_CHUNK = 16 << 20
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_CODE_OF_DTYPE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code (e.g. "BF16") of a torch dtype."""
+    try:
+        return _CODE_OF_DTYPE[dtype]
+    except KeyError:
+        raise FormatError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    return DTYPES[code][0]
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code][1]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: offsets are relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along the first axis (the whole tensor for 0-d tensors)."""
+        if not self.shape:
+            return self.nbytes
+        return math.prod(self.shape[1:]) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated safetensors header; `entries` are in data order."""
+
+    path: Path
+    data_start: int
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self.entries.values())
+
+
+def _fail(path: Path, message: str) -> FormatError:
+    return FormatError(
+        message,
+        path=path,
+        hint="the file is damaged or not safetensors; download or export it again",
+    )
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
+    """Validate a header's JSON bytes against the file size; pure so that it can be fuzzed."""
+    data_start = 8 + len(raw)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _fail(path, f"header is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(parsed, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    entries = [_parse_entry(path, name, info) for name, info in parsed.items()]
+    entries.sort(key=lambda entry: (entry.begin, entry.end))
+    position = 0
+    for entry in entries:
+        if entry.begin != position:
+            kind = "overlaps the previous tensor" if entry.begin < position else "leaves a gap"
+            raise _fail(
+                path, f"tensor {entry.name!r} {kind} (offset {entry.begin}, expected {position})"
+            )
+        position = entry.end
+    if data_start + position != file_size:
+        if data_start + position > file_size:
+            raise _fail(
+                path,
+                f"file is truncated: {file_size} bytes, the header needs {data_start + position}",
+            )
+        raise _fail(
+            path, f"{file_size - data_start - position} trailing bytes after the last tensor"
+        )
+    return SafetensorsHeader(path, data_start, {e.name: e for e in entries}, dict(metadata))
+
+
+def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise _fail(path, f"tensor {name!r}: entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**53 for d in shape):
+        raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and 0 <= o < 2**63 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _fail(path, f"tensor {name!r}: data_offsets must be two increasing integers")
+    expected = math.prod(shape) * itemsize(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise _fail(
+            path,
+            f"tensor {name!r}: shape {shape} in {dtype} needs {expected} bytes, "
+            f"the offsets give {offsets[1] - offsets[0]}",
+        )
+    return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file without reading any tensor data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(path, f"header claims {header_len} bytes, above the 100 MB limit")
+            if 8 + header_len > file_size:
+                raise _fail(path, f"header claims {header_len} bytes but the file has {file_size}")
+            raw = handle.read(header_len)
+    except IsADirectoryError:
+        raise FormatError("is a folder, expected a .safetensors file", path=path) from None
+    except FileNotFoundError:
+        raise FormatError("file not found", path=path) from None
+    except PermissionError:
+        raise FormatError("permission denied", path=path) from None
+    return parse_header(path, raw, file_size)
+
+
+class SafetensorsReader:
+    """An open safetensors file read with positioned reads: no mmap, no whole-file loads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.header = read_header(path)
+        self.path = self.header.path
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def names(self) -> list[str]:
+        return list(self.header.entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.header.entries[name]
+        except KeyError:
+            raise FormatError(f"has no tensor {name!r}", path=self.path) from None
+
+    def absolute_offset(self, entry: TensorEntry) -> int:
+        return self.header.data_start + entry.begin
+
+    def read_bytes(self, offset: int, length: int) -> bytearray:
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        done = 0
+        while done < length:
+            if hasattr(os, "preadv"):
+                chunk = os.preadv(self._fd, [view[done:]], offset + done)
+            else:  # platforms without preadv: one extra copy per read
+                data = os.pread(self._fd, length - done, offset + done)
+                view[done : done + len(data)] = data
+                chunk = len(data)
+            if chunk == 0:
+                raise _fail(self.path, "file ended early while reading tensor data")
+            done += chunk
+        return buffer
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A tensor, or the slice rows[0]:rows[1] along its first axis, as a fresh CPU tensor."""
+        entry = self.entry(name)
+        shape = list(entry.shape)
+        offset, length = self.absolute_offset(entry), entry.nbytes
+        if rows is not None:
+            start, stop = rows
+            offset += start * entry.row_bytes
+            length = (stop - start) * entry.row_bytes
+            shape[0] = stop - start
+        return bytes_to_tensor(self.read_bytes(offset, length), entry.dtype, tuple(shape))
+
+
+def bytes_to_tensor(buffer: bytearray, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    dtype = torch_dtype(code)
+    if len(buffer) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a CPU tensor in row-major order (no copy when contiguous)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """What a writer needs up front to lay out one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def encode_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """Header bytes (length prefix included), padded with spaces to a multiple of 8 like the
+    official writer; tensors are laid out in the order given."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    position = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [position, position + tensor.nbytes],
+        }
+        position += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingWriter:
+    """Writes a safetensors file header-first, then each tensor's bytes in order.
+
+    The caller feeds bytes with `write` or `copy_range`; `close` checks that every tensor got
+    exactly its size, then flushes and fsyncs.
+    """
+
+    def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str]) -> None:
+        self.path = path
+        self._expected = sum(t.nbytes for t in tensors)
+        self._written = 0
+        self._file = open(path, "xb")  # noqa: SIM115 - closed in close()
+        self._file.write(encode_header(tensors, metadata))
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+
+    @property
+    def bytes_written(self) -> int:
+        return self._written
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        count = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._check_room(count)
+        self._file.write(data)
+        self._written += count
+        return count
+
+    def write_tensor(self, tensor: torch.Tensor) -> int:
+        return self.write(tensor_bytes(tensor))
+
+    def copy_range(self, source_fd: int, offset: int, length: int) -> int:
+        """Copy bytes from another file unchanged, kernel-side where the OS allows it."""
+        self._check_room(length)
+        self._file.flush()
+        out_fd = self._file.fileno()
+        done = 0
+        copy_file_range = getattr(os, "copy_file_range", None)
+        while done < length:
+            step = min(_COPY_CHUNK, length - done)
+            moved = 0
+            if copy_file_range is not None:
+                try:
+                    moved = copy_file_range(source_fd, out_fd, step, offset + done)
+                except OSError:
+                    copy_file_range = None
+            if moved == 0:
+                chunk = os.pread(source_fd, step, offset + done)
+                if not chunk:
+                    raise FormatError("source ended early during a copy", path=self.path)
+                os.write(out_fd, chunk)
+                moved = len(chunk)
+            done += moved
+        # copy_file_range and os.write move the fd position; keep the buffered file in step
+        self._file.seek(0, os.SEEK_END)
+        self._written += length
+        return length
+
+    def _check_room(self, count: int) -> None:
+        if self._written + count > self._expected:
+            raise RuntimeError(
+                f"writer for {self.path} got {self._written + count} bytes, the header has room "
+                f"for "
+                f"{self._expected}"
+            )
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        if self._written != self._expected:
+            self._file.close()
+            raise RuntimeError(
+                f"writer for {self.path} got {self._written} bytes, "
+                f"the header promised {self._expected}"
+            )
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write small in-memory tensors (adapters) with the streaming writer, keys sorted."""
+    names = sorted(tensors)
+    layout = [OutputTensor(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in names]
+    with StreamingWriter(path, layout, metadata) as writer:
+        for name in names:
+            writer.write_tensor(tensors[name])

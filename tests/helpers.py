@@ -1,0 +1,64 @@
+"""Shared test helpers: fixture paths, the PEFT oracle, running the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+BASES = FIXTURES / "bases"
+ADAPTERS = FIXTURES / "adapters"
+
+# (adapter, base) pairs that every merge test runs over
+MERGE_CASES = [
+    ("llama-lora", "llama"),
+    ("llama-rslora-patterns", "llama"),
+    ("llama-dora", "llama"),
+    ("llama-modules-to-save", "llama"),
+    ("llama-tied-embedding", "llama-tied"),
+    ("llama-tied-modules-to-save", "llama-tied"),
+    ("gpt2-lora", "gpt2"),
+    ("gpt2-dora", "gpt2"),
+]
+MERGE_CASES = [(a, b) for a, b in MERGE_CASES if (ADAPTERS / a).exists()]
+
+
+def token_ids(base: Path, length: int = 48) -> torch.Tensor:
+    """Token ids of the held-out text, tokenised with the base's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    text = (FIXTURES / "text" / "eval.txt").read_text()
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :length]
+    return torch.cat([ids, ids.flip(1)], dim=0)
+
+
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def peft_logits(adapter: Path, base: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The oracle: PEFT's own PeftModel on the float32 base, adapter applied live."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(base), adapter).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def model_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_causal_lm(folder)(ids).logits
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
