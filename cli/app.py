@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import typer
 from loramerge_cli.convert import convert
+from loramerge_cli.fold import fold
 from loramerge_cli.inspect import inspect
 from loramerge_cli.merge import merge
+from loramerge_cli.reslora import reslora, reslora_stats
+from loramerge_cli.truncate import truncate
+from loramerge_cli.verify import verify
 
 app = typer.Typer(
     name="loramerge",
@@ -17,6 +21,11 @@ app = typer.Typer(
 app.command()(merge)
 app.command()(inspect)
 app.command()(convert)
+app.command(name="reslora")(reslora)
+app.command(name="reslora-stats")(reslora_stats)
+app.command()(fold)
+app.command()(truncate)
+app.command()(verify)
 
 
 @app.callback()

@@ -62,6 +62,22 @@ AllowNonfinite = Annotated[
     bool,
     typer.Option("--allow-nonfinite", help="Accept NaN or Inf values in the adapter."),
 ]
+DyloraAlpha = Annotated[
+    float | None,
+    typer.Option(
+        "--alpha", help="Training lora_alpha of an official DyLoRA checkpoint (it stores none)."
+    ),
+]
+# The names are those of loramerge.ops.engines.ENGINES (not imported here: it loads torch);
+# tests/test_engines.py checks that this help lists every one of them.
+Engine = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Rewrite the adapter for an inference engine, exactly or not at all: peft, vllm, "
+        "tgi, lorax, sglang or llama.cpp (see docs/engines/).",
+    ),
+]
 
 _UNITS = {
     "B": 1,
@@ -124,6 +140,14 @@ def note(message: str, quiet: bool = False) -> None:
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_engine_report(report: dict[str, Any], quiet: bool = False) -> None:
+    """What an --engine profile changed (notes, stderr) and how to start the engine (stdout)."""
+    for message in report.get("notes", []):
+        note(message, quiet)
+    if report.get("launch_args"):
+        stdout.print(f"start {report['engine']} with {' '.join(report['launch_args'])}")
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import typer
 from loramerge_cli.common import (
     BaseOption,
     Debug,
+    DyloraAlpha,
     InputFormatOption,
     JsonOutput,
     Quiet,
@@ -25,6 +26,7 @@ def inspect(
     ],
     base: BaseOption = None,
     fmt: InputFormatOption = None,
+    alpha: DyloraAlpha = None,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -37,10 +39,13 @@ def inspect(
     Example: loramerge inspect fixtures/adapters/llama-lora --base fixtures/bases/llama
     """
     with user_errors(debug):
-        from loramerge.formats.registry import read_adapter
+        from loramerge.formats.registry import ReadOptions, read_adapter
         from loramerge.inspect import inspect_adapter
+        from loramerge.validate import check_adapter
 
-        report = inspect_adapter(read_adapter(path, fmt), base)
+        adapter = read_adapter(path, fmt, ReadOptions(alpha=alpha))
+        check_adapter(adapter)
+        report = inspect_adapter(adapter, base)
         if json_output:
             print_json(report.to_json())
             return
@@ -88,4 +93,19 @@ def _render(report, with_base: bool) -> None:
             kept = f"{m.changed_share:.1%}" if m.changed_share is not None else "-"
             row += [ratio, kept]
         table.add_row(*row)
+    stdout.print(table)
+    if report.dylora_ranks:
+        _render_dylora(report.dylora_ranks)
+
+
+def _render_dylora(sizes) -> None:
+    """DyLoRA: the whole update's size at each trained rank b, to see where more rank stops
+    changing the model."""
+    from rich.table import Table
+
+    table = Table(title="DyLoRA update size by rank b (all modules)", title_justify="left")
+    for column in ("b", "|dW_b|", "|dW_b - dW_rmax| / |dW_rmax|"):
+        table.add_column(column, no_wrap=True)
+    for size in sizes:
+        table.add_row(str(size.rank), f"{size.update_norm:.4g}", f"{size.change_from_full:.3f}")
     stdout.print(table)

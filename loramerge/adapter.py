@@ -65,7 +65,7 @@ def match_pattern(patterns: Mapping[str, float], module_path: str) -> str | None
         try:
             if re.match(rf"(.*\.)?({pattern})$", module_path):
                 return pattern
-        except re.error:
+        except (re.error, OverflowError, RecursionError):  # patterns come from untrusted files
             if module_path == pattern or module_path.endswith("." + pattern):
                 return pattern
     return None

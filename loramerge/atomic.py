@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from loramerge.errors import OutputError
+from loramerge.errors import LoramergeError, OutputError
 
 TEMP_MARK = ".loramerge-tmp-"
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG}
 OLD_MARK = ".loramerge-old-"
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
+_AT_FDCWD = -100
+
+
+def temp_name(out: Path, pid: int | None = None) -> Path:
+    """Where the output for `out` is built: a hidden sibling that names the owning process."""
+    return out.parent / f".{out.name}{TEMP_MARK}{os.getpid() if pid is None else pid}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -23,13 +31,20 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:  # not a pid this system can have
+        return False
     return True
 
 
 def leftovers(out: Path) -> list[Path]:
     """Temporary siblings of OUT left by runs that were killed (their process is gone)."""
     found = []
-    for candidate in out.parent.glob(f".{out.name}*"):
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return []
+    for candidate in siblings:
+        # plain prefix tests, not glob: OUT's own name may hold [, * or ?
         for mark in (TEMP_MARK, OLD_MARK):
             prefix = f".{out.name}{mark}"
             if candidate.name.startswith(prefix):
@@ -49,7 +64,7 @@ def remove_path(path: Path) -> None:
 
 def fsync_tree(root: Path) -> None:
     """fsync every file below root, then every folder, children before parents."""
-    if root.is_file():
+    if not root.is_dir():
         _fsync_path(root)
         return
     for folder, _dirs, files in os.walk(root, topdown=False):
@@ -66,60 +81,127 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def check_tree(temp: Path, out: Path) -> None:
+    """Re-read what was written before it is renamed into place: the header of every safetensors
+    file is validated again, against the size the file really has on disk."""
+    from loramerge.safetensors_io import read_header
+
+    if temp.is_dir():
+        files = sorted(p for p in temp.rglob("*.safetensors") if p.is_file())
+    else:
+        files = [temp] if out.suffix == ".safetensors" else []
+    for path in files:
+        try:
+            read_header(path)
+        except LoramergeError as exc:
+            shown = out / path.relative_to(temp) if path != temp else out
+            raise OutputError(
+                f"a written file failed its check, nothing was put in place: {exc.message}",
+                path=shown,
+            ) from None
+
+
 def check_output_target(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse OUT when it is, or lies inside, an input, or exists without --force."""
+    """Refuse OUT when it is, lies inside, or contains an input, or exists without --force."""
     resolved = out.resolve()
     for source in inputs:
         source = source.resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
             raise OutputError(
-                f"the output would overwrite or sit inside the input {source}",
+                f"the output would overwrite, contain or sit inside the input {source}",
                 path=out,
                 hint="choose an output path outside every input",
             )
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise OutputError("already exists", path=out, hint="pass --force to replace it")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2); False where it is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE)
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # this filesystem cannot swap: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _put_in_place(temp: Path, out: Path) -> None:
+    """Make the finished `temp` appear at `out`, so that OUT is always either the old or the
+    whole new output."""
+    parent = out.parent
+    replacing = out.exists() or out.is_symlink()
+    if not replacing or (temp.is_file() and (out.is_symlink() or not out.is_dir())):
+        os.replace(temp, out)  # nothing there, or a file over a file or link: one rename
+    elif not _exchange(temp, out):
+        # rename(2) cannot replace a non-empty folder and this filesystem cannot swap: move the
+        # old output aside first (a crash between the two renames leaves it under OLD_MARK)
+        old = parent / f".{out.name}{OLD_MARK}{os.getpid()}"
+        os.replace(out, old)
+        try:
+            os.replace(temp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+    # after a swap, temp holds the old output
+    _fsync_path(parent, directory=True)
+    remove_path(temp)
+    remove_path(parent / f".{out.name}{OLD_MARK}{os.getpid()}")
+
+
+def _output_error(exc: OSError, out: Path) -> OutputError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in _DISK_ERRNOS:
+        return OutputError(
+            f"writing failed: {reason}; nothing was written",
+            path=out,
+            hint="free some disk space or pick another output folder, then run again",
+        )
+    where = f" ({exc.filename})" if exc.filename else ""
+    return OutputError(
+        f"writing failed: {reason}{where}; nothing was written",
+        path=out,
+        hint="check the output folder's permissions and free space",
+    )
 
 
 @contextlib.contextmanager
 def atomic_output(out: Path, *, is_dir: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside `out`; on success fsync it and rename it into place.
+    """Yield a temporary path beside `out`; on success check it, fsync it and rename it into
+    place.
 
-    On any failure the temporary path is removed and `out` is left as it was. A previous `out`
-    (replaced with --force) is moved aside and deleted only after the new one is in place.
+    On any failure the temporary path is removed and `out` is left as it was. Leftovers of
+    killed runs for the same `out` (their process is gone) are removed first.
     """
     out = Path(out)
     parent = out.parent
+    temp = temp_name(out)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the folder ({exc.strerror})", path=parent) from None
-    for stale in leftovers(out):
-        remove_path(stale)
-    temp = parent / f".{out.name}{TEMP_MARK}{os.getpid()}"
-    remove_path(temp)
-    if is_dir:
-        temp.mkdir()
-    try:
-        yield temp
-        fsync_tree(temp)
-        old = None
-        if out.exists() or out.is_symlink():
-            old = parent / f".{out.name}{OLD_MARK}{os.getpid()}"
-            os.replace(out, old)
-        os.replace(temp, out)
-        _fsync_path(parent, directory=True)
-        if old is not None:
-            remove_path(old)
+        for stale in leftovers(out):
+            remove_path(stale)
+        remove_path(temp)
+        if is_dir:
+            temp.mkdir()
     except OSError as exc:
         remove_path(temp)
-        if exc.errno in _WRITE_ERRNOS:
-            raise OutputError(
-                f"writing failed: {exc.strerror}",
-                path=out,
-                hint="check free disk space and permissions",
-            ) from exc
-        raise
+        raise _output_error(exc, out) from exc
+    try:
+        yield temp
+        check_tree(temp, out)
+        fsync_tree(temp)
+        _put_in_place(temp, out)
+    except OSError as exc:
+        remove_path(temp)
+        raise _output_error(exc, out) from exc
     except BaseException:
         remove_path(temp)
         raise

@@ -11,6 +11,7 @@ from loramerge.errors import FormatError
 from loramerge.formats.registry import read_adapter, write_adapter
 from loramerge.model.folder import open_base
 from loramerge.model.names import resolve_tensor_name
+from loramerge.model.plan import plan_merge
 from loramerge.validate import check_adapter
 
 
@@ -29,7 +30,11 @@ def rename_to_base(adapter: Adapter, base_ref: str | Path) -> Adapter:
             )
         path = found.removesuffix(".weight")
         modules[path] = replace(module, path=path)
-    return replace(adapter, modules=modules)
+    renamed = replace(adapter, modules=modules)
+    # the same checks a merge makes (shapes, missing tensors): an adapter converted against a
+    # base must fit that base
+    plan_merge(base.tensors(), base.config, renamed)
+    return renamed
 
 
 def convert_adapter(
@@ -41,10 +46,15 @@ def convert_adapter(
     fmt: str | None = None,
     force: bool = False,
     allow_nonfinite: bool = False,
+    engine: str | None = None,
 ) -> dict[str, Any]:
     adapter = read_adapter(source, fmt)
     check_adapter(adapter, allow_nonfinite)
     if base is not None:
         adapter = rename_to_base(adapter, base)
-    written = write_adapter(adapter, out, to, force=force, inputs=[Path(source)])
-    return {"out": str(written), "format": to, "modules": len(adapter.modules)}
+    inputs = [Path(source)] + ([Path(base)] if base is not None else [])
+    report: dict[str, Any] = {}
+    written = write_adapter(
+        adapter, out, to, force=force, inputs=inputs, engine=engine, base=base, report=report
+    )
+    return {"out": str(written), "format": to, "modules": len(adapter.modules), **report}

@@ -10,10 +10,12 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter
+from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, plan_merge
 from loramerge.model.stream import Sources, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
+from loramerge.ops.truncate import RankSize, dylora_rank_profile
 from loramerge.safetensors_io import dtype_code, torch_dtype
 
 ERASED_SHARE = 0.5
@@ -50,6 +52,7 @@ class AdapterReport:
     modules_to_save: list[str]
     modules: list[ModuleReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    dylora_ranks: list[RankSize] = field(default_factory=list)  # DyLoRA: update size per rank b
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +87,8 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
         modules_to_save=sorted(adapter.modules_to_save),
         modules=modules,
     )
+    if is_dylora(adapter):
+        report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))
     if base_ref is not None:
         _measure_against_base(adapter, base_ref, report)
     return report

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -100,16 +102,44 @@ def _fail(path: Path, message: str) -> FormatError:
     )
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object hook that refuses repeated keys: json.loads would silently keep the last."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def load_json_strict(text: str | bytes) -> object:
+    """json.loads that refuses repeated keys (raises DuplicateKeyError, a ValueError)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
     """Validate a header's JSON bytes against the file size; pure so that it can be fuzzed."""
     data_start = 8 + len(raw)
     try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        parsed = load_json_strict(raw.decode("utf-8"))
+    except DuplicateKeyError as exc:
+        raise _fail(path, f"header names {exc.key!r} twice") from None
+    # ValueError also covers integers longer than Python's 4300-digit conversion limit
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(path, f"header is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(parsed, dict):
         raise _fail(path, "header is not a JSON object")
-    metadata = parsed.pop("__metadata__", None) or {}
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -140,7 +170,7 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
     if not isinstance(info, dict):
         raise _fail(path, f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**53 for d in shape):
         raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers")
@@ -161,37 +191,77 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def read_header(path: str | Path) -> SafetensorsHeader:
-    """Read and validate the header of a safetensors file without reading any tensor data."""
-    path = Path(path)
+def _header_from_fd(fd: int, path: Path) -> SafetensorsHeader:
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise FormatError("is a folder, expected a .safetensors file", path=path)
+    if not stat.S_ISREG(info.st_mode):
+        raise FormatError("is not a regular file, expected a .safetensors file", path=path)
+    file_size = info.st_size
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) < 8:
+        raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(path, f"header claims {header_len} bytes, above the 100 MB limit")
+    if 8 + header_len > file_size:
+        raise _fail(path, f"header claims {header_len} bytes but the file has {file_size}")
+    raw = b""
+    while len(raw) < header_len:
+        chunk = os.pread(fd, header_len - len(raw), 8 + len(raw))
+        if not chunk:
+            raise _fail(path, "file ended inside its header")
+        raw += chunk
+    return parse_header(path, raw, file_size)
+
+
+def _open_readonly(path: Path) -> int:
+    """An O_RDONLY descriptor; a folder, a missing file or an unreadable one is a FormatError."""
     try:
-        with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"header claims {header_len} bytes, above the 100 MB limit")
-            if 8 + header_len > file_size:
-                raise _fail(path, f"header claims {header_len} bytes but the file has {file_size}")
-            raw = handle.read(header_len)
+        # O_NONBLOCK: opening a FIFO must not hang; it is refused as not a regular file
+        return os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except IsADirectoryError:
         raise FormatError("is a folder, expected a .safetensors file", path=path) from None
     except FileNotFoundError:
         raise FormatError("file not found", path=path) from None
     except PermissionError:
         raise FormatError("permission denied", path=path) from None
-    return parse_header(path, raw, file_size)
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"cannot be opened ({exc})", path=path) from None
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file without reading any tensor data."""
+    path = Path(path)
+    fd = _open_readonly(path)
+    try:
+        return _header_from_fd(fd, path)
+    except OSError as exc:
+        raise FormatError(f"cannot be read ({exc.strerror or exc})", path=path) from None
+    finally:
+        os.close(fd)
 
 
 class SafetensorsReader:
-    """An open safetensors file read with positioned reads: no mmap, no whole-file loads."""
+    """An open safetensors file read with positioned reads: no mmap, no whole-file loads.
+
+    The header is validated on the same descriptor the tensors are read from, so every read
+    lies inside the byte ranges that were checked against the file's size.
+    """
 
     def __init__(self, path: str | Path) -> None:
-        self.header = read_header(path)
-        self.path = self.header.path
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self.path = Path(path)
+        self._fd = _open_readonly(self.path)
+        try:
+            self.header = _header_from_fd(self._fd, self.path)
+        except BaseException as exc:
+            os.close(self._fd)
+            self._fd = -1
+            if isinstance(exc, OSError):
+                raise FormatError(
+                    f"cannot be read ({exc.strerror or exc})", path=self.path
+                ) from None
+            raise
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -241,8 +311,10 @@ class SafetensorsReader:
         entry = self.entry(name)
         shape = list(entry.shape)
         offset, length = self.absolute_offset(entry), entry.nbytes
-        if rows is not None:
+        if rows is not None and shape:
             start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise IndexError(f"rows {rows} outside tensor {name!r} of shape {entry.shape}")
             offset += start * entry.row_bytes
             length = (stop - start) * entry.row_bytes
             shape[0] = stop - start
@@ -315,7 +387,8 @@ class StreamingWriter:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
+            # already failing (often a full disk): the caller deletes the unfinished file
+            self.abandon()
 
     @property
     def bytes_written(self) -> int:
@@ -365,6 +438,13 @@ class StreamingWriter:
                 f"for "
                 f"{self._expected}"
             )
+
+    def abandon(self) -> None:
+        """Close without the completeness check (after a failure elsewhere); no-op once closed."""
+        if not self._file.closed:
+            # flushing after a full disk fails again; the first error is the one to report
+            with contextlib.suppress(OSError):
+                self._file.close()
 
     def close(self) -> None:
         if self._file.closed:

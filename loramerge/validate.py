@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor
@@ -25,9 +27,19 @@ def _tensors(adapter: Adapter) -> list[tuple[str, str, LazyTensor]]:
 
 
 def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
-    """Refuse an empty adapter, and NaN or Inf values unless explicitly allowed."""
+    """Refuse an empty adapter, a scale that is not a positive finite number, and NaN or Inf
+    values in any tensor unless explicitly allowed."""
     if not adapter.modules and not adapter.modules_to_save:
         raise FormatError("holds no LoRA modules", path=adapter.source_path)
+    for module in adapter.modules.values():
+        # a bad alpha reaches every weight of the module: refused even with --allow-nonfinite
+        if not (math.isfinite(module.alpha) and module.alpha > 0) or module.r < 1:
+            raise FormatError(
+                f"alpha {module.alpha} with rank {module.r} gives no usable scale",
+                path=adapter.source_path,
+                module=module.path,
+                hint="alpha must be a positive finite number and the rank at least 1",
+            )
     if allow_nonfinite:
         return
     for module, part, tensor in _tensors(adapter):

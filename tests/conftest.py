@@ -1,9 +1,15 @@
-"""Session-wide guards: no test may change a byte of the shipped fixtures."""
+"""Session-wide guards: no test may change a byte of the shipped fixtures, no command may change
+a byte of its inputs or print a traceback for a user error."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 from helpers import FIXTURES, tree_hashes
+
+OUT_OPTIONS = ("-o", "--out")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -15,15 +21,79 @@ def fixtures_untouched():
     assert not changed, f"tests changed input files: {changed[:10]}"
 
 
+def split_paths(args: list[str]) -> tuple[list[Path], list[Path]]:
+    """(existing paths among the arguments, output paths given after -o/--out)."""
+    inputs: list[Path] = []
+    outs: list[Path] = []
+    after_out = False
+    for arg in args:
+        if after_out:
+            outs.append(Path(arg))
+            after_out = False
+        elif arg in OUT_OPTIONS:
+            after_out = True
+        elif arg.startswith("--out="):
+            outs.append(Path(arg.removeprefix("--out=")))
+        elif not arg.startswith("-"):
+            try:
+                if Path(arg).exists():
+                    inputs.append(Path(arg))
+            except (OSError, ValueError):  # not a path at all (too long, NUL byte)
+                continue
+    return inputs, outs
+
+
+def _is_output(path: Path, outs: list[Path]) -> bool:
+    """Inside an output, or one of its temporary siblings (.OUT.loramerge-*)."""
+    resolved = path.resolve()
+    for out in outs:
+        target = out.resolve()
+        if resolved == target or target in resolved.parents:
+            return True
+        for parent in (resolved, *resolved.parents):
+            if parent.parent == target.parent and parent.name.startswith(f".{target.name}."):
+                return True
+    return False
+
+
+def input_hashes(args: list[str]) -> dict[Path, str]:
+    """sha256 of every file under every input path argument, outputs excluded."""
+    inputs, outs = split_paths(args)
+    hashes: dict[Path, str] = {}
+    for root in inputs:
+        files = [root] if not root.is_dir() else [p for p in root.rglob("*") if p.is_file()]
+        for path in files:
+            if "__pycache__" in path.parts or _is_output(path, outs):
+                continue
+            hashes[path.resolve()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
 @pytest.fixture
 def cli():
-    """Run the Typer app in-process; returns the CliRunner result."""
+    """Run the Typer app in-process; returns the CliRunner result.
+
+    Every file under every path argument (outputs excluded) is hashed before and after the
+    command and must be byte-identical; without --debug, no exception other than the CLI's own
+    exit may escape (a user error prints one `error:` line, never a traceback).
+    """
     from loramerge_cli.app import app
     from typer.testing import CliRunner
 
     runner = CliRunner()
 
     def run(*args: str):
-        return runner.invoke(app, [str(a) for a in args])
+        argv = [str(a) for a in args]
+        before = input_hashes(argv)
+        result = runner.invoke(app, argv)
+        after = {path: digest for path, digest in input_hashes(argv).items() if path in before}
+        changed = sorted(str(p) for p in before if after.get(p) != before[p])
+        assert not changed, f"`loramerge {' '.join(argv)}` changed its inputs: {changed[:5]}"
+        if "--debug" not in argv and result.exception is not None:
+            assert isinstance(result.exception, SystemExit), (
+                f"`loramerge {' '.join(argv)}` raised {result.exception!r} (a traceback)"
+            )
+            assert "Traceback (most recent call last)" not in result.output
+        return result
 
     return run

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +14,36 @@ import torch
 
 from loramerge.adapter import LazyTensor
 from loramerge.errors import FormatError
-from loramerge.safetensors_io import SafetensorsReader, read_header, torch_dtype
+from loramerge.safetensors_io import (
+    DuplicateKeyError,
+    SafetensorsReader,
+    load_json_strict,
+    read_header,
+    torch_dtype,
+)
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a config file; repeated keys are refused, not silently resolved."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json_strict(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FormatError("file not found", path=path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except IsADirectoryError:
+        raise FormatError("is a folder, expected a JSON file", path=path) from None
+    except OSError as exc:
+        raise FormatError(f"cannot be read ({exc.strerror or exc})", path=path) from None
+    except DuplicateKeyError as exc:
         raise FormatError(
-            f"is not valid JSON ({exc})", path=path, hint="fix or regenerate the config file"
+            f"names the key {exc.key!r} twice, so which value is meant is ambiguous",
+            path=path,
+            hint="keep one of them",
+        ) from None
+    # ValueError: JSONDecodeError, and integers beyond Python's digit limit
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = str(exc) if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise FormatError(
+            f"is not valid JSON ({reason})", path=path, hint="fix or regenerate the config file"
         ) from None
     if not isinstance(data, dict):
         raise FormatError("must hold a JSON object", path=path)
@@ -46,21 +68,43 @@ def lazy_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]
     return tensors, header.metadata
 
 
+def _refusal_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler objected to, in a few words."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it asks to import and call {found.group(1)}, which is code, not tensor data"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"it uses pickle instruction {found.group(1)}, which plain tensor files never need"
+    return "it holds objects other than tensors and plain containers"
+
+
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A pickled state dict, loaded only through torch.load(weights_only=True)."""
+    """A pickled state dict, loaded only through torch.load(weights_only=True).
+
+    Anything the weights-only unpickler refuses is refused with the reason; the file is never
+    unpickled any other way.
+    """
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols on stderr; the error line says what matters
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FormatError("file not found", path=path) from None
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "it is not a plain tensor state dict"
         raise FormatError(
-            f"refused: the pickle needs more than tensors to load ({reason})",
+            f"refused: this pickle is not a plain tensor file, {_refusal_reason(exc)}; loramerge "
+            "loads pickles only with torch.load(weights_only=True) and never runs code from a file",
             path=path,
-            hint="loramerge never runs code from a file; convert it to safetensors where trusted",
+            hint="use the adapter's .safetensors file, or convert it where you trust its source",
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise FormatError(f"cannot be read as a torch file ({exc})", path=path) from None
+    except Exception as exc:  # a damaged file can fail anywhere inside torch's zip/pickle readers
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FormatError(
+            f"cannot be read as a torch file ({type(exc).__name__}: {reason})", path=path
+        ) from None
     if not isinstance(data, dict):
         raise FormatError("does not hold a state dict (a mapping of names to tensors)", path=path)
     for key in ("state_dict", "model"):
@@ -80,8 +124,37 @@ def lazy_weights(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
 
 
 def require_positive(value: Any, what: str, path: Path, module: str | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """A positive, finite number from a config (booleans, strings and Infinity refused)."""
+    number = _finite(value)
+    if number is None or not number > 0:
         raise FormatError(
-            f"{what} must be a positive number, got {value!r}", path=path, module=module
+            f"{what} must be a positive number, got {_shown(value)}", path=path, module=module
         )
-    return float(value)
+    return number
+
+
+def require_rank(value: Any, what: str, path: Path, module: str | None = None) -> int:
+    """A positive whole number (8 or 8.0) from a config."""
+    number = _finite(value)
+    if number is None or not number >= 1 or not number.is_integer():
+        raise FormatError(
+            f"{what} must be a positive whole number, got {_shown(value)}",
+            path=path,
+            module=module,
+        )
+    return int(number)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -144,9 +145,17 @@ def _module(path: Path, name: str, parts: dict[str, LazyTensor]) -> LoraModule:
             path=path,
             module=name,
         )
-    alpha = float(parts["alpha"].load().item()) if "alpha" in parts else float(r)
-    if not alpha > 0:
-        raise FormatError(f"alpha must be positive, got {alpha}", path=path, module=name)
+    alpha = float(r)
+    if "alpha" in parts:
+        if math.prod(parts["alpha"].shape) != 1:
+            raise FormatError(
+                f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
+                path=path,
+                module=name,
+            )
+        alpha = float(parts["alpha"].load().reshape(-1)[0].item())
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise FormatError(f"alpha must be a positive number, got {alpha}", path=path, module=name)
     kind = ModuleKind.CONV2D if len(down.shape) == 4 else ModuleKind.LINEAR
     return LoraModule(path=kohya_to_path(name), lora_A=down, lora_B=up, alpha=alpha, kind=kind)
 

@@ -11,7 +11,7 @@ from typing import Any
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
 from loramerge.errors import FormatError
-from loramerge.formats.common import lazy_weights, read_json, require_positive
+from loramerge.formats.common import lazy_weights, read_json, require_positive, require_rank
 from loramerge.safetensors_io import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -54,10 +54,10 @@ def read(folder: Path) -> Adapter:
         raise FormatError(
             f"peft_type is {peft_type}; loramerge reads LoRA adapters", path=config_path
         )
-    config_r = int(require_positive(config.get("r", 8), "r", config_path))
+    config_r = require_rank(config.get("r", 8), "r", config_path)
     config_alpha = require_positive(config.get("lora_alpha", 8), "lora_alpha", config_path)
-    rank_pattern: dict[str, Any] = config.get("rank_pattern") or {}
-    alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
+    rank_pattern = _pattern(config, "rank_pattern", config_path)
+    alpha_pattern = _pattern(config, "alpha_pattern", config_path)
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     if config.get("trainable_token_indices"):
@@ -103,10 +103,10 @@ def read(folder: Path) -> Adapter:
         modules=modules,
         modules_to_save=modules_to_save,
         base_tables=base_tables,
-        base_model=config.get("base_model_name_or_path"),
+        base_model=_text(config.get("base_model_name_or_path")),
         source_format="peft",
         source_path=str(folder),
-        task_type=config.get("task_type"),
+        task_type=_text(config.get("task_type")),
         metadata=metadata,
     )
 
@@ -129,7 +129,8 @@ def _module(
         raise FormatError(f"has no {missing[0]} tensor", path=path, module=module_path)
     lora_a, lora_b = found[a_key], found[b_key]
     r = lora_a.shape[0] if lora_a.shape else 0
-    if len(lora_a.shape) not in (2, 4) or len(lora_b.shape) != len(lora_a.shape) or r == 0:
+    dims = (2,) if embedding else (2, 4)
+    if len(lora_a.shape) not in dims or len(lora_b.shape) != len(lora_a.shape) or r == 0:
         raise FormatError(
             f"A {list(lora_a.shape)} and B {list(lora_b.shape)} are not LoRA factors",
             path=path,
@@ -142,7 +143,11 @@ def _module(
             module=module_path,
         )
     rank_key = match_pattern(rank_pattern, module_path)
-    expected_r = int(rank_pattern[rank_key]) if rank_key is not None else config_r
+    expected_r = config_r
+    if rank_key is not None:
+        expected_r = require_rank(
+            rank_pattern[rank_key], f"rank_pattern[{rank_key!r}]", path.parent / CONFIG_NAME
+        )
     if expected_r != r:
         raise FormatError(
             f"the config gives rank {expected_r} but the tensors have rank {r}",
@@ -170,6 +175,24 @@ def _module(
         bias=found.get("lora_B.bias"),
         fan_in_fan_out=fan_in_fan_out,
     )
+
+
+def _pattern(config: dict[str, Any], key: str, config_path: Path) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern: a JSON object (null, absent or empty: no patterns)."""
+    value = config.get(key)
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise FormatError(
+            f"{key} must map module patterns to numbers, got {type(value).__name__}",
+            path=config_path,
+        )
+    return value
+
+
+def _text(value: Any) -> str | None:
+    """An informational string field; other JSON values are dropped rather than carried on."""
+    return value if isinstance(value, str) else None
 
 
 def _most_common(values: list[Any]) -> Any:

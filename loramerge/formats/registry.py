@@ -9,7 +9,7 @@ from pathlib import Path
 from loramerge.adapter import Adapter
 from loramerge.atomic import atomic_output, check_output_target
 from loramerge.errors import OptionError, UnknownFormatError
-from loramerge.formats import kohya, peft
+from loramerge.formats import dylora, gguf, kohya, peft
 from loramerge.safetensors_io import read_header
 
 
@@ -33,7 +33,9 @@ class OutputFormat:
     name: str
     description: str
     is_dir: bool
-    write: Callable[[Adapter, Path], None]
+    write: Callable[..., None]  # (adapter, path), plus the base config when needs_base
+    needs_base: bool = False
+    engine: str | None = None  # the engine profile this format always applies
 
 
 # Most specific first: the first sniffer that claims a path wins only if no other claims it.
@@ -44,11 +46,17 @@ INPUT_FORMATS: list[InputFormat] = [
     InputFormat(
         "kohya", "kohya / sd-scripts LoRA .safetensors", kohya.sniff, lambda p, o: kohya.read(p)
     ),
+    InputFormat("dylora", "DyLoRA official (loralib)", dylora.sniff_official, dylora.read_official),
+    InputFormat("kohya-dylora", "kohya DyLoRA .safetensors", dylora.sniff_kohya, dylora.read_kohya),
+    InputFormat("gguf", "llama.cpp LoRA GGUF file", gguf.sniff, lambda p, o: gguf.read(p)),
 ]
 
 OUTPUT_FORMATS: list[OutputFormat] = [
     OutputFormat("peft", "PEFT adapter folder", True, peft.write),
     OutputFormat("kohya", "kohya .safetensors file", False, kohya.write),
+    OutputFormat(
+        "gguf", "llama.cpp LoRA GGUF file (needs --base)", False, gguf.write, True, "llama.cpp"
+    ),
 ]
 
 
@@ -122,11 +130,47 @@ def write_adapter(
     *,
     force: bool = False,
     inputs: list[Path] | None = None,
+    engine: str | None = None,
+    base: str | Path | None = None,
+    report: dict | None = None,
 ) -> Path:
-    """Write an adapter atomically in the named output format."""
+    """Write an adapter atomically in the named output format.
+
+    `engine` first rewrites the adapter for that inference engine (loramerge.ops.engines) or
+    refuses it; `base` (a model folder or hub id; only its config.json is read) tells the
+    profiles and the GGUF writer the architecture. `report`, when given, receives what the
+    profile changed and how to start the engine (`notes`, `launch`, `launch_args`).
+    """
     out = Path(out)
     entry = output_format(to)
-    check_output_target(out, list(inputs or []), force)
+    engine = engine or entry.engine
+    needed = engine is not None or entry.needs_base
+    base_config = base_config_of(base) if base is not None and needed else None
+    if entry.needs_base and base_config is None:
+        raise OptionError(
+            f"--to {to} needs --base: the base model's config.json gives the architecture"
+        )
+    if engine is not None:
+        from loramerge.ops.engines import apply_engine
+
+        profiled = apply_engine(adapter, engine, to, base_config)
+        adapter = profiled.adapter
+        if report is not None:
+            report.update(profiled.summary())
+    # the base is an input too: OUT must never replace or sit inside it
+    bases = [Path(base)] if base is not None else []
+    check_output_target(out, [*(inputs or []), *bases], force)
     with atomic_output(out, is_dir=entry.is_dir) as temp:
-        entry.write(adapter, temp)
+        if entry.needs_base:
+            entry.write(adapter, temp, base_config)
+        else:
+            entry.write(adapter, temp)
     return out
+
+
+def base_config_of(base: str | Path) -> dict:
+    """The config.json of a base model folder or cached hub id (no weights are read)."""
+    from loramerge.formats.common import read_json
+    from loramerge.model.folder import resolve_base
+
+    return read_json(resolve_base(base) / "config.json")

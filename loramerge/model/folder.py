@@ -94,22 +94,37 @@ def resolve_base(ref: str | Path) -> Path:
         ) from None
 
 
+def _allowed_roots(root: Path) -> list[Path]:
+    """Folders an index's shards may resolve into: the model folder itself and, for a
+    huggingface-hub cache snapshot (`models--org--name/snapshots/<rev>`, whose files are links
+    to `../../blobs/<hash>`), that repository's blob store."""
+    roots = [root.resolve()]
+    if root.parent.name == "snapshots":
+        roots.append((root.parent.parent / "blobs").resolve())
+    return roots
+
+
 def _shard_inside(root: Path, index_path: Path, shard: object) -> str:
-    if (
-        not isinstance(shard, str)
-        or not shard
-        or Path(shard).is_absolute()
-        or ".." in Path(shard).parts
-    ):
+    """The shard name, if it names an existing file inside the model folder; else refused."""
+    leaves = FormatError(
+        f"names shard {shard!r}, which leaves the model folder",
+        path=index_path,
+        hint="an index may only name files inside its own folder",
+    )
+    if not isinstance(shard, str) or not shard or "\0" in shard:
+        raise leaves
+    relative = Path(shard)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise leaves
+    try:
+        target = (root / relative).resolve()
+    except (OSError, RuntimeError, ValueError):  # link loops, over-long names
+        raise leaves from None
+    if not any(allowed in target.parents for allowed in _allowed_roots(root)):
         raise FormatError(
-            f"names shard {shard!r}, which leaves the model folder",
+            f"names shard {shard!r}, which links outside the model folder (to {target})",
             path=index_path,
             hint="an index may only name files inside its own folder",
-        )
-    target = (root / shard).resolve()
-    if root.resolve() not in target.parents:
-        raise FormatError(
-            f"names shard {shard!r}, which links outside the model folder", path=index_path
         )
     if not target.is_file():
         raise FormatError(

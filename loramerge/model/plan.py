@@ -168,6 +168,9 @@ def plan_merge(
         resolve(n, "saved base table"): key for n, key in ((k, k) for k in adapter.base_tables)
     }
     replacements = {resolve(k, "modules_to_save tensor"): k for k in adapter.modules_to_save}
+    for found, carried in ((tables, adapter.base_tables), (replacements, adapter.modules_to_save)):
+        for name, key in found.items():
+            _check_full_copy(name, shapes[name], tuple(carried[key].shape), where, key)
 
     targets: dict[str, ModuleTarget] = {}
     open_square: list[tuple[LoraModule, str, tuple[int, ...]]] = []
@@ -184,12 +187,7 @@ def plan_merge(
         bias = None
         if module.bias is not None:
             bias = resolve(module.path + ".bias", "LoRA bias", module.path)
-            if shapes[bias] != (module.lora_B.shape[0],):
-                raise ShapeMismatchError(
-                    f"base bias is {list(shapes[bias])}, LoRA bias is {list(module.bias.shape)}",
-                    path=where,
-                    module=module.path,
-                )
+            _check_bias(module, shapes[bias], where)
         if module.kind in (ModuleKind.LINEAR, ModuleKind.CONV1D):
             kind = _weight_kind(module, shape, where or "")
             if kind is None:
@@ -203,6 +201,8 @@ def plan_merge(
     square_kind = _square_kind(votes, config, [m for m, _, _ in open_square])
     for module, tensor, shape in open_square:
         bias = resolve(module.path + ".bias", "LoRA bias") if module.bias is not None else None
+        if bias is not None:
+            _check_bias(module, shapes[bias], where)
         targets[module.path] = ModuleTarget(module.path, tensor, square_kind, shape, bias)
     for target in targets.values():
         module = adapter.modules[target.module]
@@ -286,6 +286,30 @@ def plan_merge(
         )
     ordered_targets = tuple(targets[path] for path in adapter.modules)
     return MergePlan(tuple(shard_plans), ordered_targets, updates, untie)
+
+
+def _check_bias(module: LoraModule, base_shape: tuple[int, ...], where: str | None) -> None:
+    out_features = (module.lora_B.shape[0],)
+    if base_shape != out_features or tuple(module.bias.shape) != out_features:
+        raise ShapeMismatchError(
+            f"base bias is {list(base_shape)}, LoRA bias is {list(module.bias.shape)}, "
+            f"the layer has {out_features[0]} outputs",
+            path=where,
+            module=module.path,
+        )
+
+
+def _check_full_copy(
+    name: str, base: tuple[int, ...], full: tuple[int, ...], where: str | None, key: str
+) -> None:
+    """A full tensor the adapter carries may add rows (tokens added in training), no more."""
+    if len(full) != len(base) or full[1:] != base[1:]:
+        raise ShapeMismatchError(
+            f"the base tensor {name} is {list(base)} but the adapter's copy is {list(full)}",
+            path=where,
+            module=key,
+            hint="this adapter was trained for another base model",
+        )
 
 
 def _out_features(target: ModuleTarget) -> int:

@@ -29,8 +29,8 @@ def update_rows(
     The product is formed as (B @ A) then scaled, PEFT's order of operations.
     """
     if kind in TRANSPOSED:
-        return (lora_b @ lora_a[:, start:stop]).T * scale
-    rows = (lora_b[start:stop] @ lora_a) * scale
+        return (lora_b @ lora_a[:, start:stop]).mul_(scale).T
+    rows = (lora_b[start:stop] @ lora_a).mul_(scale)
     if row_shape:
         rows = rows.reshape(stop - start, *row_shape)
     return rows

@@ -1,0 +1,354 @@
+"""Folding a COLA chain: checks, then the merged model (rounded once or per link) or one adapter."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from loramerge.adapter import Adapter
+from loramerge.atomic import TEMP_MARK, check_output_target, remove_path
+from loramerge.convert import rename_to_base
+from loramerge.errors import FormatError, LoramergeError, OptionError
+from loramerge.formats.chain import Chain, ChainLink, in_link, read_chain
+from loramerge.formats.registry import ReadOptions, write_adapter
+from loramerge.merge import ERASED_SHARE, MergeResult, dtype_code_of, merge_adapter
+from loramerge.model.folder import BaseModel, open_base
+from loramerge.model.names import resolve_tensor_name
+from loramerge.model.plan import Action, plan_merge
+from loramerge.model.stream import Progress
+from loramerge.ops.fold import (
+    FoldedAdapter,
+    chain_update_norm,
+    check_compatible,
+    fold_chain,
+    total_norm,
+    update_norm,
+    weighted,
+)
+from loramerge.safetensors_io import torch_dtype
+from loramerge.validate import check_adapter
+
+ROUNDINGS = ("once", "per-link")
+
+
+@dataclass
+class LinkModule:
+    """One module of one link: its rank, effective scale (weight included) and update size."""
+
+    rank: int
+    scale: float
+    norm: float  # ||w s B A||_F
+    changed_share: float | None = None  # per-link rounding: share of elements the knot changed
+    elements: int = 0
+
+
+@dataclass
+class LinkReport:
+    index: int
+    path: Path
+    weight: float
+    base_model: str | None
+    modules: dict[str, LinkModule]
+
+    @property
+    def norm(self) -> float:
+        return total_norm([m.norm for m in self.modules.values()])
+
+    @property
+    def changed_share(self) -> float | None:
+        """Share of the link's updated elements that survived its own rounding (per-link)."""
+        counted = [m for m in self.modules.values() if m.changed_share is not None]
+        elements = sum(m.elements for m in counted)
+        if not counted or not elements:
+            return None
+        return sum(m.changed_share * m.elements for m in counted) / elements
+
+
+@dataclass
+class FoldResult:
+    out: Path
+    links: list[LinkReport]
+    chain_norms: dict[str, float]  # ||sum_j w_j s_j B_j A_j||_F per module
+    rounding: str | None = None  # None when an adapter was written
+    merge: MergeResult | None = None  # the (last) merge of the folded model
+    folded: FoldedAdapter | None = None  # the adapter written (--as-lora)
+    bytes_written: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # output tensors by action
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_chain(
+    paths: Sequence[str | Path],
+    base_ref: str | Path | None = None,
+    *,
+    fmt: str | None = None,
+    options: ReadOptions | None = None,
+    allow_nonfinite: bool = False,
+) -> tuple[Chain, list[str]]:
+    """Read and check every link; with a base, plan each against it (names pinned to the base).
+
+    Returns the chain and warnings (links naming different base models).
+    """
+    chain = read_chain(paths, fmt=fmt, options=options)
+    base = open_base(base_ref) if base_ref is not None else None
+    for link in chain.links:
+        try:
+            link.adapter = _checked(link, base, allow_nonfinite)
+        except LoramergeError as exc:
+            raise in_link(exc, link.index) from exc
+    # without a base this is the only shape check; with one it cannot fail after the plans
+    check_compatible([(link.adapter, link.weight) for link in chain.links])
+    return chain, _base_model_warnings(chain)
+
+
+def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> Adapter:
+    adapter = link.adapter
+    check_adapter(adapter, allow_nonfinite)
+    dora = [m.path for m in adapter.modules.values() if m.magnitude is not None]
+    if dora:
+        raise FormatError(
+            "is a DoRA adapter; DoRA updates do not add up, so a chain of them cannot be folded",
+            path=adapter.source_path,
+            module=dora[0],
+            hint="merge DoRA links one at a time with loramerge merge",
+        )
+    if adapter.modules_to_save:
+        name = next(iter(adapter.modules_to_save))
+        raise FormatError(
+            f"carries a full trained tensor ({name}, modules_to_save); only plain LoRA links "
+            "can be folded",
+            path=adapter.source_path,
+            hint="merge this link with loramerge merge instead",
+        )
+    if not adapter.modules:
+        raise FormatError("holds no LoRA modules", path=adapter.source_path)
+    if base is None:
+        # saved base tables are the weights the link was trained on (earlier knots included);
+        # the fold starts from the base instead
+        return replace(adapter, base_tables={})
+    adapter = rename_to_base(adapter, base.root)
+    shapes = {entry.name: entry.shape for _, entry in base.tensors()}
+    for name, table in adapter.base_tables.items():
+        found = resolve_tensor_name(name, shapes)
+        if found is not None and tuple(table.shape) != tuple(shapes[found]):
+            raise FormatError(
+                f"saved base table {name} is {list(table.shape)}, the base has "
+                f"{list(shapes[found])}: tokens were added while training this link",
+                path=adapter.source_path,
+                hint="a chain whose vocabulary grows cannot be folded; merge link by link",
+            )
+    adapter = replace(adapter, base_tables={})
+    # the merge planner's own checks: every module's shape against its base tensor
+    plan_merge(base.tensors(), base.config, adapter)
+    return adapter
+
+
+def _base_model_warnings(chain: Chain) -> list[str]:
+    named = [(link.index, link.adapter.base_model) for link in chain.links]
+    distinct = sorted({name for _, name in named if name})
+    if len(distinct) < 2:
+        return []
+    listed = ", ".join(f"link {index}: {name or 'none'}" for index, name in named)
+    return [f"the links name different base models ({listed}); a COLA chain shares one base"]
+
+
+def link_reports(chain: Chain) -> tuple[list[LinkReport], dict[str, float]]:
+    """Per link and module the update size, and per module the size of the chain's sum."""
+    reports = []
+    for link in chain.links:
+        modules = {
+            path: LinkModule(module.r, module.scale * link.weight, update_norm(module, link.weight))
+            for path, module in link.adapter.modules.items()
+        }
+        reports.append(
+            LinkReport(link.index, link.path, link.weight, link.adapter.base_model, modules)
+        )
+    paths = sorted({p for link in chain.links for p in link.adapter.modules})
+    chain_norms = {
+        path: chain_update_norm(
+            [(c.adapter.modules[path], c.weight) for c in chain.links if path in c.adapter.modules]
+        )
+        for path in paths
+    }
+    return reports, chain_norms
+
+
+def fold_to_model(
+    chain: Chain,
+    base_ref: str | Path,
+    out: str | Path,
+    *,
+    rounding: str = "once",
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+    progress: Progress | None = None,
+) -> FoldResult:
+    """Write the base with the whole chain merged into `out` (a model folder).
+
+    `once`: W_0 + sum_j w_j s_j B_j A_j in float32, rounded once (one streamed merge of the exact
+    concatenated adapter). `per-link`: W_j = round(float32(W_{j-1}) + float32(w_j s_j B_j A_j)),
+    one streamed merge per link, each knot rounded to the output dtype, as tying each knot with
+    PEFT's merge_and_unload in that dtype does.
+    """
+    if rounding not in ROUNDINGS:
+        raise OptionError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    dtype_code_of(dtype)
+    out = Path(out)
+    base = open_base(base_ref)
+    check_output_target(out, [base.root, *chain.inputs], force)
+    reports, chain_norms = link_reports(chain)
+    result = FoldResult(out, reports, chain_norms, rounding=rounding)
+    if rounding == "once":
+        folded = fold_chain([(link.adapter, link.weight) for link in chain.links])
+        merged = merge_adapter(
+            folded.adapter,
+            base.root,
+            out,
+            dtype=dtype,
+            force=force,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            extra_inputs=chain.inputs,
+        )
+        result.warnings += merged.warnings
+        result.counts = merged.plan.counts()
+    else:
+        steps = _merge_link_by_link(
+            chain, base, out, result, dtype, force, max_shard_bytes, progress
+        )
+        merged = steps[-1]
+        result.counts = _chain_counts(steps)
+        result.warnings += _knot_warnings(result.links, dtype)
+    result.merge = merged
+    result.bytes_written = merged.bytes_written
+    return result
+
+
+def _merge_link_by_link(
+    chain: Chain,
+    base: BaseModel,
+    out: Path,
+    result: FoldResult,
+    dtype: str | None,
+    force: bool,
+    max_shard_bytes: int | None,
+    progress: Progress | None,
+) -> list[MergeResult]:
+    """Merge link 1 into a temporary folder beside `out`, link 2 on top of it, ..., the last link
+    into `out` (atomically); the temporary folders are removed whatever happens."""
+    # named like atomic_output's temporaries, so a run that was killed is cleaned up later
+    scratch = out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-links"
+    remove_path(scratch)
+    total = len(chain.links)
+    previous: Path = base.root
+    steps: list[MergeResult] = []
+    try:
+        for step, link in enumerate(chain.links):
+            last = step == total - 1
+            target = out if last else scratch / f"link-{link.index}"
+            merged = merge_adapter(
+                weighted(link.adapter, link.weight),
+                previous,
+                target,
+                dtype=dtype,
+                force=force if last else False,
+                max_shard_bytes=max_shard_bytes,
+                progress=_step_progress(progress, step, total),
+                extra_inputs=[base.root, *chain.inputs],
+            )
+            report = result.links[step]
+            for path, stats in merged.modules.items():
+                report.modules[path].changed_share = stats.changed_share
+                report.modules[path].elements = stats.elements
+            steps.append(merged)
+            if previous != base.root:
+                remove_path(previous)  # two copies on disk at most
+            previous = target
+    finally:
+        remove_path(scratch)
+    return steps
+
+
+def _chain_counts(steps: list[MergeResult]) -> dict[str, int]:
+    """Output tensors by what the chain did to them: merged (or bias-updated) by any link, cast
+    by the first step's dtype change, else copied."""
+    touched: dict[str, set[str]] = {action.value: set() for action in Action}
+    for step in steps:
+        for shard in step.plan.shards:
+            for tensor in shard.tensors:
+                touched[tensor.action.value].add(tensor.name)
+    changed = touched[Action.MERGE.value] | touched[Action.BIAS.value]
+    total = sum(len(shard.tensors) for shard in steps[-1].plan.shards)
+    counts = {action.value: 0 for action in Action}
+    counts[Action.MERGE.value] = len(touched[Action.MERGE.value])
+    counts[Action.BIAS.value] = len(touched[Action.BIAS.value] - touched[Action.MERGE.value])
+    counts[Action.CAST.value] = len(touched[Action.CAST.value] - changed)
+    counts[Action.COPY.value] = total - sum(counts.values())
+    return counts
+
+
+def _knot_warnings(reports: list[LinkReport], dtype: str | None) -> list[str]:
+    """One warning per link whose knot erased most of the update in some modules."""
+    warnings = []
+    for report in reports:
+        erased = [
+            m.changed_share
+            for m in report.modules.values()
+            if m.changed_share is not None and m.elements and m.changed_share < ERASED_SHARE
+        ]
+        if erased:
+            warnings.append(
+                f"link {report.index}: rounding its knot to {dtype or 'the base dtype'} left "
+                f"only {min(erased):.0%}-{max(erased):.0%} of the update's elements changed in "
+                f"{len(erased)} of {len(report.modules)} modules; the default --rounding once "
+                "(or --dtype float32) keeps them"
+            )
+    return warnings
+
+
+def _step_progress(progress: Progress | None, step: int, total: int) -> Progress | None:
+    if progress is None:
+        return None
+
+    def update(done: int, size: int) -> None:
+        progress(step * size + done, total * size)
+
+    return update
+
+
+def fold_to_adapter(
+    chain: Chain,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    engine: str | None = None,
+    base: str | Path | None = None,
+    report: dict | None = None,
+) -> FoldResult:
+    """Write one PEFT adapter equal to the whole chain: exact, or reduced to `rank`.
+
+    `engine` rewrites it for an inference engine first (see write_adapter); `report` receives
+    what that changed.
+    """
+    code = dtype_code_of(dtype or "float32")
+    out = Path(out)
+    check_output_target(out, chain.inputs, force)
+    reports, chain_norms = link_reports(chain)
+    folded = fold_chain(
+        [(link.adapter, link.weight) for link in chain.links], rank=rank, dtype=torch_dtype(code)
+    )
+    to = "peft"
+    if engine is not None:
+        from loramerge.ops.engines import engine_profile
+
+        to = engine_profile(engine).formats[0]
+    write_adapter(
+        folded.adapter, out, to, force=force, inputs=chain.inputs, engine=engine, base=base,
+        report=report,
+    )  # fmt: skip
+    return FoldResult(out, reports, chain_norms, folded=folded)

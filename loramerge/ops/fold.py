@@ -1,0 +1,209 @@
+"""COLA folding math (rules.md section 5): a chain of plain LoRAs as one exact or reduced LoRA.
+
+A chain L_1..L_T with updates s_j B_j A_j sums to one LoRA by concatenation,
+A' = [s_1 A_1; ...; s_T A_T], B' = [B_1, ..., B_T], written with r = lora_alpha = sum r_j (scale
+1); a module a link does not touch contributes a zero term. With a target rank the concatenation
+is compressed by the QR-core SVD (rules.md section 3), and the energy kept is reported. Nothing
+here forms an out x in matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from loramerge.adapter import Adapter, LazyTensor, LoraModule
+from loramerge.errors import OptionError, ShapeMismatchError
+from loramerge.ops.lowrank import Reduction, concat_factors, svd_reduce, update_frobenius_norm
+
+Term = tuple[torch.Tensor, torch.Tensor, float]  # (B (out x r), A (r x in), scale)
+
+
+def fold_terms(terms: Sequence[Term], *, dtype: torch.dtype = torch.float32) -> Term:
+    """One exact LoRA for sum_j s_j B_j A_j: (B', A', 1.0), the scales folded into A' in float64."""
+    lora_b, lora_a = concat_factors(terms, dtype=dtype)
+    return lora_b, lora_a, 1.0
+
+
+def reduce_terms(
+    terms: Sequence[Term], rank: int, *, dtype: torch.dtype = torch.float32
+) -> Reduction:
+    """The best rank-k approximation of sum_j s_j B_j A_j, k = min(rank, sum r_j, out, in).
+
+    The concatenation is formed in float64 and reduced through its QR core; the result has
+    scale 1 (r = lora_alpha = k) and reports the energy kept.
+    """
+    if rank < 1:
+        raise OptionError(
+            f"the target rank must be at least 1, got {rank}", hint="pass --rank 1 or more"
+        )
+    lora_b, lora_a = concat_factors(terms, dtype=torch.float64)
+    k = min(rank, lora_b.shape[1], lora_b.shape[0], lora_a.shape[1])
+    return svd_reduce(lora_b, lora_a, 1.0, max(k, 1), dtype=dtype)
+
+
+def module_terms(module: LoraModule, weight: float = 1.0) -> Term:
+    """(B, A, s * weight) of one module as float32 matrices (conv2d factors flattened)."""
+    lora_b, lora_a = module.factors()
+    return lora_b, lora_a, module.scale * weight
+
+
+def update_norm(module: LoraModule, weight: float = 1.0) -> float:
+    """||weight * s B A||_F, from the QR core in float64."""
+    return update_frobenius_norm(*module_terms(module, weight))
+
+
+def chain_update_norm(modules: Sequence[tuple[LoraModule, float]]) -> float:
+    """||sum_j w_j s_j B_j A_j||_F of one module across the links that touch it, in float64."""
+    terms = [module_terms(module, weight) for module, weight in modules]
+    lora_b, lora_a = concat_factors(terms, dtype=torch.float64)
+    return update_frobenius_norm(lora_b, lora_a, 1.0)
+
+
+def weighted(adapter: Adapter, weight: float) -> Adapter:
+    """The adapter with every scale multiplied by `weight` (through alpha); itself for 1.0."""
+    if weight == 1.0:
+        return adapter
+    modules = {p: replace(m, alpha=m.alpha * weight) for p, m in adapter.modules.items()}
+    return replace(adapter, modules=modules)
+
+
+@dataclass(frozen=True)
+class ModuleFold:
+    """How one module of the folded adapter was made."""
+
+    module: str
+    link_ranks: tuple[int, ...]  # per link, 0 where the link does not touch the module
+    rank: int  # the rank written
+    energy_kept: float = 1.0  # sum of kept S_i^2 / sum of all S_i^2; 1.0 when exact
+    relative_error: float = 0.0  # ||dW - dW_k||_F / ||dW||_F
+    total_energy: float = 0.0  # ||dW||_F^2, to weigh modules in an overall energy
+
+
+@dataclass
+class FoldedAdapter:
+    adapter: Adapter
+    modules: dict[str, ModuleFold]
+
+    @property
+    def energy_kept(self) -> float:
+        """Energy kept over all modules (each weighted by its update's squared norm)."""
+        total = sum(m.total_energy for m in self.modules.values())
+        if total == 0.0:
+            return 1.0
+        return sum(m.energy_kept * m.total_energy for m in self.modules.values()) / total
+
+
+def _members(
+    links: Sequence[tuple[Adapter, float]], path: str
+) -> list[tuple[int, LoraModule, float]]:
+    """(link index, module, weight) of every link touching `path`, checked against each other."""
+    members = [(i, a.modules[path], w) for i, (a, w) in enumerate(links, 1) if path in a.modules]
+    first_index, first, _ = members[0]
+    for index, module, _ in members[1:]:
+        same_kind = module.kind is first.kind
+        if (
+            not same_kind
+            or module.lora_B.shape[0] != first.lora_B.shape[0]
+            or (module.lora_A.shape[1:] != first.lora_A.shape[1:])
+        ):
+            raise ShapeMismatchError(
+                f"link {index}: its {module.kind.value} update "
+                f"(B {list(module.lora_B.shape)}, A {list(module.lora_A.shape)}) does not fit "
+                f"link {first_index}'s {first.kind.value} update on the same module "
+                f"(B {list(first.lora_B.shape)}, A {list(first.lora_A.shape)})",
+                path=links[index - 1][0].source_path,
+                module=path,
+                hint="every link of a chain must be trained on the same base model",
+            )
+    return members
+
+
+def check_compatible(links: Sequence[tuple[Adapter, float]]) -> None:
+    """Refuse links whose updates on the same module have different kinds or shapes."""
+    for path in sorted({path for adapter, _ in links for path in adapter.modules}):
+        _members(links, path)
+
+
+def fold_chain(
+    links: Sequence[tuple[Adapter, float]],
+    *,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> FoldedAdapter:
+    """Fold (adapter, weight) links, in chain order, into one plain LoRA adapter.
+
+    Exact by concatenation when `rank` is None, else each module reduced to at most `rank`.
+    Every module gets r = lora_alpha = its rank (scale 1, no rsLoRA); LoRA biases add up as
+    sum_j w_j s_j b_j. Links must be plain LoRA (no DoRA magnitude, no modules_to_save): the
+    caller checks that, since only plain updates add up.
+    """
+    if not links:
+        raise OptionError("a chain needs at least one link")
+    paths = sorted({path for adapter, _ in links for path in adapter.modules})
+    modules: dict[str, LoraModule] = {}
+    report: dict[str, ModuleFold] = {}
+    for path in paths:
+        members = _members(links, path)
+        terms = [module_terms(module, weight) for _, module, weight in members]
+        link_ranks = tuple(
+            adapter.modules[path].r if path in adapter.modules else 0 for adapter, _ in links
+        )
+        if rank is None:
+            exact_b, exact_a = concat_factors(terms, dtype=torch.float64)
+            # the same values fold_terms gives: the scales are applied in float64, then cast
+            lora_b, lora_a = exact_b.to(dtype), exact_a.to(dtype)
+            energy = update_frobenius_norm(exact_b, exact_a, 1.0) ** 2
+            folded = ModuleFold(path, link_ranks, lora_a.shape[0], total_energy=energy)
+        else:
+            reduction = reduce_terms(terms, rank, dtype=dtype)
+            lora_b, lora_a = reduction.B, reduction.A
+            energy = float((reduction.singular_values.to(torch.float64) ** 2).sum())
+            folded = ModuleFold(
+                path,
+                link_ranks,
+                reduction.rank,
+                reduction.energy_kept,
+                reduction.relative_error,
+                energy,
+            )
+        first = members[0][1]
+        module = first.with_factors(lora_b, lora_a, float(lora_a.shape[0]))
+        modules[path] = replace(
+            module,
+            use_rslora=False,
+            magnitude=None,
+            bias=_folded_bias(members, dtype),
+            fan_in_fan_out=any(m.fan_in_fan_out for _, m, _ in members),
+        )
+        report[path] = folded
+    first_adapter = links[0][0]
+    adapter = Adapter(
+        modules=modules,
+        base_model=first_adapter.base_model,
+        source_format="cola-chain",
+        source_path=None,
+        task_type=first_adapter.task_type,
+    )
+    return FoldedAdapter(adapter, report)
+
+
+def _folded_bias(
+    members: Sequence[tuple[int, LoraModule, float]], dtype: torch.dtype
+) -> LazyTensor | None:
+    biased = [(m, w) for _, m, w in members if m.bias is not None]
+    if not biased:
+        return None
+    total = torch.zeros(members[0][1].lora_B.shape[0], dtype=torch.float64)
+    for module, weight in biased:
+        assert module.bias is not None
+        total += module.bias.load().to(torch.float64).reshape(-1) * (module.scale * weight)
+    return LazyTensor.of(total.to(dtype))
+
+
+def total_norm(norms: Sequence[float]) -> float:
+    """The Frobenius norm of several modules' updates taken together."""
+    return math.sqrt(sum(n * n for n in norms))

@@ -1,0 +1,272 @@
+"""ResLoRA merge rules (rules.md section 4): one chain of blocks in, one plain LoRA per block out.
+
+Notation: a chain holds blocks n = 0..N-1 with factors (B_n, A_n), B_n (out x R), A_n (R x in),
+and one scale s = lora_alpha / r. Every function here is pure: it takes float tensors (float64 for
+exact results) and plain numbers, and never forms an out x in matrix. What the weight-based
+estimators need from a base weight W_n comes in a `BaseProducts`, which the caller accumulates
+by streaming W_n in row tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from loramerge.errors import OptionError, ShapeMismatchError
+from loramerge.ops.lowrank import svd_reduce
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (B, A)
+
+
+@dataclass(frozen=True, eq=False)
+class BaseProducts:
+    """The base weight W (out x in) as the norms need it: ||W||_F^2, B^T W and (square W) W B.
+
+    `bt_w` is (R x in) with B the block's stacked lora_B; `w_b` is (out x R), set only for the
+    official-code variant, whose norm adds the transposed update and so needs a square W.
+    """
+
+    norm_sq: float
+    bt_w: torch.Tensor
+    w_b: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PlainBlock:
+    """dW_n = scale * B @ A as a plain LoRA, and how it was obtained.
+
+    `coefficients` holds the numbers the rule used (a_n, or c_{n,k} keyed "c_k"); `norms` the
+    norms they came from, keyed by what they are and the chain index (e.g. "f*_0", "f_2",
+    "g_1"). `exact` is true when dW_n equals the trained block's contribution for any input.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+    rule: str
+    exact: bool
+    coefficients: dict[str, float] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+    stacked: tuple[int, ...] = ()  # bs: the chain indices whose factors were stacked
+
+
+@dataclass(frozen=True, eq=False)
+class PlainFactors:
+    """Factors ready to write: B (out x r), A (r x in), float32, with their r and alpha."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    rank: int
+    alpha: float
+    energy_kept: float = 1.0
+    relative_error: float = 0.0
+
+
+def window(pre_num: int, n: int) -> int:
+    """m_n = min(m, n), with m = pre_num and -1 meaning every previous block."""
+    return n if pre_num < 0 else min(pre_num, n)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, and 1 when either norm is 0 (the official code's guard)."""
+    if numerator == 0.0 or denominator == 0.0:
+        return 1.0
+    return numerator / denominator
+
+
+def merged_norm(products: BaseProducts, B: torch.Tensor, X: torch.Tensor, c: float) -> float:
+    """||W + c B X||_F = sqrt(||W||^2 + 2c <W, B X> + c^2 ||B X||^2) without forming W + c B X.
+
+    <W, B X> = sum(B^T W * X) and ||B X||^2 = sum((B^T B X) * X); B is (out x R) and X
+    (R x in), float64, so the cost is O(R^2 (out + in)).
+    """
+    cross = float((products.bt_w * X).sum())
+    update = float(((B.T @ B @ X) * X).sum())
+    return math.sqrt(max(products.norm_sq + 2.0 * c * cross + c * c * update, 0.0))
+
+
+def official_norm(products: BaseProducts, B: torch.Tensor, A: torch.Tensor) -> float:
+    """||W + (B A)^T||_F for square W (no scale, coefficient 1): <W, A^T B^T> = sum(W B * A^T)."""
+    if products.w_b is None:
+        raise ShapeMismatchError(
+            "the official-code norm adds (B A)^T to W, which needs a square weight",
+            hint="use the default weight-based norms (drop --norms official)",
+        )
+    cross = float((products.w_b * A.T).sum())
+    update = float(((B.T @ B @ A) * A).sum())
+    return math.sqrt(max(products.norm_sq + 2.0 * cross + update, 0.0))
+
+
+def merge_none(chain: Sequence[Factors], scale: float) -> list[PlainBlock]:
+    """res_flag 0: plain LoRA blocks without shortcuts, dW_n = s B_n A_n."""
+    return [PlainBlock(B, A, scale, "none", True) for B, A in chain]
+
+
+def merge_bs(chain: Sequence[Factors], scale: float, pre_num: int) -> list[PlainBlock]:
+    """Block shortcut, exact: B' = [B_n, ..., B_{n-m_n}], A' = [A_n; ...; A_{n-m_n}], scale s."""
+    blocks = []
+    for n in range(len(chain)):
+        used = tuple(n - k for k in range(window(pre_num, n) + 1))
+        B = torch.cat([chain[j][0] for j in used], dim=1)
+        A = torch.cat([chain[j][1] for j in used], dim=0)
+        blocks.append(PlainBlock(B, A, scale, "bs", True, stacked=used))
+    return blocks
+
+
+def _is_block(B: torch.Tensor, A: torch.Tensor, scale: float, a: float, norms: dict) -> PlainBlock:
+    return PlainBlock((1.0 + a) * B, A, scale, "is", False, {"a": a}, norms)
+
+
+def merge_is_weights(
+    chain: Sequence[Factors], scale: float, products: Sequence[BaseProducts]
+) -> list[PlainBlock]:
+    """Input shortcut, weight-based (paper): a_n = f*_{n-2} / f*_{n-1}, a_0 = a_1 = 1, with
+    f*_j = ||W_j + (1 + a_j) s B_j A_j||_F, from the first block upward. B' = (1 + a_n) B_n."""
+    fstar: list[float] = []
+    blocks = []
+    for n, (B, A) in enumerate(chain):
+        norms: dict[str, float] = {}
+        a = 1.0
+        if n >= 2:
+            a = ratio(fstar[n - 2], fstar[n - 1])
+            norms = {f"f*_{n - 2}": fstar[n - 2], f"f*_{n - 1}": fstar[n - 1]}
+        fstar.append(merged_norm(products[n], B, A, (1.0 + a) * scale))
+        block = _is_block(B, A, scale, a, norms)
+        blocks.append(_exact_first(block, n))
+    return blocks
+
+
+def merge_is_official(
+    chain: Sequence[Factors], scale: float, products: Sequence[BaseProducts]
+) -> list[PlainBlock]:
+    """Input shortcut, official-code norms: f*_j = ||W_j + (B_j A_j)^T||_F (all computed first),
+    a_n = f*_{n-2} / f*_{n-1} for n >= 2, else 1."""
+    fstar = [official_norm(p, B, A) for p, (B, A) in zip(products, chain, strict=True)]
+    blocks = []
+    for n, (B, A) in enumerate(chain):
+        a, norms = 1.0, {}
+        if n >= 2:
+            a = ratio(fstar[n - 2], fstar[n - 1])
+            norms = {f"f*_{n - 2}": fstar[n - 2], f"f*_{n - 1}": fstar[n - 1]}
+        blocks.append(_exact_first(_is_block(B, A, scale, a, norms), n))
+    return blocks
+
+
+def merge_is_inputs(
+    chain: Sequence[Factors], scale: float, input_norms: Sequence[float]
+) -> list[PlainBlock]:
+    """Input shortcut, input-based: a_n = f_{n-1} / f_n (1 for n = 0 or a zero norm)."""
+    blocks = []
+    for n, (B, A) in enumerate(chain):
+        a, norms = 1.0, {}
+        if n >= 1:
+            a = ratio(input_norms[n - 1], input_norms[n])
+            norms = {f"f_{n - 1}": input_norms[n - 1], f"f_{n}": input_norms[n]}
+        blocks.append(_exact_first(_is_block(B, A, scale, a, norms), n))
+    return blocks
+
+
+def _exact_first(block: PlainBlock, n: int) -> PlainBlock:
+    """Block 0 of an input-shortcut chain adds s B A (x + x) in training: 1 + a_0 = 2 is exact."""
+    if n != 0:
+        return block
+    return PlainBlock(block.B, block.A, block.scale, block.rule, True, block.coefficients)
+
+
+def merge_ms_scalar(
+    chain: Sequence[Factors], scale: float, pre_num: int, middle_norms: Sequence[float]
+) -> list[PlainBlock]:
+    """Middle shortcut, scalar: B' = (1 + a_n) B_n, a_n = sum_{k=1..m_n} g_{n-k} / g_n."""
+    blocks = []
+    for n, (B, A) in enumerate(chain):
+        m = window(pre_num, n)
+        a = sum((ratio(middle_norms[n - k], middle_norms[n]) for k in range(1, m + 1)), 0.0)
+        norms = {f"g_{n - k}": middle_norms[n - k] for k in range(m + 1)}
+        rule = PlainBlock((1.0 + a) * B, A, scale, "ms-scalar", m == 0, {"a": a}, norms)
+        blocks.append(rule)
+    return blocks
+
+
+def merge_ms_amerge_inputs(
+    chain: Sequence[Factors], scale: float, pre_num: int, input_norms: Sequence[float]
+) -> list[PlainBlock]:
+    """Middle shortcut, A-merge from input norms: A'_n = A_n + sum_k (f_{n-k} / f_n) A_{n-k}."""
+    blocks = []
+    for n, (B, _) in enumerate(chain):
+        m = window(pre_num, n)
+        coefficients = {
+            f"c_{k}": ratio(input_norms[n - k], input_norms[n]) for k in range(1, m + 1)
+        }
+        merged = _a_merge(chain, n, coefficients)
+        norms = {f"f_{n - k}": input_norms[n - k] for k in range(m + 1)}
+        blocks.append(PlainBlock(B, merged, scale, "ms-amerge", m == 0, coefficients, norms))
+    return blocks
+
+
+def merge_ms_amerge_weights(
+    chain: Sequence[Factors], scale: float, pre_num: int, products: Sequence[BaseProducts]
+) -> list[PlainBlock]:
+    """Middle shortcut, A-merge from weights: c_{n,k} = prod_{j=n-k+1..n} a_j with
+    a_j = f*_{j-2} / f*_{j-1} (a_0 = a_1 = 1) and f*_j = ||W_j + s B_j A'_j||_F, upward."""
+    fstar: list[float] = []
+    alphas: list[float] = []
+    blocks = []
+    for n, (B, _) in enumerate(chain):
+        alphas.append(ratio(fstar[n - 2], fstar[n - 1]) if n >= 2 else 1.0)
+        m = window(pre_num, n)
+        coefficients = {f"c_{k}": math.prod(alphas[n - k + 1 : n + 1]) for k in range(1, m + 1)}
+        merged = _a_merge(chain, n, coefficients)
+        fstar.append(merged_norm(products[n], B, merged, scale))
+        # the f* that the a_j inside the window (j >= 2; a_0 = a_1 = 1) were taken from
+        used = sorted({i for j in range(max(n - m + 1, 2), n + 1) for i in (j - 2, j - 1)})
+        norms = {f"f*_{i}": fstar[i] for i in used}
+        blocks.append(PlainBlock(B, merged, scale, "ms-amerge", m == 0, coefficients, norms))
+    return blocks
+
+
+def _a_merge(chain: Sequence[Factors], n: int, coefficients: dict[str, float]) -> torch.Tensor:
+    """A_n + sum_k c_k A_{n-k}, always from the chain's original A's."""
+    merged = chain[n][1].clone()
+    for key, c in coefficients.items():
+        k = int(key.split("_")[1])
+        previous = chain[n - k][1]
+        if previous.shape != merged.shape:
+            raise ShapeMismatchError(
+                f"A-merge needs equal A shapes, block {n - k} has {tuple(previous.shape)} and "
+                f"block {n} {tuple(merged.shape)}"
+            )
+        merged = merged + c * previous
+    return merged
+
+
+def plain_factors(
+    block: PlainBlock,
+    lora_alpha: float,
+    lora_rank: int,
+    *,
+    rank: int | None = None,
+    pad_to: int | None = None,
+) -> PlainFactors:
+    """The block as factors to write, in one of three ways.
+
+    Exact at its own rank r' (alpha = lora_alpha * r' / r, so alpha / r' = s; r' is a multiple
+    of r, so integer alphas stay integers); zero-padded to `pad_to` (exact); or reduced to `rank`
+    by the QR-core SVD with the scale folded in (r = alpha = rank; lossy, energy kept reported).
+    """
+    if rank is not None and pad_to is not None:
+        raise OptionError("choose either a target rank or padding to a uniform rank, not both")
+    if rank is not None:
+        reduced = svd_reduce(block.B, block.A, block.scale, rank, dtype=torch.float32)
+        return PlainFactors(
+            reduced.B, reduced.A, rank, float(rank), reduced.energy_kept, reduced.relative_error
+        )
+    B, A = block.B, block.A
+    r = A.shape[0]
+    if pad_to is not None and pad_to > r:
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad_to - r)], dim=1)
+        A = torch.cat([A, A.new_zeros(pad_to - r, A.shape[1])], dim=0)
+        r = pad_to
+    return PlainFactors(B.to(torch.float32), A.to(torch.float32), r, lora_alpha * r / lora_rank)

@@ -1,0 +1,342 @@
+"""Proof that two adapters, or an adapter and a merged model, mean the same."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramerge.adapter import Adapter, LazyTensor, LoraModule
+from loramerge.errors import OptionError
+from loramerge.formats import gguf, peft
+from loramerge.formats.registry import base_config_of, read_adapter
+from loramerge.model.names import resolve_tensor_name
+from loramerge.ops.lowrank import difference_frobenius_norm, update_frobenius_norm
+
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-4
+MAX_TOKENS = 512  # of --text, further capped by the base's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One compared quantity: a module's update, DoRA magnitude, LoRA bias or a full tensor.
+
+    `source_norm` is the Frobenius norm of the source's quantity and `diff_norm` that of the
+    difference (candidate minus source); both in float64.
+    """
+
+    name: str
+    source_norm: float
+    diff_norm: float
+
+    @property
+    def relative(self) -> float:
+        if self.source_norm > 0:
+            return self.diff_norm / self.source_norm
+        return 0.0 if self.diff_norm == 0 else math.inf
+
+    def excess(self, atol: float, rtol: float) -> float:
+        """diff / tolerance: above 1 fails."""
+        allowed = atol + rtol * self.source_norm
+        if allowed > 0:
+            return self.diff_norm / allowed
+        return 0.0 if self.diff_norm == 0 else math.inf
+
+
+@dataclass
+class VerifyResult:
+    mode: str  # "factors" or "logits"
+    atol: float
+    rtol: float
+    differences: list[Difference] = field(default_factory=list)
+    logits: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def worst(self) -> Difference | None:
+        if not self.differences:
+            return None
+        return max(self.differences, key=lambda d: (d.excess(self.atol, self.rtol), d.relative))
+
+    @property
+    def passed(self) -> bool:
+        worst = self.worst
+        return worst is None or worst.excess(self.atol, self.rtol) <= 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        worst = self.worst
+        return {
+            "passed": self.passed,
+            "mode": self.mode,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "worst": None if worst is None else _row(worst),
+            "compared": len(self.differences),
+            "modules": [_row(d) for d in self.differences],
+            "logits": self.logits,
+            "notes": self.notes,
+        }
+
+
+def _row(diff: Difference) -> dict[str, Any]:
+    return {
+        "name": diff.name,
+        "source_norm": diff.source_norm,
+        "diff_norm": diff.diff_norm,
+        "relative": diff.relative,
+    }
+
+
+def is_model_folder(path: Path) -> bool:
+    """A Hugging Face model folder (config.json and weights, no adapter config)."""
+    return (
+        path.is_dir()
+        and (path / "config.json").is_file()
+        and not (path / "adapter_config.json").exists()
+        and any(path.glob("*.safetensors"))
+    )
+
+
+def read_side(path: Path, base_config: Mapping[str, Any] | None) -> Adapter:
+    """Any adapter format loramerge reads; GGUF with the base config when it is needed.
+    Refused like every other command refuses it: empty, or NaN / Inf values."""
+    from loramerge.validate import check_adapter
+
+    adapter = gguf.read(path, base_config) if gguf.sniff(path) else read_adapter(path)
+    check_adapter(adapter)
+    return adapter
+
+
+def verify(
+    source: str | Path,
+    candidate: str | Path,
+    *,
+    base: str | Path | None = None,
+    text: str | Path | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+) -> VerifyResult:
+    """Compare `candidate` with `source`.
+
+    Without `text`: per module, ||dW_candidate - dW_source||_F from the factors (QR core; no
+    out x in matrix), passing when it is <= atol + rtol * ||dW_source||_F for every module.
+    With `base` and `text`: both run through transformers on the base (adapters via PEFT, a
+    merged folder as is) and pass when max |logits difference| <= atol + rtol * max |logits|.
+    """
+    if atol < 0 or rtol < 0:
+        raise OptionError("--atol and --rtol must not be negative")
+    source, candidate = Path(source), Path(candidate)
+    if text is not None and base is None:
+        raise OptionError("--text needs --base: the text runs through the base model")
+    merged = [p for p in (source, candidate) if is_model_folder(p)]
+    if merged and text is None:
+        raise OptionError(
+            f"{merged[0]} is a merged model: comparing it needs --base and --text",
+            hint="pass --base BASE --text FILE",
+        )
+    base_config = base_config_of(base) if base is not None else None
+    if text is not None:
+        return _compare_logits(source, candidate, base, Path(text), base_config, atol, rtol)
+    left, right = read_side(source, base_config), read_side(candidate, base_config)
+    if base is not None:
+        from loramerge.convert import rename_to_base
+
+        left, right = rename_to_base(left, base), rename_to_base(right, base)
+    result = VerifyResult("factors", atol, rtol)
+    compare_adapters(left, right, result)
+    return result
+
+
+def compare_adapters(source: Adapter, candidate: Adapter, result: VerifyResult) -> None:
+    """Every module, magnitude, bias and saved tensor of either side, matched by name."""
+    pairs = _match(source.modules, candidate.modules)
+    for name, left, right in pairs:
+        result.differences.append(_update_difference(name, left, right))
+        for part in ("magnitude", "bias"):
+            a = _extra(left, part)
+            b = _extra(right, part)
+            if a is not None or b is not None:
+                a = a if a is not None else torch.zeros_like(b)
+                b = b if b is not None else torch.zeros_like(a)
+                result.differences.append(_tensor_difference(f"{name} ({part})", a, b))
+    saved = _match(source.modules_to_save, candidate.modules_to_save)
+    for name, left, right in saved:
+        a = left.load().double() if left is not None else None
+        b = right.load().double() if right is not None else None
+        a = a if a is not None else torch.zeros_like(b)
+        b = b if b is not None else torch.zeros_like(a)
+        result.differences.append(_tensor_difference(f"{name} (modules_to_save)", a, b))
+    for name, left, right in _match(source.base_tables, candidate.base_tables):
+        if left is None or right is None:
+            side = "source" if right is None else "candidate"
+            result.notes.append(
+                f"saved table {name} only in the {side}: not compared (it matters only "
+                "where it differs from the base's)"
+            )
+            continue
+        a, b = left.load().double(), right.load().double()
+        result.differences.append(_tensor_difference(f"{name} (base table)", a, b))
+
+
+def _match(left: Mapping[str, Any], right: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(name, left or None, right or None): exact names, else the loose match a merge uses."""
+    right_names = {name + ".weight": name for name in right}
+    pairs, used = [], set()
+    for name, value in left.items():
+        found = resolve_tensor_name(name + ".weight", right_names)
+        other = right_names[found] if found is not None else None
+        if other is not None and other not in used:
+            used.add(other)
+            pairs.append((name, value, right[other]))
+        else:
+            pairs.append((name, value, None))
+    pairs += [(name, None, value) for name, value in right.items() if name not in used]
+    return pairs
+
+
+def _update_difference(name: str, left: LoraModule | None, right: LoraModule | None) -> Difference:
+    if left is None or right is None:
+        only = left or right
+        b, a = only.factors()
+        norm = update_frobenius_norm(b, a, only.scale)
+        return Difference(name, norm if left is not None else 0.0, norm)
+    b1, a1 = left.factors()
+    b2, a2 = right.factors()
+    norm = update_frobenius_norm(b1, a1, left.scale)
+    if b1.shape[0] != b2.shape[0] or a1.shape[1] != a2.shape[1]:
+        return Difference(name, norm, math.inf)
+    if left.scale == right.scale and torch.equal(b1, b2) and torch.equal(a1, a2):
+        return Difference(name, norm, 0.0)  # the QR route would give round-off, not zero
+    return Difference(
+        name, norm, difference_frobenius_norm(b1, a1, left.scale, b2, a2, right.scale)
+    )
+
+
+def _extra(module: LoraModule | None, part: str) -> torch.Tensor | None:
+    if module is None:
+        return None
+    tensor: LazyTensor | None = getattr(module, part)
+    if tensor is None:
+        return None
+    # a LoRA bias adds scale * bias; DoRA magnitudes are absolute
+    factor = module.scale if part == "bias" else 1.0
+    return tensor.load().double() * factor
+
+
+def _tensor_difference(name: str, left: torch.Tensor, right: torch.Tensor) -> Difference:
+    if left.shape != right.shape:
+        return Difference(name, float(torch.linalg.vector_norm(left)), math.inf)
+    return Difference(
+        name, float(torch.linalg.vector_norm(left)), float(torch.linalg.vector_norm(right - left))
+    )
+
+
+# --- logits through transformers --------------------------------------------------------------
+
+
+def _compare_logits(
+    source: Path,
+    candidate: Path,
+    base: str | Path,
+    text: Path,
+    base_config: Mapping[str, Any] | None,
+    atol: float,
+    rtol: float,
+) -> VerifyResult:
+    from transformers import AutoTokenizer
+
+    from loramerge.model.folder import resolve_base
+
+    root = resolve_base(base)
+    if not text.is_file():
+        raise OptionError("does not exist or is not a file", hint="pass a text file to --text")
+    config = base_config or {}
+    limit = min(
+        MAX_TOKENS, int(config.get("max_position_embeddings") or config.get("n_positions") or 1e9)
+    )
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(root)
+        tokens = tokenizer(text.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"]
+        ids = tokens[:, :limit]
+        if ids.shape[1] < 2:
+            raise OptionError(f"{text} holds fewer than two tokens", hint="pass a longer text")
+        logits_a, loss_a = _run(source, root, ids, base_config)
+        logits_b, loss_b = _run(candidate, root, ids, base_config)
+    if logits_a.shape != logits_b.shape:
+        raise OptionError(
+            f"the two models give logits of shapes {list(logits_a.shape)} and "
+            f"{list(logits_b.shape)}: different vocabularies"
+        )
+    diff = (logits_b - logits_a).abs()
+    position = int(diff.amax(dim=-1).argmax())
+    result = VerifyResult("logits", atol, rtol)
+    top = float(logits_a.abs().max())
+    # scale the tolerance by the largest logit: relative per element is meaningless near zero
+    result.differences.append(Difference(f"logits at token {position}", top, float(diff.max())))
+    result.logits = {
+        "tokens": int(ids.shape[1]),
+        "max_abs_diff": float(diff.max()),
+        "max_abs_logit": top,
+        "loss_source": loss_a,
+        "loss_candidate": loss_b,
+        "loss_diff": abs(loss_b - loss_a),
+    }
+    return result
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars, advice or deprecation warnings from transformers / PEFT on stderr while
+    verify loads models: the verdict is the output. Settings are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(
+    side: Path, root: Path, ids: torch.Tensor, base_config: Mapping[str, Any] | None
+) -> tuple[torch.Tensor, float]:
+    """Logits and loss of one side in float32: a merged folder as is, an adapter through PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    if is_model_folder(side):
+        model = AutoModelForCausalLM.from_pretrained(side, dtype=torch.float32)
+        return _forward(model, ids)
+    adapter = read_side(side, base_config)
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32)
+    with tempfile.TemporaryDirectory(prefix="loramerge-verify-") as temp:
+        folder = side
+        if adapter.source_format != "peft":
+            from loramerge.convert import rename_to_base
+
+            folder = Path(temp)
+            peft.write(rename_to_base(adapter, root), folder)
+        from peft import PeftModel
+
+        return _forward(PeftModel.from_pretrained(model, folder), ids)
+
+
+def _forward(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    model.eval()
+    with torch.no_grad():
+        output = model(input_ids=ids, labels=ids)
+    return output.logits.float(), float(output.loss)

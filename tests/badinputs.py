@@ -1,0 +1,509 @@
+"""A corpus of bad inputs, each built from the fixtures into a scratch folder with the message the
+CLI must give for it.
+
+`build(name, root)` writes one case under `root` and returns a `Case`: the adapter and base to
+pass, the substrings the single `error:` line must hold (always including the file at fault),
+and which commands it applies to. Files are modified with the `safetensors` package or raw
+bytes, never with loramerge's own writer, so a bug there cannot hide a bug here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from helpers import ADAPTERS, BASES, FIXTURES
+from safetensors.torch import load_file, save_file
+
+KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+INDEX = "model.safetensors.index.json"
+PREFIX = "base_model.model."
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: what to pass and what the one error line must say."""
+
+    adapter: Path
+    base: Path
+    needles: tuple[str, ...]
+    # the base is where the fault is (or where it shows): inspect and convert get --base too
+    needs_base: bool = False
+    # refused unless --allow-nonfinite, with which merge and convert succeed
+    nonfinite: bool = False
+    # a file whose existence would prove that something in the input was executed
+    marker: Path | None = None
+    # a sound adapter for the same base (the other side of `verify`)
+    good: Path = ADAPTERS / "llama-lora"
+    # the fault is in the base itself: commands that read no adapter of ours see it too
+    base_fault: bool = False
+    # commands that refuse this input for another, earlier reason: their own needles
+    overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def needles_for(self, command: str) -> tuple[str, ...]:
+        return dict(self.overrides).get(command, self.needles)
+
+
+def _peft(root: Path, name: str = "llama-lora") -> Path:
+    folder = root / f"adapter-{name}"
+    shutil.copytree(ADAPTERS / name, folder)
+    return folder
+
+
+def _base(root: Path, name: str = "llama") -> Path:
+    folder = root / f"base-{name}"
+    shutil.copytree(BASES / name, folder)
+    return folder
+
+
+def _edit_config(folder: Path, **changes: object) -> Path:
+    path = folder / CONFIG
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def _raw_safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _truncate(path: Path, drop: int = 100) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(size - drop)
+
+
+# --- adapter files that are damaged ---------------------------------------------------------
+
+
+def truncated_safetensors(root: Path) -> Case:
+    folder = _peft(root)
+    _truncate(folder / WEIGHTS)
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), "truncated"))
+
+
+def truncated_kohya(root: Path) -> Case:
+    path = root / "truncated.safetensors"
+    shutil.copyfile(KOHYA, path)
+    _truncate(path)
+    return Case(path, BASES / "llama", (str(path), "truncated"))
+
+
+def corrupt_header(root: Path) -> Case:
+    folder = _peft(root)
+    raw = bytearray((folder / WEIGHTS).read_bytes())
+    raw[8:40] = b"\xff" * 32  # the JSON's first bytes
+    (folder / WEIGHTS).write_bytes(bytes(raw))
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), "not valid JSON"))
+
+
+def huge_header_length(root: Path) -> Case:
+    folder = _peft(root)
+    raw = bytearray((folder / WEIGHTS).read_bytes())
+    raw[:8] = struct.pack("<q", -8)  # a negative length read as unsigned: about 2**64
+    (folder / WEIGHTS).write_bytes(bytes(raw))
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), "100 MB limit"))
+
+
+def duplicate_tensor_name(root: Path) -> Case:
+    folder = _peft(root)
+    (folder / WEIGHTS).unlink()
+    entry = '{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]}'
+    name = f"{PREFIX}{Q_PROJ}.lora_A.weight"
+    header = f'{{"{name}":{entry},"{name}":{entry}}}'.encode()
+    _raw_safetensors(folder / WEIGHTS, header, b"\0" * 8)
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), "twice", name))
+
+
+def empty_adapter(root: Path) -> Case:
+    folder = _peft(root)
+    (folder / WEIGHTS).unlink()
+    _raw_safetensors(folder / WEIGHTS, b'{"__metadata__":{"format":"pt"}}')
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), "no LoRA tensors"))
+
+
+def pickle_runs_code(root: Path) -> Case:
+    """A legacy adapter_model.bin whose unpickling would run a shell command."""
+    folder = _peft(root)
+    (folder / WEIGHTS).unlink()
+    marker = root / "pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save(
+        {f"{PREFIX}{Q_PROJ}.lora_A.weight": torch.zeros(8, 64), "x": Payload()},
+        folder / "adapter_model.bin",
+    )
+    return Case(
+        folder,
+        BASES / "llama",
+        (str(folder / "adapter_model.bin"), "refused", "system", "never runs code"),
+        marker=marker,
+    )
+
+
+def pickle_calls_eval(root: Path) -> Case:
+    """A hand-written pickle that calls builtins.eval on an expression creating a file."""
+    folder = _peft(root)
+    (folder / WEIGHTS).unlink()
+    marker = root / "eval-ran"
+    expression = f"open({str(marker)!r}, 'w').close()"
+    # GLOBAL builtins.eval, MARK, UNICODE expr, TUPLE, REDUCE, STOP
+    payload = b"cbuiltins\neval\n(V" + expression.encode() + b"\ntR."
+    (folder / "adapter_model.bin").write_bytes(payload)
+    return Case(
+        folder,
+        BASES / "llama",
+        (str(folder / "adapter_model.bin"), "refused", "eval"),
+        marker=marker,
+    )
+
+
+def unknown_format_folder(root: Path) -> Case:
+    folder = root / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an adapter\n")
+    return Case(folder, BASES / "llama", (str(folder), "not an adapter loramerge recognises"))
+
+
+def unknown_format_file(root: Path) -> Case:
+    path = root / "weights.npz"
+    path.write_bytes(b"PK\x03\x04 not really")
+    return Case(path, BASES / "llama", (str(path), "not an adapter loramerge recognises"))
+
+
+# --- adapter configs that are wrong ---------------------------------------------------------
+
+
+def invalid_json_config(root: Path) -> Case:
+    folder = _peft(root)
+    (folder / CONFIG).write_text('{"r": 8, "lora_alpha": ')
+    return Case(folder, BASES / "llama", (str(folder / CONFIG), "not valid JSON"))
+
+
+def duplicate_config_key(root: Path) -> Case:
+    folder = _peft(root)
+    text = (folder / CONFIG).read_text()
+    (folder / CONFIG).write_text(text.replace('"r": 8,', '"r": 8, "r": 4,'))
+    return Case(folder, BASES / "llama", (str(folder / CONFIG), "'r' twice"))
+
+
+def rank_disagrees(root: Path) -> Case:
+    folder = _peft(root)
+    path = _edit_config(folder, r=4)
+    return Case(folder, BASES / "llama", (str(path), "module model.layers.", "rank 4", "rank 8"))
+
+
+def rank_pattern_not_a_number(root: Path) -> Case:
+    folder = _peft(root)
+    path = _edit_config(folder, rank_pattern={"q_proj": "eight"})
+    return Case(folder, BASES / "llama", (str(path), "rank_pattern", "'eight'"))
+
+
+def fractional_rank(root: Path) -> Case:
+    folder = _peft(root)
+    path = _edit_config(folder, r=7.5)
+    return Case(folder, BASES / "llama", (str(path), "r must be a positive whole number", "7.5"))
+
+
+def zero_alpha(root: Path) -> Case:
+    folder = _peft(root)
+    path = _edit_config(folder, lora_alpha=0)
+    return Case(folder, BASES / "llama", (str(path), "lora_alpha must be a positive number"))
+
+
+def negative_alpha(root: Path) -> Case:
+    folder = _peft(root)
+    path = _edit_config(folder, lora_alpha=-16)
+    return Case(folder, BASES / "llama", (str(path), "lora_alpha", "-16"))
+
+
+def infinite_alpha(root: Path) -> Case:
+    folder = _peft(root)
+    path = folder / CONFIG
+    path.write_text(path.read_text().replace('"lora_alpha": 16', '"lora_alpha": Infinity'))
+    return Case(folder, BASES / "llama", (str(path), "lora_alpha", "inf"))
+
+
+def kohya_alpha_not_a_scalar(root: Path) -> Case:
+    path = root / "alpha.safetensors"
+    shutil.copyfile(KOHYA, path)
+    name = "lora_te_model_layers_0_self_attn_q_proj"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{name}.alpha"] = torch.tensor([16.0, 16.0])
+
+    _edit_tensors(path, edit)
+    return Case(path, BASES / "llama", (str(path), name, "alpha must hold one number"))
+
+
+# --- adapter values that are wrong ----------------------------------------------------------
+
+
+def nan_in_adapter(root: Path) -> Case:
+    folder = _peft(root)
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{PREFIX}{Q_PROJ}.lora_A.weight"][0, 3] = float("nan")
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(
+        folder, BASES / "llama", (str(folder), Q_PROJ, "lora_A", "NaN or Inf"), nonfinite=True
+    )
+
+
+def inf_in_kohya(root: Path) -> Case:
+    path = root / "inf.safetensors"
+    shutil.copyfile(KOHYA, path)
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["lora_te_model_layers_1_mlp_up_proj.lora_up.weight"][2, 1] = float("-inf")
+
+    _edit_tensors(path, edit)
+    return Case(
+        path, BASES / "llama", (str(path), "up_proj", "lora_B", "NaN or Inf"), nonfinite=True
+    )
+
+
+def another_base(root: Path) -> Case:
+    """q_proj's A is 3 columns wider than the base's hidden size: trained for another base."""
+    folder = _peft(root)
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        key = f"{PREFIX}{Q_PROJ}.lora_A.weight"
+        tensors[key] = torch.cat([tensors[key], torch.zeros(8, 3)], dim=1)
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(
+        folder,
+        BASES / "llama",
+        (str(folder), Q_PROJ, "[64, 64]", "[64, 67]", "another base model"),
+        needs_base=True,
+    )
+
+
+def module_base_lacks(root: Path) -> Case:
+    folder = _peft(root)
+    missing = "model.layers.9.self_attn.q_proj"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{PREFIX}{missing}.{part}.weight"] = tensors[
+                f"{PREFIX}{Q_PROJ}.{part}.weight"
+            ].clone()
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(folder, BASES / "llama", (str(folder), missing, "has no tensor"), needs_base=True)
+
+
+def lora_bias_wrong_length(root: Path) -> Case:
+    folder = _peft(root, "gpt2-lora")
+    module = "transformer.h.0.attn.c_attn"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{PREFIX}{module}.lora_B.bias"] = torch.zeros(5)
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(
+        folder,
+        BASES / "gpt2",
+        (str(folder), module, "LoRA bias is [5]"),
+        needs_base=True,
+        good=ADAPTERS / "gpt2-lora",
+    )
+
+
+def modules_to_save_wrong_shape(root: Path) -> Case:
+    folder = _peft(root, "llama-modules-to-save")
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{PREFIX}lm_head.weight"] = torch.zeros(320, 48)
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(
+        folder,
+        BASES / "llama",
+        (str(folder), "lm_head.weight", "[320, 64]", "[320, 48]"),
+        needs_base=True,
+        good=ADAPTERS / "llama-modules-to-save",
+        # fold takes plain LoRA links only and says so before looking at shapes
+        overrides=(("fold", (str(folder), "only plain LoRA links")),),
+    )
+
+
+# --- bases that are damaged or escape their folder ------------------------------------------
+
+
+def index_missing_shard(root: Path) -> Case:
+    base = _base(root)
+    (base / "model-00002-of-00003.safetensors").unlink()
+    return Case(
+        ADAPTERS / "llama-lora",
+        base,
+        (str(base / INDEX), "model-00002-of-00003.safetensors", "does not exist"),
+        needs_base=True,
+        base_fault=True,
+        good=ADAPTERS / "llama-lora",
+    )
+
+
+def _edit_index(base: Path, shard: str) -> None:
+    path = base / INDEX
+    index = json.loads(path.read_text())
+    old = "model-00002-of-00003.safetensors"
+    index["weight_map"] = {k: (shard if v == old else v) for k, v in index["weight_map"].items()}
+    path.write_text(json.dumps(index))
+
+
+def index_dotdot(root: Path) -> Case:
+    base = _base(root)
+    shutil.copyfile(base / "model-00002-of-00003.safetensors", root / "outside.safetensors")
+    _edit_index(base, "../outside.safetensors")
+    return Case(
+        ADAPTERS / "llama-lora",
+        base,
+        (str(base / INDEX), "leaves the model folder"),
+        needs_base=True,
+        base_fault=True,
+        good=ADAPTERS / "llama-lora",
+    )
+
+
+def index_absolute(root: Path) -> Case:
+    base = _base(root)
+    outside = root / "outside-abs.safetensors"
+    shutil.copyfile(base / "model-00002-of-00003.safetensors", outside)
+    _edit_index(base, str(outside))
+    return Case(
+        ADAPTERS / "llama-lora",
+        base,
+        (str(base / INDEX), "leaves the model folder"),
+        needs_base=True,
+        base_fault=True,
+        good=ADAPTERS / "llama-lora",
+    )
+
+
+def index_symlink_out(root: Path) -> Case:
+    base = _base(root)
+    shard = base / "model-00002-of-00003.safetensors"
+    outside = root / "outside-link.safetensors"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    return Case(
+        ADAPTERS / "llama-lora",
+        base,
+        (str(base / INDEX), "links outside"),
+        needs_base=True,
+        base_fault=True,
+        good=ADAPTERS / "llama-lora",
+    )
+
+
+def base_config_invalid(root: Path) -> Case:
+    base = _base(root, "llama-tied")
+    (base / "config.json").write_text("{'model_type': 'llama'}")
+    return Case(
+        ADAPTERS / "llama-tied-embedding",
+        base,
+        (str(base / "config.json"), "not valid JSON"),
+        needs_base=True,
+        base_fault=True,
+        good=ADAPTERS / "llama-tied-embedding",
+    )
+
+
+def base_shard_truncated(root: Path) -> Case:
+    base = _base(root)
+    shard = base / "model-00003-of-00003.safetensors"
+    _truncate(shard, 7)
+    return Case(
+        ADAPTERS / "llama-lora",
+        base,
+        (str(shard), "truncated"),
+        needs_base=True,
+        base_fault=True,
+        good=ADAPTERS / "llama-lora",
+    )
+
+
+def base_is_a_file(root: Path) -> Case:
+    path = root / "model.safetensors"
+    shutil.copyfile(BASES / "llama-tied" / "model.safetensors", path)
+    return Case(
+        ADAPTERS / "llama-tied-embedding",
+        path,
+        (str(path), "is a file"),
+        needs_base=True,
+        base_fault=True,
+        good=ADAPTERS / "llama-tied-embedding",
+    )
+
+
+BUILDERS: dict[str, Callable[[Path], Case]] = {
+    fn.__name__.replace("_", "-"): fn
+    for fn in (
+        truncated_safetensors,
+        truncated_kohya,
+        corrupt_header,
+        huge_header_length,
+        duplicate_tensor_name,
+        empty_adapter,
+        pickle_runs_code,
+        pickle_calls_eval,
+        unknown_format_folder,
+        unknown_format_file,
+        invalid_json_config,
+        duplicate_config_key,
+        rank_disagrees,
+        rank_pattern_not_a_number,
+        fractional_rank,
+        zero_alpha,
+        negative_alpha,
+        infinite_alpha,
+        kohya_alpha_not_a_scalar,
+        nan_in_adapter,
+        inf_in_kohya,
+        another_base,
+        module_base_lacks,
+        lora_bias_wrong_length,
+        modules_to_save_wrong_shape,
+        index_missing_shard,
+        index_dotdot,
+        index_absolute,
+        index_symlink_out,
+        base_config_invalid,
+        base_shard_truncated,
+        base_is_a_file,
+    )
+}
+
+
+def build(name: str, root: Path) -> Case:
+    """Write case `name` under `root` (an empty scratch folder) and describe it."""
+    root.mkdir(parents=True, exist_ok=True)
+    return BUILDERS[name](root)
