@@ -117,6 +117,14 @@ def user_errors(debug: bool) -> Iterator[None]:
         # plain text, never wrapped: scripts and people both read this one line
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(1) from None
+    except OSError as exc:
+        # the system refusing a path the user gave (name too long, permission, I/O error) is
+        # an answer about the user's files, not a bug in loramerge
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("error: interrupted; nothing was written", err=True)
         raise typer.Exit(130) from None

@@ -181,8 +181,8 @@ def reslora(
         print_engine_report(summary.get("engine", {}), quiet)
         if "check" in summary:
             _print_check(summary["check"])
-        elif conversion.estimator != "exact":
-            note("the is/ms merge is approximate: pass --check-text FILE to measure it", quiet)
+        elif conversion.checkpoint.kind in ("is", "ms") or rank is not None:
+            note("this merge is approximate: pass --check-text FILE to measure it", quiet)
 
 
 def _format(values: dict[str, float]) -> str:

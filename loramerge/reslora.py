@@ -15,20 +15,20 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
-from loramerge.errors import FormatError, OptionError, ShapeMismatchError
+from loramerge.errors import FormatError, LoramergeError, OptionError, ShapeMismatchError
 from loramerge.formats import reslora as reslora_format
 from loramerge.formats.common import read_json
 from loramerge.formats.reslora import ResLoraCheckpoint
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.ops import reslora as rules
-from loramerge.safetensors_io import SafetensorsReader
+from loramerge.safetensors_io import SafetensorsReader, TensorEntry
 
 NORMS = ("weights", "official", "inputs")
 MS_RULES = ("amerge", "scalar")
@@ -93,6 +93,15 @@ def resolve_estimator(kind: str, options: ResLoraOptions) -> str:
             f"--stats gives input norms but --norms is {norms}", hint="drop one of the two"
         )
     if kind in ("bs", "none"):
+        given = [
+            name
+            for name, value in (("--norms", options.norms), ("--stats", options.stats))
+            if value
+        ]
+        if options.ms_rule != "amerge":
+            given.append("--ms-rule")
+        if given:
+            raise OptionError(f"{given[0]} does not apply: {kind} blocks merge exactly")
         return "exact"
     if norms == "official" and kind != "is":
         raise OptionError("--norms official applies to input-shortcut (is) checkpoints only")
@@ -131,6 +140,7 @@ def convert_reslora(
     stats = read_stats(options.stats, checkpoint) if options.stats else None
     config = checkpoint.config
     merged: list[tuple[str, int, Any, rules.PlainBlock]] = []
+    located = base.locate()
     with ExitStack() as stack:
         readers: dict[str, SafetensorsReader] = {}
         for chain in checkpoint.chains:
@@ -144,7 +154,7 @@ def convert_reslora(
 
             def products(official: bool, paths=paths, factors=factors) -> list:
                 return [
-                    base_products(base, readers, stack, path, B, official)
+                    base_products(base, located, readers, stack, path, B, official)
                     for path, (B, _) in zip(paths, factors, strict=True)
                 ]
 
@@ -217,6 +227,7 @@ def _apply_rule(checkpoint, factors, norms, options, stats, paths, products):
 
 def base_products(
     base: BaseModel,
+    located: dict[str, tuple[str, TensorEntry]],
     readers: dict[str, SafetensorsReader],
     stack: ExitStack,
     path: str,
@@ -225,7 +236,7 @@ def base_products(
 ) -> rules.BaseProducts:
     """||W||_F^2, B^T W and (official) W B for the base weight at `path`, read in row tiles."""
     name = f"{path}.weight"
-    shard, entry = base.locate()[name]
+    shard, entry = located[name]
     if shard not in readers:
         readers[shard] = stack.enter_context(SafetensorsReader(base.shard_path(shard)))
     reader = readers[shard]
@@ -400,7 +411,6 @@ class CheckResult:
     loss_plain: float
     loss_difference: float  # plain - reslora
     max_logit_difference: float
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -606,12 +616,17 @@ class ResLoraForward(_Hooks):
     def _reset(self, *_: object) -> None:
         self._seen = {}
 
-    def _previous(self, c: int, n: int) -> torch.Tensor:
+    def _previous(self, c: int, j: int, n: int) -> torch.Tensor:
+        """What block j of chain c left in this forward, for its successor n."""
         try:
-            return self._seen[(c, n)]
+            return self._seen[(c, j)]
         except KeyError:
-            message = f"ResLoRA block {n} of chain {c} did not run before its successor"
-            raise RuntimeError(message) from None
+            blocks = self.checkpoint.chains[c].blocks
+            raise LoramergeError(
+                f"block {blocks[n].path} ran before its previous block {blocks[j].path} in one "
+                "forward pass",
+                hint="this model runs its layers in another order than the checkpoint's chains",
+            ) from None
 
     def _hook(self, c: int, n: int, path: str, factors: list):
         config = self.checkpoint.config
@@ -628,7 +643,7 @@ class ResLoraForward(_Hooks):
                 entry[2] += 1
             if kind == "is":
                 self._seen[(c, n)] = x
-                previous = x if n == 0 else self._previous(c, n - 1)
+                previous = x if n == 0 else self._previous(c, n - 1, n)
                 term = (middle + previous @ A.T) @ B.T
             elif kind == "bs":
                 term = middle @ B.T
@@ -639,7 +654,7 @@ class ResLoraForward(_Hooks):
                 self._seen[(c, n)] = middle
                 total = middle
                 for k in range(1, m + 1):
-                    total = total + self._previous(c, n - k)
+                    total = total + self._previous(c, n - k, n)
                 term = total @ B.T
             else:
                 term = middle @ B.T

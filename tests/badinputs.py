@@ -183,6 +183,13 @@ def pickle_calls_eval(root: Path) -> Case:
     )
 
 
+def adapter_is_a_fifo(root: Path) -> Case:
+    """A named pipe with no writer: opening it plainly would block forever."""
+    path = root / "adapter.safetensors"
+    os.mkfifo(path)
+    return Case(path, BASES / "llama", (str(path), "not a regular file"))
+
+
 def unknown_format_folder(root: Path) -> Case:
     folder = root / "notes"
     folder.mkdir()
@@ -437,6 +444,19 @@ def base_config_invalid(root: Path) -> Case:
     )
 
 
+def base_config_is_a_fifo(root: Path) -> Case:
+    base = _base(root)
+    (base / "config.json").unlink()
+    os.mkfifo(base / "config.json")
+    return Case(
+        ADAPTERS / "llama-lora",
+        base,
+        (str(base / "config.json"), "not a regular file"),
+        needs_base=True,
+        base_fault=True,
+    )
+
+
 def base_shard_truncated(root: Path) -> Case:
     base = _base(root)
     shard = base / "model-00003-of-00003.safetensors"
@@ -475,6 +495,7 @@ BUILDERS: dict[str, Callable[[Path], Case]] = {
         empty_adapter,
         pickle_runs_code,
         pickle_calls_eval,
+        adapter_is_a_fifo,
         unknown_format_folder,
         unknown_format_file,
         invalid_json_config,
@@ -497,6 +518,7 @@ BUILDERS: dict[str, Callable[[Path], Case]] = {
         index_absolute,
         index_symlink_out,
         base_config_invalid,
+        base_config_is_a_fifo,
         base_shard_truncated,
         base_is_a_file,
     )

@@ -61,7 +61,9 @@ def input_hashes(args: list[str]) -> dict[Path, str]:
     inputs, outs = split_paths(args)
     hashes: dict[Path, str] = {}
     for root in inputs:
-        files = [root] if not root.is_dir() else [p for p in root.rglob("*") if p.is_file()]
+        # regular files only: reading a FIFO given as an input would block
+        files = [root] if not root.is_dir() else list(root.rglob("*"))
+        files = [p for p in files if p.is_file()]
         for path in files:
             if "__pycache__" in path.parts or _is_output(path, outs):
                 continue

@@ -323,6 +323,33 @@ def test_layer_zero_input_shortcut_blocks_are_exact(cli, tmp_path, stats_files, 
         torch.testing.assert_close(got[block["module"]], expected, rtol=1e-5, atol=1e-7)
 
 
+def test_norms_without_forming_the_matrix_match_the_dense_norms():
+    from loramerge.ops.reslora import BaseProducts, merged_norm, official_norm
+
+    generator = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 24, generator=generator, dtype=torch.float64)
+    B = torch.randn(24, 6, generator=generator, dtype=torch.float64)
+    A = torch.randn(6, 24, generator=generator, dtype=torch.float64)
+    products = BaseProducts(float((W * W).sum()), B.T @ W, W @ B)
+    for c in (0.0, 0.5, 3.0):
+        dense = torch.linalg.matrix_norm(W + c * B @ A).item()
+        assert merged_norm(products, B, A, c) == pytest.approx(dense, rel=1e-12)
+    dense = torch.linalg.matrix_norm(W + (B @ A).T).item()
+    assert official_norm(products, B, A) == pytest.approx(dense, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kind", "norms", "estimator"), [("is", "official", "official"), ("ms", None, "weights")]
+)
+def test_base_rows_streamed_in_small_tiles_give_the_same_norms(monkeypatch, kind, norms, estimator):
+    import loramerge.reslora as module
+    from loramerge.reslora import ResLoraOptions, convert_reslora
+
+    monkeypatch.setattr(module, "TILE_BYTES", 8 * 64 * 5)  # five rows of a 64-wide weight
+    conversion = convert_reslora(RESLORA / kind, BASE, ResLoraOptions(norms=norms))
+    _assert_deltas(_adapter_deltas(conversion.adapter), _expected(RESLORA / kind, estimator))
+
+
 # ---------------------------------------------------------------- forward, merged model, check
 
 
@@ -552,6 +579,7 @@ def test_missing_lora_b_is_refused(cli, tmp_path):
         ("is", ("--norms", "inputs"), ("--norms inputs needs --stats",)),
         ("bs", ("--rank", "4", "--uniform-rank"), ("exclude each other",)),
         ("bs", ("--dtype", "float32"), ("needs --merge",)),
+        ("bs", ("--norms", "weights"), ("--norms does not apply", "merge exactly")),
         ("is", ("--norms", "sideways"), ("unknown --norms",)),
     ],
 )

@@ -25,6 +25,9 @@ from loramerge.safetensors_io import (
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a config file; repeated keys are refused, not silently resolved."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # a named pipe or a device: reading it could block forever or never end
+        raise FormatError("is not a regular file, expected a JSON file", path=path)
     try:
         data = load_json_strict(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,6 @@ class ResLoraCheckpoint:
     source_path: str
     layout: str  # "official", "trainer" or "safetensors"
     config_path: str = ""
-    notes: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -107,20 +106,6 @@ class ResLoraCheckpoint:
 
     def blocks(self) -> list[tuple[ResLoraChain, int, ResLoraBlock]]:
         return [(chain, n, block) for chain in self.chains for n, block in enumerate(chain.blocks)]
-
-
-def sniff(path: Path) -> bool:
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file():
-            return True
-        config = path / "config.json"
-        if not config.is_file():
-            return False
-        try:
-            return "resconfig" in json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
-            return False
-    return path.suffix in (".bin", ".safetensors") and (path.parent / CONFIG_NAME).is_file()
 
 
 def parse_config(data: Any, where: Path) -> ResLoraConfig:
@@ -133,7 +118,7 @@ def parse_config(data: Any, where: Path) -> ResLoraConfig:
     rank = require_rank(data["rank"], "rank", where)
     res_flag, pre_num = data["res_flag"], data.get("pre_num", 0)
     lora_num = data.get("lora_num", 1)
-    if isinstance(res_flag, bool) or res_flag not in RES_TYPES:
+    if isinstance(res_flag, bool) or not isinstance(res_flag, int) or res_flag not in RES_TYPES:
         known = ", ".join(f"{flag} ({name})" for flag, name in RES_TYPES.items())
         raise FormatError(
             f"unknown res_flag {res_flag!r}; loramerge knows {known}",
@@ -148,7 +133,7 @@ def parse_config(data: Any, where: Path) -> ResLoraConfig:
     return ResLoraConfig(
         rank=rank,
         lora_alpha=require_positive(data["lora_alpha"], "lora_alpha", where),
-        res_flag=int(res_flag),
+        res_flag=res_flag,
         pre_num=pre_num,
         lora_num=lora_num,
         target_modules=str(data.get("target_modules", "")),
@@ -193,8 +178,8 @@ def read(path: str | Path) -> ResLoraCheckpoint:
         if METADATA_KEY in metadata:
             try:
                 data = json.loads(metadata[METADATA_KEY])
-            except json.JSONDecodeError as exc:
-                message = f"metadata {METADATA_KEY} is not JSON ({exc})"
+            except (ValueError, RecursionError) as exc:
+                message = f"metadata {METADATA_KEY} is not JSON ({type(exc).__name__})"
                 raise FormatError(message, path=path) from None
             config, config_path = parse_config(data, path), path
         elif config_path.is_file():
