@@ -109,7 +109,7 @@ def reslora(
         from loramerge.formats.registry import write_adapter
         from loramerge.merge import dtype_code_of, merge_adapter
         from loramerge.reslora import ResLoraOptions, convert_reslora
-        from loramerge.reslora import check_text as run_check
+        from loramerge.reslora_forward import check_text as run_check
 
         if dtype is not None and not merge:
             raise OptionError("--dtype sets the merged model's dtype; it needs --merge")
@@ -245,7 +245,7 @@ def reslora_stats(
     """
     with user_errors(debug):
         from loramerge.atomic import atomic_output, check_output_target
-        from loramerge.reslora import collect_stats, stats_json
+        from loramerge.reslora_forward import collect_stats, stats_json
 
         inputs = [checkpoint, text] + ([Path(base)] if Path(base).exists() else [])
         check_output_target(out, inputs, force)

@@ -4,10 +4,12 @@ a byte of its inputs or print a traceback for a user error."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 from helpers import FIXTURES, tree_hashes
+from hypothesis import settings
 
 OUT_OPTIONS = ("-o", "--out")
 
@@ -99,3 +101,10 @@ def cli():
         return result
 
     return run
+
+
+# Hypothesis draws the same examples on every run (derandomize) so that CI cannot fail on an
+# example nobody has seen; HYPOTHESIS_PROFILE=explore searches afresh.
+settings.register_profile("loramerge", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "loramerge"))

@@ -185,9 +185,12 @@ def test_other_ranks_out_of_range(cli, tmp_path, args):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("where", ["adapter", "base", "out"])
-@pytest.mark.parametrize("command", ["merge", "inspect", "convert"])
-def test_paths_the_system_refuses(cli, tmp_path, where, command):
+@pytest.mark.parametrize(
+    ("command", "where"),
+    [(c, w) for c in ("merge", "inspect", "convert") for w in ("adapter", "base", "out")
+     if (c, w) != ("inspect", "out")],
+)  # fmt: skip
+def test_paths_the_system_refuses(cli, tmp_path, command, where):
     """A path the OS cannot take (a 300-character name) is one error line, not a traceback."""
     too_long = tmp_path / ("x" * 300)
     paths = {"adapter": ADAPTERS / "llama-lora", "base": BASES / "llama", "out": tmp_path / "o"}
@@ -199,8 +202,6 @@ def test_paths_the_system_refuses(cli, tmp_path, where, command):
     else:
         args = ["convert", paths["adapter"], "--to", "peft", "-o", paths["out"]]
         args += ["--base", paths["base"]]
-    if str(too_long) not in map(str, args):
-        pytest.skip(f"{command} takes no {where}")
     result = cli(*args)
     assert result.exit_code == 1, result.output
     assert_one_error_line(result.output, (str(too_long), "File name too long"))

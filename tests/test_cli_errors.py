@@ -127,3 +127,14 @@ def test_debug_shows_traceback(cli, tmp_path):
     )
     assert result.exit_code != 0
     assert result.exception is not None
+
+
+@pytest.mark.parametrize(
+    ("folder", "command"), [("reslora/bs", "loramerge reslora"), ("cola", "loramerge fold")]
+)
+def test_variant_checkpoints_point_to_their_command(cli, tmp_path, folder, command):
+    from helpers import FIXTURES
+
+    out = tmp_path / "out"
+    result = cli("merge", FIXTURES / folder, "--base", BASES / "llama", "-o", out)
+    _assert_user_error(result, out, command)

@@ -56,11 +56,15 @@ def read_json(path: Path) -> dict[str, Any]:
 def lazy_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
     """Every tensor of a safetensors file as a LazyTensor, plus the file's metadata."""
     header = read_header(path)
+    # one reader, opened on first use and shared: re-validating the header for every tensor
+    # costs O(tensors^2) on adapters with thousands of tensors
+    shared: list[SafetensorsReader] = []
 
     def loader(name: str):
         def load() -> torch.Tensor:
-            with SafetensorsReader(path) as reader:
-                return reader.read(name)
+            if not shared:
+                shared.append(SafetensorsReader(path))
+            return shared[0].read(name)
 
         return load
 

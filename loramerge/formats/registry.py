@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,23 @@ def output_format(name: str) -> OutputFormat:
     raise OptionError(f"unknown output format {name!r}; choose one of {names}")
 
 
+def _has_resconfig(config: Path) -> bool:
+    try:
+        return config.is_file() and "resconfig" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def describe_path(path: Path) -> str:
     """A short account of what a path holds, for messages when no format claims it."""
     if not path.exists():
         return "nothing exists at this path"
     if path.is_dir():
         names = sorted(p.name for p in path.iterdir())
+        if "reslora_config.json" in names or _has_resconfig(path / "config.json"):
+            return "a ResLoRA checkpoint: convert it with `loramerge reslora`"
+        if "cola_chain.json" in names:
+            return "a COLA chain: fold it with `loramerge fold`"
         if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
             return "a folder with config.json and weights: a base model, not an adapter"
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")

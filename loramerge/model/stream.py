@@ -234,8 +234,8 @@ def merged_tiles(
     def merged(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         base_rows = sources.rows(plan, start, stop)
         update = update_rows(lora_b, lora_a, scale, kind, start, stop, row_shape)
-        # in place: float32(base) + update, the same sum as base.float() + update, one buffer
-        return base_rows, update.add_(base_rows)
+        # float32(base) + update; converting first is much faster than a mixed-dtype add_
+        return base_rows, update.add_(base_rows.to(torch.float32))
 
     magnitude = module.magnitude.float().reshape(-1) if module.magnitude is not None else None
     norms = None
@@ -279,4 +279,6 @@ def _count_changed(after: torch.Tensor, before: torch.Tensor) -> int:
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(after.element_size())
     if bits is None:
         return int(torch.count_nonzero(after != before))
-    return int(torch.count_nonzero(after.contiguous().view(bits) != before.contiguous().view(bits)))
+    # xor is zero exactly where the bits agree, and half the cost of != plus a bool count
+    difference = torch.bitwise_xor(after.contiguous().view(bits), before.contiguous().view(bits))
+    return int(torch.count_nonzero(difference))

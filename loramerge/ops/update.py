@@ -29,11 +29,16 @@ def update_rows(
     The product is formed as (B @ A) then scaled, PEFT's order of operations.
     """
     if kind in TRANSPOSED:
-        return (lora_b @ lora_a[:, start:stop]).mul_(scale).T
-    rows = (lora_b[start:stop] @ lora_a).mul_(scale)
+        return _scaled(lora_b @ lora_a[:, start:stop], scale).T
+    rows = _scaled(lora_b[start:stop] @ lora_a, scale)
     if row_shape:
         rows = rows.reshape(stop - start, *row_shape)
     return rows
+
+
+def _scaled(product: torch.Tensor, scale: float) -> torch.Tensor:
+    # x * 1.0 == x bit for bit, so a unit scale skips a pass over the tile
+    return product if scale == 1.0 else product.mul_(scale)
 
 
 def output_norms_squared(merged_rows: torch.Tensor, kind: ModuleKind) -> torch.Tensor:
