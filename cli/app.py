@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from loramerge_cli import process  # noqa: F401 - process-wide settings, before torch loads
 from loramerge_cli.convert import convert
 from loramerge_cli.fold import fold
 from loramerge_cli.inspect import inspect

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
 import stat
 import struct
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,6 +368,27 @@ def encode_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> 
     return struct.pack("<Q", len(raw)) + raw
 
 
+_WRITEBACK_STEP = 64 << 20
+
+
+def _libc_sync_file_range():
+    """Linux's sync_file_range, or None: starts writeback without waiting for it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
 class StreamingWriter:
     """Writes a safetensors file header-first, then each tensor's bytes in order.
 
@@ -379,6 +402,7 @@ class StreamingWriter:
         self._written = 0
         self._file = open(path, "xb")  # noqa: SIM115 - closed in close()
         self._file.write(encode_header(tensors, metadata))
+        self._unflushed = 0
 
     def __enter__(self) -> StreamingWriter:
         return self
@@ -399,6 +423,7 @@ class StreamingWriter:
         self._check_room(count)
         self._file.write(data)
         self._written += count
+        self._start_writeback()
         return count
 
     def write_tensor(self, tensor: torch.Tensor) -> int:
@@ -429,7 +454,18 @@ class StreamingWriter:
         # copy_file_range and os.write move the fd position; keep the buffered file in step
         self._file.seek(0, os.SEEK_END)
         self._written += length
+        self._start_writeback()
         return length
+
+    def _start_writeback(self) -> None:
+        """Hand finished bytes to the disk as they accumulate, so that the fsync at close only
+        waits for the tail instead of the whole file (and dirty pages do not pile up)."""
+        if _SYNC_FILE_RANGE is None or self._written - self._unflushed < _WRITEBACK_STEP:
+            return
+        self._file.flush()
+        # offset 0, length 0: every dirty page of the file; pages already under way are skipped
+        _SYNC_FILE_RANGE(self._file.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
+        self._unflushed = self._written
 
     def _check_room(self, count: int) -> None:
         if self._written + count > self._expected:
