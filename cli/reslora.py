@@ -94,8 +94,7 @@ def reslora(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Turn a ResLoRA CHECKPOINT into a standard PEFT LoRA on BASE, or with --merge into a
-    fully merged model folder.
+    """Turn a ResLoRA CHECKPOINT into a plain PEFT LoRA on BASE (or a merged model, --merge).
 
     bs (block shortcut) merges exactly; is and ms use the estimators of docs/reslora.md.
 
@@ -237,8 +236,10 @@ def reslora_stats(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Run the ResLoRA forward (residual paths kept) on calibration text and record each
-    block's mean input norm and mean middle-vector norm, for `reslora --stats`.
+    """Record each ResLoRA block's mean input and middle-vector norms on calibration text.
+
+    Runs the ResLoRA forward with the residual paths kept, as trained; `reslora --stats` reads
+    the file.
 
     Example: loramerge reslora-stats fixtures/reslora/ms -b fixtures/bases/llama
     --text fixtures/text/train.txt -o ms-stats.json

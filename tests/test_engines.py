@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ADAPTERS, BASES, peft_logits, token_ids
+from helpers import assert_one_error as _one_error
 from safetensors import safe_open
 
 PREFIX = "base_model.model."
 TGI_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VLLM_CHOICES = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
-
-
-def _one_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def _written(folder: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:

@@ -8,18 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ADAPTERS, BASES, FIXTURES
+from helpers import assert_one_error as _one_error
 
 KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"
 TEXT = FIXTURES / "text" / "eval.txt"
 TARGET = "model.layers.1.self_attn.v_proj"
-
-
-def _one_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def _copy(tmp_path: Path, name: str, change=None) -> Path:
