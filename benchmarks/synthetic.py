@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge.safetensors_io import OutputTensor, StreamingWriter, save_tensors
+from loramerge.safetensors_writer import OutputTensor, StreamingWriter, save_tensors
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

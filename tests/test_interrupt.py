@@ -19,7 +19,8 @@ from helpers import ADAPTERS, BASES, FIXTURES, tree_hashes
 
 from loramerge import atomic
 from loramerge.errors import FormatError, OutputError
-from loramerge.safetensors_io import StreamingWriter, read_header
+from loramerge.safetensors_io import read_header
+from loramerge.safetensors_writer import StreamingWriter
 
 KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"
 MERGE = ("merge", ADAPTERS / "llama-lora", "--base", BASES / "llama")
@@ -32,11 +33,11 @@ PAUSING_CLI = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
 
-    from loramerge import safetensors_io
+    from loramerge import safetensors_writer
 
     signal_file = Path(os.environ["PAUSE_SIGNAL"])
     where = os.environ["PAUSE_AT"]
-    writer = safetensors_io.StreamingWriter
+    writer = safetensors_writer.StreamingWriter
     closed = []
     original_close, original_write = writer.close, writer.write
 

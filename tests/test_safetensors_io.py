@@ -17,8 +17,8 @@ from loramerge.safetensors_io import (
     SafetensorsReader,
     parse_header,
     read_header,
-    save_tensors,
 )
+from loramerge.safetensors_writer import save_tensors
 
 
 def _raw_file(path, header: dict, data: bytes = b"", pad: bool = True):

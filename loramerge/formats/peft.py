@@ -12,7 +12,7 @@ from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
 from loramerge.errors import FormatError
 from loramerge.formats.common import lazy_weights, read_json, require_positive, require_rank
-from loramerge.safetensors_io import save_tensors
+from loramerge.safetensors_writer import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -17,12 +17,8 @@ from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
 from loramerge.ops.update import TRANSPOSED, dora_rescale, output_norms_squared, update_rows
-from loramerge.safetensors_io import (
-    OutputTensor,
-    SafetensorsReader,
-    StreamingWriter,
-    torch_dtype,
-)
+from loramerge.safetensors_io import SafetensorsReader, torch_dtype
+from loramerge.safetensors_writer import OutputTensor, StreamingWriter
 
 TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
 MIN_TILE_ROWS = 8
