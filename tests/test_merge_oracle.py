@@ -94,9 +94,7 @@ def test_bf16_merge_rounds_once(cli, tmp_path, adapter, base):
         )
 
 
-@pytest.mark.parametrize(
-    ("adapter", "base"), MERGE_CASES[:1] + MERGE_CASES[4:5], ids=["untied", "tied"]
-)
+@pytest.mark.parametrize(("adapter", "base"), MERGE_CASES, ids=CASE_IDS)
 def test_merge_is_deterministic_and_keeps_layout(cli, tmp_path, adapter, base):
     first = _merge(cli, adapter, base, tmp_path / "a")
     second = _merge(cli, adapter, base, tmp_path / "b")
