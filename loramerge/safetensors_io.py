@@ -287,9 +287,10 @@ class SafetensorsReader:
     def absolute_offset(self, entry: TensorEntry) -> int:
         return self.header.data_start + entry.begin
 
-    def read_bytes(self, offset: int, length: int) -> bytearray:
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+    def read_bytes(self, offset: int, length: int) -> torch.Tensor:
+        """`length` bytes at `offset` as a uint8 tensor (allocated without zero-filling)."""
+        buffer = torch.empty(length, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if length else memoryview(bytearray())
         done = 0
         while done < length:
             if hasattr(os, "preadv"):
@@ -318,8 +319,9 @@ class SafetensorsReader:
         return bytes_to_tensor(self.read_bytes(offset, length), entry.dtype, tuple(shape))
 
 
-def bytes_to_tensor(buffer: bytearray, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+def bytes_to_tensor(buffer: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Reinterpret raw little-endian bytes (a uint8 tensor) as a tensor of `code` and `shape`."""
     dtype = torch_dtype(code)
-    if len(buffer) == 0:
+    if buffer.numel() == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return buffer.view(dtype).reshape(shape)

@@ -128,13 +128,13 @@ def test_row_ranges_outside_a_tensor_are_refused(tmp_path):
 class RecordingReader(SafetensorsReader):
     """A reader that checks every byte range it reads lies inside the file."""
 
-    def read_bytes(self, offset: int, length: int) -> bytearray:
+    def read_bytes(self, offset: int, length: int) -> torch.Tensor:
         size = os.fstat(self.fd).st_size
         assert offset >= 0 and offset + length <= size, (offset, length, size)
         data = super().read_bytes(offset, length)
         with open(self.path, "rb") as handle:
             handle.seek(offset)
-            assert bytes(data) == handle.read(length)
+            assert data.numpy().tobytes() == handle.read(length)
         return data
 
 
