@@ -15,10 +15,15 @@ from loramerge.model.names import (
     output_embedding_name,
     resolve_tensor_name,
 )
+from loramerge.model.shapes import (
+    check_bias,
+    check_full_copy,
+    check_shape,
+    square_kind,
+    weight_kind,
+)
 from loramerge.safetensors_io import FLOAT_CODES, TensorEntry, itemsize
 
-# Architectures whose linear layers are transformers' Conv1D (weights stored in x out).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
 
@@ -90,42 +95,6 @@ class MergePlan:
         return counts
 
 
-def _weight_kind(module: LoraModule, shape: tuple[int, ...], path_hint: str) -> ModuleKind | None:
-    """LINEAR or CONV1D from the base shape; None when a square shape leaves it open."""
-    out_features, in_features = module.lora_B.shape[0], module.lora_A.shape[1]
-    if len(shape) != 2 or {shape[0], shape[1]} != {out_features, in_features}:
-        raise ShapeMismatchError(
-            f"the base tensor is {list(shape)} but the adapter's update is "
-            f"[{out_features}, {in_features}] "
-            f"(B {list(module.lora_B.shape)}, A {list(module.lora_A.shape)})",
-            path=path_hint,
-            module=module.path,
-            hint="this adapter was trained for another base model",
-        )
-    if out_features == in_features:
-        return None
-    return ModuleKind.LINEAR if shape == (out_features, in_features) else ModuleKind.CONV1D
-
-
-def _check_shape(module: LoraModule, shape: tuple[int, ...], path_hint: str) -> None:
-    a, b = module.lora_A.shape, module.lora_B.shape
-    if module.kind is ModuleKind.EMBEDDING:
-        expected: tuple[int, ...] = (a[1], b[0])
-    else:  # conv2d
-        expected = (b[0], a[1], *a[2:])
-        if tuple(b[2:]) != (1, 1):
-            raise ShapeMismatchError(
-                f"conv lora_B must be 1x1, got {list(b)}", path=path_hint, module=module.path
-            )
-    if shape != expected:
-        raise ShapeMismatchError(
-            f"the base tensor is {list(shape)} but the adapter's update is {list(expected)}",
-            path=path_hint,
-            module=module.path,
-            hint="this adapter was trained for another base model",
-        )
-
-
 def plan_merge(
     base_tensors: Sequence[tuple[str, TensorEntry]],
     config: Mapping[str, Any],
@@ -170,7 +139,7 @@ def plan_merge(
     replacements = {resolve(k, "modules_to_save tensor"): k for k in adapter.modules_to_save}
     for found, carried in ((tables, adapter.base_tables), (replacements, adapter.modules_to_save)):
         for name, key in found.items():
-            _check_full_copy(name, shapes[name], tuple(carried[key].shape), where, key)
+            check_full_copy(name, shapes[name], tuple(carried[key].shape), where, key)
 
     targets: dict[str, ModuleTarget] = {}
     open_square: list[tuple[LoraModule, str, tuple[int, ...]]] = []
@@ -187,23 +156,23 @@ def plan_merge(
         bias = None
         if module.bias is not None:
             bias = resolve(module.path + ".bias", "LoRA bias", module.path)
-            _check_bias(module, shapes[bias], where)
+            check_bias(module, shapes[bias], where)
         if module.kind in (ModuleKind.LINEAR, ModuleKind.CONV1D):
-            kind = _weight_kind(module, shape, where or "")
+            kind = weight_kind(module, shape, where or "")
             if kind is None:
                 open_square.append((module, tensor, shape))
                 continue
             votes.add(kind)
         else:
             kind = module.kind
-            _check_shape(module, shape, where or "")
+            check_shape(module, shape, where or "")
         targets[module.path] = ModuleTarget(module.path, tensor, kind, shape, bias)
-    square_kind = _square_kind(votes, config, [m for m, _, _ in open_square])
+    square = square_kind(votes, config, [m for m, _, _ in open_square])
     for module, tensor, shape in open_square:
         bias = resolve(module.path + ".bias", "LoRA bias") if module.bias is not None else None
         if bias is not None:
-            _check_bias(module, shapes[bias], where)
-        targets[module.path] = ModuleTarget(module.path, tensor, square_kind, shape, bias)
+            check_bias(module, shapes[bias], where)
+        targets[module.path] = ModuleTarget(module.path, tensor, square, shape, bias)
     for target in targets.values():
         module = adapter.modules[target.module]
         if module.magnitude is not None and math.prod(module.magnitude.shape) != _out_features(
@@ -288,48 +257,10 @@ def plan_merge(
     return MergePlan(tuple(shard_plans), ordered_targets, updates, untie)
 
 
-def _check_bias(module: LoraModule, base_shape: tuple[int, ...], where: str | None) -> None:
-    out_features = (module.lora_B.shape[0],)
-    if base_shape != out_features or tuple(module.bias.shape) != out_features:
-        raise ShapeMismatchError(
-            f"base bias is {list(base_shape)}, LoRA bias is {list(module.bias.shape)}, "
-            f"the layer has {out_features[0]} outputs",
-            path=where,
-            module=module.path,
-        )
-
-
-def _check_full_copy(
-    name: str, base: tuple[int, ...], full: tuple[int, ...], where: str | None, key: str
-) -> None:
-    """A full tensor the adapter carries may add rows (tokens added in training), no more."""
-    if len(full) != len(base) or full[1:] != base[1:]:
-        raise ShapeMismatchError(
-            f"the base tensor {name} is {list(base)} but the adapter's copy is {list(full)}",
-            path=where,
-            module=key,
-            hint="this adapter was trained for another base model",
-        )
-
-
 def _out_features(target: ModuleTarget) -> int:
     if target.kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING):
         return target.shape[1]
     return target.shape[0]
-
-
-def _square_kind(
-    votes: set[ModuleKind], config: Mapping[str, Any], modules: list[LoraModule]
-) -> ModuleKind:
-    """Square weights cannot show their layout: follow the model's other modules, then its
-    architecture, then the adapter's fan_in_fan_out claim."""
-    if len(votes) == 1:
-        return next(iter(votes))
-    if config.get("model_type") in CONV1D_MODEL_TYPES:
-        return ModuleKind.CONV1D
-    if config.get("model_type"):
-        return ModuleKind.LINEAR
-    return ModuleKind.CONV1D if any(m.fan_in_fan_out for m in modules) else ModuleKind.LINEAR
 
 
 def reshard(tensors: list[TensorPlan], max_bytes: int, single_file_name: str) -> list[ShardPlan]:
