@@ -13,11 +13,11 @@ from loramerge.convert import rename_to_base
 from loramerge.errors import FormatError, LoramergeError, OptionError
 from loramerge.formats.chain import Chain, ChainLink, in_link, read_chain
 from loramerge.formats.registry import ReadOptions, write_adapter
-from loramerge.merge import ERASED_SHARE, MergeResult, dtype_code_of, merge_adapter
+from loramerge.merge import MergeResult, dtype_code_of, merge_adapter
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
 from loramerge.model.plan import Action, plan_merge
-from loramerge.model.stream import Progress
+from loramerge.model.stream import ERASED_SHARE, Progress
 from loramerge.ops.fold import (
     FoldedAdapter,
     chain_update_norm,

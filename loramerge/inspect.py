@@ -13,12 +13,10 @@ from loramerge.adapter import Adapter
 from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, plan_merge
-from loramerge.model.stream import Sources, merged_tiles
+from loramerge.model.stream import ERASED_SHARE, Sources, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.truncate import RankSize, dylora_rank_profile
 from loramerge.safetensors_io import dtype_code, torch_dtype
-
-ERASED_SHARE = 0.5
 
 
 @dataclass
@@ -110,7 +108,7 @@ def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: Adapte
                 squares, changed, elements = 0.0, 0, 0
                 for base_rows, values in merged_tiles(tensor, sources, adapter):
                     squares += float(base_rows.to(torch.float64).square().sum())
-                    changed += int((values.to(out_dtype) != base_rows.to(out_dtype)).sum())
+                    changed += count_changed(values.to(out_dtype), base_rows.to(out_dtype))
                     elements += values.numel()
                 entry.base_tensor = tensor.name
                 entry.base_dtype = tensor.dtype

@@ -12,10 +12,8 @@ from loramerge.atomic import atomic_output, check_output_target
 from loramerge.errors import OptionError, OutputError
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import DTYPE_CODES, MergePlan, plan_merge
-from loramerge.model.stream import ModuleStats, Progress, stream_plan
+from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
 from loramerge.safetensors_io import read_header
-
-ERASED_SHARE = 0.5  # warn when rounding keeps fewer than this share of an update's elements
 
 
 @dataclass

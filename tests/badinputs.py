@@ -386,18 +386,23 @@ def _edit_index(base: Path, shard: str) -> None:
     path.write_text(json.dumps(index))
 
 
-def index_dotdot(root: Path) -> Case:
-    base = _base(root)
-    shutil.copyfile(base / "model-00002-of-00003.safetensors", root / "outside.safetensors")
-    _edit_index(base, "../outside.safetensors")
+def _index_escape(base: Path, message: str) -> Case:
+    """A good adapter on a base whose index points a shard outside the folder."""
     return Case(
         ADAPTERS / "llama-lora",
         base,
-        (str(base / INDEX), "leaves the model folder"),
+        (str(base / INDEX), message),
         needs_base=True,
         base_fault=True,
         good=ADAPTERS / "llama-lora",
     )
+
+
+def index_dotdot(root: Path) -> Case:
+    base = _base(root)
+    shutil.copyfile(base / "model-00002-of-00003.safetensors", root / "outside.safetensors")
+    _edit_index(base, "../outside.safetensors")
+    return _index_escape(base, "leaves the model folder")
 
 
 def index_absolute(root: Path) -> Case:
@@ -405,14 +410,7 @@ def index_absolute(root: Path) -> Case:
     outside = root / "outside-abs.safetensors"
     shutil.copyfile(base / "model-00002-of-00003.safetensors", outside)
     _edit_index(base, str(outside))
-    return Case(
-        ADAPTERS / "llama-lora",
-        base,
-        (str(base / INDEX), "leaves the model folder"),
-        needs_base=True,
-        base_fault=True,
-        good=ADAPTERS / "llama-lora",
-    )
+    return _index_escape(base, "leaves the model folder")
 
 
 def index_symlink_out(root: Path) -> Case:
@@ -421,14 +419,7 @@ def index_symlink_out(root: Path) -> Case:
     outside = root / "outside-link.safetensors"
     shutil.move(shard, outside)
     shard.symlink_to(outside)
-    return Case(
-        ADAPTERS / "llama-lora",
-        base,
-        (str(base / INDEX), "links outside"),
-        needs_base=True,
-        base_fault=True,
-        good=ADAPTERS / "llama-lora",
-    )
+    return _index_escape(base, "links outside")
 
 
 def base_config_invalid(root: Path) -> Case:

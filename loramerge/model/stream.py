@@ -23,6 +23,8 @@ from loramerge.safetensors_writer import OutputTensor, StreamingWriter
 
 TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
 MIN_TILE_ROWS = 8
+# rounding that keeps fewer than this share of an update's elements changed gets a warning
+ERASED_SHARE = 0.5
 Progress = Callable[[int, int], None]
 
 
@@ -287,11 +289,11 @@ def _write_merge(
         rounded = values.to(out_dtype)
         before = base_rows if base_rows.dtype == out_dtype else base_rows.to(out_dtype)
         stats.elements += rounded.numel()
-        stats.changed += _count_changed(rounded, before)
+        stats.changed += count_changed(rounded, before)
         output.call(writer.write_tensor, rounded)
 
 
-def _count_changed(after: torch.Tensor, before: torch.Tensor) -> int:
+def count_changed(after: torch.Tensor, before: torch.Tensor) -> int:
     """Elements whose stored bits differ (compared as integers: cheaper than float compares)."""
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(after.element_size())
     if bits is None:
