@@ -10,6 +10,8 @@ import sys
 # reader and writer threads need the same cores that burns a third of the CPU time. Set before
 # torch is imported (commands import it lazily); a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's OpenBLAS starts a spinning thread per core; we only use numpy for elementwise work
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _keep_freed_memory() -> None:

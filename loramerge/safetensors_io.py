@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from loramerge.direct_io import Allocate, DirectRangeReader, aligned_empty
 from loramerge.errors import FormatError
 
 MAX_HEADER_BYTES = 100_000_000
@@ -246,8 +247,12 @@ class SafetensorsReader:
     lies inside the byte ranges that were checked against the file's size.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, *, direct: bool = False, allocate: Allocate | None = None
+    ) -> None:
         self.path = Path(path)
+        self._direct: DirectRangeReader | None = None
+        self._allocate = allocate
         self._fd = _open_readonly(self.path)
         try:
             self.header = _header_from_fd(self._fd, self.path)
@@ -259,6 +264,9 @@ class SafetensorsReader:
                     f"cannot be read ({exc.strerror or exc})", path=self.path
                 ) from None
             raise
+        if direct:
+            # reads large ranges from the disk straight into memory when the file is not cached
+            self._direct = DirectRangeReader(self._fd, allocate or aligned_empty)
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -267,6 +275,9 @@ class SafetensorsReader:
         self.close()
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -289,7 +300,14 @@ class SafetensorsReader:
 
     def read_bytes(self, offset: int, length: int) -> torch.Tensor:
         """`length` bytes at `offset` as a uint8 tensor (allocated without zero-filling)."""
-        buffer = torch.empty(length, dtype=torch.uint8)
+        if self._direct is not None:
+            found = self._direct.read(offset, length)
+            if found is not None:
+                return found
+        if self._allocate is not None:
+            buffer = self._allocate(length)
+        else:
+            buffer = torch.empty(length, dtype=torch.uint8)
         view = memoryview(buffer.numpy()) if length else memoryview(bytearray())
         done = 0
         while done < length:
@@ -324,4 +342,6 @@ def bytes_to_tensor(buffer: torch.Tensor, code: str, shape: tuple[int, ...]) -> 
     dtype = torch_dtype(code)
     if buffer.numel() == 0:
         return torch.empty(shape, dtype=dtype)
+    if buffer.storage_offset() % dtype.itemsize:
+        buffer = buffer.clone()  # a view of an unaligned tensor inside a larger read
     return buffer.view(dtype).reshape(shape)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from loramerge.direct_append import BlockAppender
+from loramerge.direct_io import try_set_direct
 from loramerge.errors import FormatError
 from loramerge.safetensors_io import dtype_code, itemsize
 
@@ -83,17 +85,37 @@ _SYNC_FILE_RANGE_WRITE = 2
 class StreamingWriter:
     """Writes a safetensors file header-first, then each tensor's bytes in order.
 
-    The caller feeds bytes with `write` or `copy_range`; `close` checks that every tensor got
-    exactly its size, then flushes and fsyncs.
+    The caller feeds bytes with `write`, `write_tensor` or `copy_range`; `close` checks that every
+    tensor got exactly its size, then flushes and fsyncs. With `direct`, the file is written with
+    O_DIRECT through an aligned staging buffer (see direct_io); `copy_range` is then refused,
+    since a kernel-side copy would go through the page cache the direct writes bypass.
     """
 
-    def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tensors: list[OutputTensor],
+        metadata: dict[str, str],
+        *,
+        direct: bool = False,
+    ) -> None:
         self.path = path
         self._expected = sum(t.nbytes for t in tensors)
         self._written = 0
-        self._file = open(path, "xb")  # noqa: SIM115 - closed in close()
-        self._file.write(encode_header(tensors, metadata))
         self._unflushed = 0
+        self._appender: BlockAppender | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o644)
+        if direct and try_set_direct(fd):
+            self._appender = BlockAppender(fd)
+            self._file = os.fdopen(fd, "wb", buffering=0)
+        else:
+            self._file = os.fdopen(fd, "wb")
+        self._emit(encode_header(tensors, metadata))
+
+    @property
+    def direct(self) -> bool:
+        return self._appender is not None
 
     def __enter__(self) -> StreamingWriter:
         return self
@@ -109,19 +131,51 @@ class StreamingWriter:
     def bytes_written(self) -> int:
         return self._written
 
+    def _emit(self, data: bytes | bytearray | memoryview) -> None:
+        if self._appender is not None:
+            self._appender.append(data)
+        else:
+            self._file.write(data)
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         count = len(data) if not isinstance(data, memoryview) else data.nbytes
         self._check_room(count)
-        self._file.write(data)
+        self._emit(data)
         self._written += count
         self._start_writeback()
         return count
 
     def write_tensor(self, tensor: torch.Tensor) -> int:
-        return self.write(tensor_bytes(tensor))
+        if self._appender is None:
+            return self.write(tensor_bytes(tensor))
+        count = tensor.numel() * tensor.element_size()
+        self._check_room(count)
+        self._appender.append_tensor(tensor)
+        self._written += count
+        return count
+
+    def write_rounded(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Write `values` converted to `dtype` (rounded once, row-major); returns the flat
+        converted tensor as written, which is only valid until the next write."""
+        count = values.numel() * dtype.itemsize
+        self._check_room(count)
+        target = self._appender.reserve(count, dtype.itemsize) if self._appender else None
+        if target is None:
+            rounded = values.to(dtype).reshape(-1)
+            self.write_tensor(rounded)
+            return rounded
+        # converted straight into the staging buffer: no separate rounded copy to move
+        converted = target.view(dtype)
+        converted.view(values.shape).copy_(values)
+        assert self._appender is not None
+        self._appender.commit(count)
+        self._written += count
+        return converted
 
     def copy_range(self, source_fd: int, offset: int, length: int) -> int:
         """Copy bytes from another file unchanged, kernel-side where the OS allows it."""
+        if self._appender is not None:
+            raise RuntimeError("copy_range on a direct writer: write the bytes instead")
         self._check_room(length)
         self._file.flush()
         out_fd = self._file.fileno()
@@ -151,7 +205,9 @@ class StreamingWriter:
     def _start_writeback(self) -> None:
         """Hand finished bytes to the disk as they accumulate, so that the fsync at close only
         waits for the tail instead of the whole file (and dirty pages do not pile up)."""
-        if _SYNC_FILE_RANGE is None or self._written - self._unflushed < _WRITEBACK_STEP:
+        if self._appender is not None or _SYNC_FILE_RANGE is None:
+            return
+        if self._written - self._unflushed < _WRITEBACK_STEP:
             return
         self._file.flush()
         # offset 0, length 0: every dirty page of the file; pages already under way are skipped
@@ -168,6 +224,8 @@ class StreamingWriter:
 
     def abandon(self) -> None:
         """Close without the completeness check (after a failure elsewhere); no-op once closed."""
+        if self._appender is not None:
+            self._appender.close()
         if not self._file.closed:
             # flushing after a full disk fails again; the first error is the one to report
             with contextlib.suppress(OSError):
@@ -177,11 +235,13 @@ class StreamingWriter:
         if self._file.closed:
             return
         if self._written != self._expected:
-            self._file.close()
+            self.abandon()
             raise RuntimeError(
                 f"writer for {self.path} got {self._written} bytes, "
                 f"the header promised {self._expected}"
             )
+        if self._appender is not None:
+            self._appender.finish()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -1,4 +1,5 @@
-"""The pipelined, tiled merge writes exactly the bytes of the plain sequential one."""
+"""The pipelined, tiled, direct-I/O merge writes exactly the bytes of the plain sequential one
+(buffered I/O, kernel-side copies, one step at a time)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 from helpers import ADAPTERS, BASES, MERGE_CASES, tree_hashes
 
 
-def _stream(adapter_name, base_name, out, pipelined):
+def _stream(adapter_name, base_name, out, pipelined, direct=True):
     from loramerge.atomic import atomic_output
     from loramerge.formats.registry import read_adapter
     from loramerge.merge import write_folder_files
@@ -18,22 +19,34 @@ def _stream(adapter_name, base_name, out, pipelined):
     base = open_base(BASES / base_name)
     plan = plan_merge(base.tensors(), base.config, adapter)
     with atomic_output(out) as temp:
-        stream_plan(plan, base, adapter, temp, pipelined=pipelined)
+        stream_plan(plan, base, adapter, temp, pipelined=pipelined, direct=direct)
         write_folder_files(base, plan, temp)
     return tree_hashes(out)
 
 
 @pytest.mark.parametrize(("adapter", "base"), MERGE_CASES, ids=[a for a, _ in MERGE_CASES])
 def test_pipelined_equals_sequential(tmp_path, monkeypatch, adapter, base):
-    from loramerge.model import stream
+    from loramerge import direct_io, safetensors_writer
+    from loramerge.direct_append import BlockAppender
+    from loramerge.model import sources
 
-    sequential = _stream(adapter, base, tmp_path / "sequential", pipelined=False)
+    def one_block_appender(fd: int) -> BlockAppender:
+        return BlockAppender(fd, capacity=direct_io.BLOCK)
+
+    if not direct_io.direct_writes_work(tmp_path):
+        pytest.skip(f"{tmp_path} takes no O_DIRECT writes: the fast path cannot be compared")
+    sequential = _stream(adapter, base, tmp_path / "sequential", pipelined=False, direct=False)
     pipelined = _stream(adapter, base, tmp_path / "pipelined", pipelined=True)
     assert pipelined == sequential
-    # tiles of a few rows each: tiling must not change a single bit either
-    monkeypatch.setattr(stream, "TILE_BYTES", 4 * 64 * 3)
-    tiny_tiles = _stream(adapter, base, tmp_path / "tiny-tiles", pipelined=True)
-    assert tiny_tiles == sequential
+    # tiles of a few rows each, direct reads of every range, a one-block staging buffer:
+    # none of it may change a single bit
+    monkeypatch.setattr(sources, "TILE_BYTES", 4 * 64 * 3)
+    monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
+    monkeypatch.setattr(direct_io, "CACHED_SHARE", 2.0)
+    monkeypatch.setattr(safetensors_writer, "BlockAppender", one_block_appender)
+    tiny = _stream(adapter, base, tmp_path / "tiny-tiles", pipelined=True)
+    assert tiny == sequential
+    assert _stream(adapter, base, tmp_path / "buffered", pipelined=True, direct=False) == sequential
 
 
 def test_merge_command_output_equals_sequential_path(cli, tmp_path):

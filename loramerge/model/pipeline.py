@@ -1,68 +1,64 @@
 """Background reading and writing for the merge executor, so that I/O overlaps the arithmetic.
 
 Both helpers keep at most `depth` items in flight, which bounds the memory they add. Torch
-and the file syscalls release the GIL, so a reader thread, the computing thread (torch uses
-every core) and a writer thread run at once.
+and the file syscalls release the GIL, so reader threads, the computing thread and a writer
+thread run at once.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-
-import torch
 
 _DONE = object()
 
 
 class Prefetcher:
-    """Reads a known sequence of tensors ahead of their use, in order.
+    """Reads a known sequence of tiles ahead of their use, delivered in order.
 
     `schedule` lists the keys in the order `take` will ask for them; `read(key)` loads one.
+    `readers` reads run at once (a disk serves two outstanding requests faster than one), and
+    at most `depth` tiles are read ahead, which bounds the memory they hold.
     """
 
     def __init__(
-        self, schedule: Sequence[Hashable], read: Callable[[Any], torch.Tensor], depth: int = 2
+        self,
+        schedule: Sequence[Hashable],
+        read: Callable[[Any], Any],
+        depth: int = 3,
+        readers: int = 2,
     ) -> None:
         self._schedule = list(schedule)
+        self._read = read
+        self._depth = depth
         self._position = 0
-        self._items: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(read,), daemon=True)
-        self._thread.start()
+        self._submitted = 0
+        self._pending: deque[Future] = deque()
+        self._pool = ThreadPoolExecutor(readers, thread_name_prefix="loramerge-read")
+        self._fill()
 
-    def _run(self, read: Callable[[Any], torch.Tensor]) -> None:
-        for key in self._schedule:
-            if self._stop.is_set():
-                return
-            try:
-                item: Any = (key, read(key), None)
-            except BaseException as exc:
-                item = (key, None, exc)
-            while not self._stop.is_set():
-                try:
-                    self._items.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth and self._submitted < len(self._schedule):
+            key = self._schedule[self._submitted]
+            self._pending.append(self._pool.submit(self._read, key))
+            self._submitted += 1
 
-    def take(self, key: Hashable) -> torch.Tensor:
+    def take(self, key: Hashable) -> Any:
         if self._position >= len(self._schedule) or self._schedule[self._position] != key:
             raise RuntimeError(f"read {key!r} out of the planned order")
         self._position += 1
-        found, value, error = self._items.get()
-        if error is not None:
-            raise error
-        assert found == key and value is not None
-        return value
+        found = self._pending.popleft()
+        self._fill()
+        return found.result()
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        for pending in self._pending:
+            pending.cancel()
+        self._pool.shutdown(wait=True)
 
 
 class AsyncWriter:

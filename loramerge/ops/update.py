@@ -6,11 +6,21 @@ Layouts (rules.md section 1): LINEAR and CONV2D tensors have one row per output;
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from loramerge.adapter import ModuleKind
 
 TRANSPOSED = frozenset({ModuleKind.CONV1D, ModuleKind.EMBEDDING})
+
+
+Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 def update_rows(
@@ -21,19 +31,64 @@ def update_rows(
     start: int,
     stop: int,
     row_shape: tuple[int, ...] = (),
+    empty: Empty = _empty,
 ) -> torch.Tensor:
     """Rows start:stop of s * B @ A in the stored layout, float32.
 
     `lora_b` is (out x r) and `lora_a` (r x in) as float32 matrices (conv2d factors flattened);
-    `row_shape` is the shape of one stored row for conv2d, e.g. (in, kh, kw).
-    The product is formed as (B @ A) then scaled, PEFT's order of operations.
+    `row_shape` is the shape of one stored row for conv2d, e.g. (in, kh, kw); `empty` makes
+    the product's tensor. The product is formed as (B @ A) then scaled, PEFT's order of
+    operations.
     """
     if kind in TRANSPOSED:
-        return _scaled(lora_b @ lora_a[:, start:stop], scale).T
-    rows = _scaled(lora_b[start:stop] @ lora_a, scale)
+        columns = lora_a[:, start:stop]
+        product = empty((lora_b.shape[0], stop - start), torch.float32)
+        return _scaled(torch.mm(lora_b, columns, out=product), scale).T
+    product = empty((stop - start, lora_a.shape[1]), torch.float32)
+    rows = _scaled(torch.mm(lora_b[start:stop], lora_a, out=product), scale)
     if row_shape:
         rows = rows.reshape(stop - start, *row_shape)
     return rows
+
+
+def prescaled_factors(
+    lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B, A', s') with B @ A' * s' equal to (B @ A) * s bit for bit, saving the pass that
+    scales every product element where that can be guaranteed: s a power of two >= 1 is moved
+    into A (A' = s * A, s' = 1).
+
+    Why it is exact: multiplying by 2^k is exact, and every product and partial sum of B @ A'
+    is 2^k times the one of B @ A, so each rounding rounds the same significand, unless a value
+    overflows or falls below the normal range (where rounding steps stop scaling). Every exact
+    partial sum is a multiple of Q = 2^(eB + eA - 46), eB and eA the smallest exponents among
+    the nonzero entries; if Q >= 2^-149, any such value in the subnormal range is representable,
+    so no rounding happens there. The overflow bound is checked on the largest possible sum.
+    """
+    if scale == 1.0 or not _power_of_two_at_least_one(scale):
+        return lora_b, lora_a, scale
+    smallest_b, smallest_a = _smallest_exponent(lora_b), _smallest_exponent(lora_a)
+    if smallest_b is None or smallest_a is None:
+        return lora_b, lora_a, scale  # a zero factor: nothing to save
+    largest = float(lora_b.abs().max()) * float(lora_a.abs().max()) * lora_a.shape[0] * scale
+    normal = min(smallest_b, smallest_a) >= -126
+    if not normal or smallest_b + smallest_a - 46 < -149 or not largest < 2.0**126:
+        return lora_b, lora_a, scale
+    return lora_b, lora_a * scale, 1.0
+
+
+def _power_of_two_at_least_one(value: float) -> bool:
+    mantissa, exponent = math.frexp(value)
+    return mantissa == 0.5 and exponent >= 1
+
+
+def _smallest_exponent(tensor: torch.Tensor) -> int | None:
+    """floor(log2 |x|) of the smallest nonzero |x|, or None when all are zero."""
+    magnitudes = tensor.abs()
+    nonzero = magnitudes[magnitudes > 0]
+    if nonzero.numel() == 0:
+        return None
+    return math.frexp(float(nonzero.min()))[1] - 1
 
 
 def _scaled(product: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""Where the merge executor's input rows come from: the base shards, read in row tiles in a
+planned order (ahead of use when a prefetcher is attached), and the adapter's own tables."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from contextlib import ExitStack
+
+import torch
+
+from loramerge.adapter import Adapter
+from loramerge.buffers import BufferPool
+from loramerge.model.folder import BaseModel
+from loramerge.model.pipeline import Prefetcher
+from loramerge.model.plan import Action, MergePlan, TensorPlan
+from loramerge.ops.update import TRANSPOSED
+from loramerge.safetensors_io import SafetensorsReader
+
+TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
+MIN_TILE_ROWS = 8
+
+# (tensor name, first row, end row, whether a float32 copy is wanted too)
+ReadKey = tuple[str, int, int, bool]
+# a tile as read, and its float32 copy when one was asked for
+Rows = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _tile_rows(shape: tuple[int, ...]) -> int:
+    row_elements = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return max(1, TILE_BYTES // (4 * max(1, row_elements)))
+
+
+def tiles(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Row ranges of about TILE_BYTES of float32 each, never fewer than MIN_TILE_ROWS rows.
+
+    Tiles are balanced (no 1-row remainder) because BLAS switches to a matrix-vector kernel for
+    a single row, whose float32 sums can differ in the last bit from the matrix product's.
+    """
+    rows = shape[0] if shape else 1
+    count = max(1, rows // max(MIN_TILE_ROWS, _tile_rows(shape)))
+    bounds = [rows * i // count for i in range(count + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def read_schedule(plan: MergePlan, adapter: Adapter, copies_read: bool = False) -> list[ReadKey]:
+    """Every base row range the executor will read, in the order it reads them; with
+    `copies_read`, untouched tensors are read too instead of copied kernel-side."""
+    skipped = (Action.REPLACE,) if copies_read else (Action.COPY, Action.REPLACE)
+    schedule: list[ReadKey] = []
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            if tensor.adapter_tensor is not None or tensor.action in skipped:
+                continue
+            source = tensor.source or tensor.name
+            if tensor.action is Action.BIAS:
+                schedule.append((source, 0, tensor.shape[0], False))
+                continue
+            merged = tensor.action is Action.MERGE
+            passes = 1
+            if merged and tensor.kind in TRANSPOSED:
+                passes += adapter.modules[tensor.module or ""].magnitude is not None
+            for _ in range(passes):
+                schedule.extend((source, a, b, merged) for a, b in tiles(tensor.shape))
+    return schedule
+
+
+class Sources:
+    """Open readers of the base shards, and the adapter's full tensors.
+
+    With `direct`, shards are read with direct I/O where possible and untouched tensors are
+    meant to be read and written like the others instead of copied kernel-side. Tiles live in
+    `pool` buffers: whoever is done with a tile may give them back.
+    """
+
+    def __init__(
+        self, base: BaseModel, adapter: Adapter, stack: ExitStack, direct: bool = False
+    ) -> None:
+        self._locate = base.locate()
+        self._direct = direct
+        self._readers: dict[str, SafetensorsReader] = {}
+        self._base = base
+        self._adapter = adapter
+        self._stack = stack
+        self._lock = threading.Lock()
+        self.pool = BufferPool()
+        self.prefetcher: Prefetcher | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self._direct
+
+    def reader(self, name: str) -> tuple[SafetensorsReader, str]:
+        shard, _ = self._locate[name]
+        with self._lock:
+            if shard not in self._readers:
+                self._readers[shard] = self._stack.enter_context(
+                    SafetensorsReader(
+                        self._base.shard_path(shard), direct=self._direct, allocate=self.pool.take
+                    )
+                )
+            return self._readers[shard], name
+
+    def read(self, key: ReadKey) -> Rows:
+        """One tile, widened to float32 here when asked (on the prefetcher's thread)."""
+        name, start, stop, widen = key
+        reader, name = self.reader(name)
+        stored = reader.read(name, (start, stop))
+        return stored, self._widen(stored) if widen else None
+
+    def _widen(self, stored: torch.Tensor) -> torch.Tensor:
+        return self.pool.take_like(stored.shape, torch.float32).copy_(stored)
+
+    def rows(self, plan: TensorPlan, start: int, stop: int) -> torch.Tensor:
+        """Rows of the value the plan starts from: an adapter table or the base tensor."""
+        return self._rows(plan, start, stop, False)[0]
+
+    def rows_and_float32(
+        self, plan: TensorPlan, start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows as stored and a float32 copy that the caller may modify in place."""
+        stored, wide = self._rows(plan, start, stop, True)
+        return stored, wide if wide is not None else self._widen(stored)
+
+    def _rows(self, plan: TensorPlan, start: int, stop: int, widen: bool) -> Rows:
+        if plan.adapter_tensor is not None:
+            tables = self._adapter.base_tables
+            full = tables.get(plan.adapter_tensor)
+            if full is None:
+                full = self._adapter.modules_to_save[plan.adapter_tensor]
+            return full.load()[start:stop], None
+        key = (plan.source or plan.name, start, stop, widen)
+        if self.prefetcher is not None:
+            return self.prefetcher.take(key)
+        return self.read(key)
+
+    def give(self, *tensors: torch.Tensor) -> None:
+        """Tiles the caller is done with: their buffers may hold the next ones."""
+        for tensor in tensors:
+            self.pool.give(tensor)
