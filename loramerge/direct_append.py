@@ -19,7 +19,7 @@ class BlockAppender:
     written through the page cache by `finish`.
     """
 
-    def __init__(self, fd: int, capacity: int = 8 << 20) -> None:
+    def __init__(self, fd: int, capacity: int = 16 << 20) -> None:
         if capacity % BLOCK or capacity < BLOCK:
             raise ValueError(f"capacity must be a positive multiple of {BLOCK}")
         self._fd = fd
@@ -109,5 +109,6 @@ class BlockAppender:
 
     def close(self) -> None:
         """Stop the background writer (after a failure: pending writes are waited for, their
-        errors dropped, since the caller is already reporting one)."""
+        errors dropped, since the caller is already reporting one) and free the buffers."""
         self._disk.shutdown(wait=True)
+        self._buffers.clear()

@@ -13,7 +13,8 @@ from loramerge.adapter import Adapter
 from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, plan_merge
-from loramerge.model.stream import ERASED_SHARE, Sources, count_changed, merged_tiles
+from loramerge.model.sources import Sources, tile_buffer_bytes
+from loramerge.model.stream import ERASED_SHARE, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.truncate import RankSize, dylora_rank_profile
 from loramerge.safetensors_io import dtype_code, torch_dtype
@@ -97,7 +98,7 @@ def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: Adapte
     plan = plan_merge(base.tensors(), base.config, adapter)
     by_path = {m.path: m for m in report.modules}
     with ExitStack() as stack:
-        sources = Sources(base, adapter, stack)
+        sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base))
         for shard in plan.shards:
             for tensor in shard.tensors:
                 if tensor.action is not Action.MERGE:
@@ -110,6 +111,7 @@ def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: Adapte
                     squares += float(base_rows.to(torch.float64).square().sum())
                     changed += count_changed(values.to(out_dtype), base_rows.to(out_dtype))
                     elements += values.numel()
+                    sources.give(base_rows, values)
                 entry.base_tensor = tensor.name
                 entry.base_dtype = tensor.dtype
                 entry.base_norm = squares**0.5

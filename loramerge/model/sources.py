@@ -12,11 +12,12 @@ import torch
 
 from loramerge.adapter import Adapter
 from loramerge.buffers import BufferPool
+from loramerge.direct_io import BLOCK
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
 from loramerge.ops.update import TRANSPOSED
-from loramerge.safetensors_io import SafetensorsReader
+from loramerge.safetensors_io import SafetensorsReader, itemsize
 
 TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
 MIN_TILE_ROWS = 8
@@ -42,6 +43,23 @@ def tiles(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     count = max(1, rows // max(MIN_TILE_ROWS, _tile_rows(shape)))
     bounds = [rows * i // count for i in range(count + 1)]
     return list(itertools.pairwise(bounds))
+
+
+def tile_buffer_bytes(plan: MergePlan, base: BaseModel) -> tuple[int, int]:
+    """The largest buffers one tile of the plan needs: (its rows as stored, plus the block
+    padding of a direct read; their float32 copy)."""
+    located = base.locate()
+    stored_bytes = widened_bytes = BLOCK
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            row_elements = math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1
+            source = located.get(tensor.source or tensor.name)
+            stored = itemsize(source[1].dtype if source else tensor.dtype)
+            for start, stop in tiles(tensor.shape):
+                elements = (stop - start) * row_elements
+                stored_bytes = max(stored_bytes, elements * stored + 2 * BLOCK)
+                widened_bytes = max(widened_bytes, elements * 4)
+    return stored_bytes, widened_bytes
 
 
 def read_schedule(plan: MergePlan, adapter: Adapter, copies_read: bool = False) -> list[ReadKey]:
@@ -75,7 +93,12 @@ class Sources:
     """
 
     def __init__(
-        self, base: BaseModel, adapter: Adapter, stack: ExitStack, direct: bool = False
+        self,
+        base: BaseModel,
+        adapter: Adapter,
+        stack: ExitStack,
+        buffer_bytes: tuple[int, int],
+        direct: bool = False,
     ) -> None:
         self._locate = base.locate()
         self._direct = direct
@@ -84,7 +107,7 @@ class Sources:
         self._adapter = adapter
         self._stack = stack
         self._lock = threading.Lock()
-        self.pool = BufferPool()
+        self.pool = BufferPool(*buffer_bytes)
         self.prefetcher: Prefetcher | None = None
 
     @property

@@ -17,7 +17,7 @@ from loramerge.direct_io import direct_writes_work
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
-from loramerge.model.sources import Sources, read_schedule, tiles
+from loramerge.model.sources import Sources, read_schedule, tile_buffer_bytes, tiles
 from loramerge.ops.update import (
     TRANSPOSED,
     dora_rescale,
@@ -130,7 +130,7 @@ def _stream(
     metadata: dict[str, str],
 ) -> None:
     with ExitStack() as stack:
-        sources = Sources(base, adapter, stack, direct)
+        sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base), direct)
         if pipelined:
             schedule = read_schedule(plan, adapter, copies_read=direct)
             sources.prefetcher = Prefetcher(schedule, sources.read)
@@ -170,9 +170,10 @@ def _write_tensor(
             output.call(_write_rows, writer, sources, rows, out_dtype)
     elif plan.action is Action.BIAS:
         module = adapter.modules[plan.module or ""]
-        base_bias = sources.rows(plan, 0, plan.shape[0]).to(torch.float32)
+        stored = sources.rows(plan, 0, plan.shape[0])
         assert module.bias is not None
-        merged = base_bias + module.bias.float() * module.scale
+        merged = stored.to(torch.float32) + module.bias.float() * module.scale
+        sources.give(stored)  # only now: `to` returns the very tensor when it is float32
         output.call(writer.write_tensor, merged.to(out_dtype))
     else:
         _write_merge(plan, writer, output, sources, adapter, result)
@@ -221,11 +222,13 @@ def merged_tiles(
     for start, stop in tiles(plan.shape):
         base_rows, values = merged(start, stop)
         if magnitude is not None:
-            if norms is not None:
-                values = dora_rescale(values, magnitude, norms, kind)
-            else:
+            if norms is None:
                 tile_norms = output_norms_squared(values, kind).sqrt()
-                values = dora_rescale(values, magnitude[start:stop], tile_norms, kind)
+                rescaled = dora_rescale(values, magnitude[start:stop], tile_norms, kind)
+            else:
+                rescaled = dora_rescale(values, magnitude, norms, kind)
+            sources.give(values)
+            values = rescaled
         yield base_rows, values
 
 
