@@ -13,22 +13,23 @@ from loramerge.direct_io import BLOCK, aligned_empty, as_memoryview, set_direct,
 class BlockAppender:
     """Appends bytes at the end of what it has written so far (from offset 0).
 
-    Two staging buffers of `capacity` bytes alternate: one is being written to the disk while
-    the other fills. Callers either copy bytes in (`append`, `append_tensor`) or produce them in
-    place (`reserve`, then `commit`), which saves a pass over the data. The last partial block is
+    Staging buffers of `capacity` bytes take turns: up to `in_flight` of them are being written
+    to the disk (a disk serves two outstanding writes faster than one) while the next fills.
+    Callers either copy bytes in (`append`, `append_tensor`) or produce them in place
+    (`reserve`, then `commit`), which saves a pass over the data. The last partial block is
     written through the page cache by `finish`.
     """
 
-    def __init__(self, fd: int, capacity: int = 16 << 20) -> None:
+    def __init__(self, fd: int, capacity: int = 16 << 20, in_flight: int = 2) -> None:
         if capacity % BLOCK or capacity < BLOCK:
             raise ValueError(f"capacity must be a positive multiple of {BLOCK}")
         self._fd = fd
-        self._buffers = [aligned_empty(capacity), aligned_empty(capacity)]
-        self._pending: list[Future | None] = [None, None]
+        self._buffers = [aligned_empty(capacity) for _ in range(in_flight + 1)]
+        self._pending: list[Future | None] = [None] * len(self._buffers)
         self._current = 0
         self._fill = 0
         self._position = 0  # file offset of the current buffer's first byte, block-aligned
-        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-write")
+        self._disk = ThreadPoolExecutor(in_flight, thread_name_prefix="loramerge-write")
 
     @property
     def _staging(self) -> torch.Tensor:
@@ -81,7 +82,7 @@ class BlockAppender:
         self._pending[self._current] = self._disk.submit(
             write_all, self._fd, as_memoryview(full)[:whole], position
         )
-        self._current ^= 1
+        self._current = (self._current + 1) % len(self._buffers)
         self._wait(self._current)  # the buffer about to be filled must be on disk already
         tail = self._fill - whole
         self._staging[:tail].copy_(full[whole : self._fill])
@@ -97,7 +98,7 @@ class BlockAppender:
         """Write everything still staged and wait until it is written."""
         try:
             self._hand_over()
-            for index in (0, 1):
+            for index in range(len(self._buffers)):
                 self._wait(index)
             if self._fill:
                 set_direct(self._fd, False)
