@@ -27,7 +27,7 @@ from loramerge.ops.fold import (
     update_norm,
     weighted,
 )
-from loramerge.safetensors_io import torch_dtype
+from loramerge.safetensors_header import torch_dtype
 from loramerge.validate import check_adapter
 
 ROUNDINGS = ("once", "per-link")

@@ -17,7 +17,7 @@ from loramerge.model.sources import Sources, tile_buffer_bytes
 from loramerge.model.stream import ERASED_SHARE, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.truncate import RankSize, dylora_rank_profile
-from loramerge.safetensors_io import dtype_code, torch_dtype
+from loramerge.safetensors_header import dtype_code, torch_dtype
 
 
 @dataclass

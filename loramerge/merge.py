@@ -13,7 +13,7 @@ from loramerge.errors import OptionError, OutputError
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import DTYPE_CODES, MergePlan, plan_merge
 from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
-from loramerge.safetensors_io import read_header
+from loramerge.safetensors_header import read_header
 
 
 @dataclass

@@ -23,7 +23,8 @@ from loramerge.formats.common import read_json
 from loramerge.formats.reslora import ResLoraCheckpoint
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.ops import reslora as rules
-from loramerge.safetensors_io import SafetensorsReader, TensorEntry
+from loramerge.safetensors_header import TensorEntry
+from loramerge.safetensors_io import SafetensorsReader
 
 NORMS = ("weights", "official", "inputs")
 MS_RULES = ("amerge", "scalar")

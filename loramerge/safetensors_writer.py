@@ -18,7 +18,7 @@ import torch
 from loramerge.direct_append import BlockAppender
 from loramerge.direct_io import try_set_direct
 from loramerge.errors import FormatError
-from loramerge.safetensors_io import dtype_code, itemsize
+from loramerge.safetensors_header import dtype_code, itemsize
 
 _COPY_CHUNK = 16 << 20
 

@@ -20,7 +20,7 @@ from helpers import ADAPTERS, BASES, FIXTURES, tree_hashes
 from loramerge import atomic, direct_append, direct_io, safetensors_writer
 from loramerge.errors import FormatError, OutputError
 from loramerge.model import stream
-from loramerge.safetensors_io import read_header
+from loramerge.safetensors_header import read_header
 from loramerge.safetensors_writer import StreamingWriter
 
 KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"

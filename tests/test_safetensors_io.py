@@ -13,11 +13,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from loramerge.errors import LoramergeError
-from loramerge.safetensors_io import (
-    SafetensorsReader,
-    parse_header,
-    read_header,
-)
+from loramerge.safetensors_header import parse_header, read_header
+from loramerge.safetensors_io import SafetensorsReader
 from loramerge.safetensors_writer import save_tensors
 
 

@@ -23,11 +23,8 @@ from safetensors.torch import load_file, save_file
 from loramerge.errors import FormatError, LoramergeError
 from loramerge.formats.common import load_pickle_weights, read_json
 from loramerge.model.folder import open_base
-from loramerge.safetensors_io import (
-    DTYPES,
-    SafetensorsReader,
-    read_header,
-)
+from loramerge.safetensors_header import DTYPES, read_header
+from loramerge.safetensors_io import SafetensorsReader
 
 PACKAGE_DIRS = [ROOT / "loramerge", ROOT / "cli"]
 KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"

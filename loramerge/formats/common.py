@@ -14,13 +14,13 @@ import torch
 
 from loramerge.adapter import LazyTensor
 from loramerge.errors import FormatError
-from loramerge.safetensors_io import (
+from loramerge.safetensors_header import (
     DuplicateKeyError,
-    SafetensorsReader,
     load_json_strict,
     read_header,
     torch_dtype,
 )
+from loramerge.safetensors_io import SafetensorsReader
 
 
 def read_json(path: Path) -> dict[str, Any]:

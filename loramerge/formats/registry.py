@@ -11,7 +11,7 @@ from loramerge.adapter import Adapter
 from loramerge.atomic import atomic_output, check_output_target
 from loramerge.errors import OptionError, UnknownFormatError
 from loramerge.formats import dylora, gguf, kohya, peft
-from loramerge.safetensors_io import read_header
+from loramerge.safetensors_header import read_header
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from loramerge.errors import FormatError, LoramergeError
 from loramerge.formats.common import read_json
-from loramerge.safetensors_io import SafetensorsHeader, TensorEntry, read_header
+from loramerge.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -22,7 +22,7 @@ from loramerge.model.shapes import (
     square_kind,
     weight_kind,
 )
-from loramerge.safetensors_io import FLOAT_CODES, TensorEntry, itemsize
+from loramerge.safetensors_header import FLOAT_CODES, TensorEntry, itemsize
 
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}

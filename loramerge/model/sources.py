@@ -17,7 +17,8 @@ from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
 from loramerge.ops.update import TRANSPOSED
-from loramerge.safetensors_io import SafetensorsReader, itemsize
+from loramerge.safetensors_header import itemsize
+from loramerge.safetensors_io import SafetensorsReader
 
 TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
 MIN_TILE_ROWS = 8

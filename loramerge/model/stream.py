@@ -25,7 +25,7 @@ from loramerge.ops.update import (
     prescaled_factors,
     update_rows,
 )
-from loramerge.safetensors_io import torch_dtype
+from loramerge.safetensors_header import torch_dtype
 from loramerge.safetensors_writer import OutputTensor, StreamingWriter
 
 # rounding that keeps fewer than this share of an update's elements changed gets a warning
