@@ -11,59 +11,24 @@ from loramerge.adapter import Adapter
 from loramerge.atomic import TEMP_MARK, check_output_target, remove_path
 from loramerge.convert import rename_to_base
 from loramerge.errors import FormatError, LoramergeError, OptionError
+from loramerge.fold_report import LinkReport, base_model_warnings, knot_warnings, link_reports
 from loramerge.formats.chain import Chain, ChainLink, in_link, read_chain
 from loramerge.formats.registry import ReadOptions, write_adapter
 from loramerge.merge import MergeResult, dtype_code_of, merge_adapter
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
 from loramerge.model.plan import Action, plan_merge
-from loramerge.model.stream import ERASED_SHARE, Progress
+from loramerge.model.stream import Progress
 from loramerge.ops.fold import (
     FoldedAdapter,
-    chain_update_norm,
     check_compatible,
     fold_chain,
-    total_norm,
-    update_norm,
     weighted,
 )
 from loramerge.safetensors_header import torch_dtype
 from loramerge.validate import check_adapter
 
 ROUNDINGS = ("once", "per-link")
-
-
-@dataclass
-class LinkModule:
-    """One module of one link: its rank, effective scale (weight included) and update size."""
-
-    rank: int
-    scale: float
-    norm: float  # ||w s B A||_F
-    changed_share: float | None = None  # per-link rounding: share of elements the knot changed
-    elements: int = 0
-
-
-@dataclass
-class LinkReport:
-    index: int
-    path: Path
-    weight: float
-    base_model: str | None
-    modules: dict[str, LinkModule]
-
-    @property
-    def norm(self) -> float:
-        return total_norm([m.norm for m in self.modules.values()])
-
-    @property
-    def changed_share(self) -> float | None:
-        """Share of the link's updated elements that survived its own rounding (per-link)."""
-        counted = [m for m in self.modules.values() if m.changed_share is not None]
-        elements = sum(m.elements for m in counted)
-        if not counted or not elements:
-            return None
-        return sum(m.changed_share * m.elements for m in counted) / elements
 
 
 @dataclass
@@ -100,7 +65,7 @@ def load_chain(
             raise in_link(exc, link.index) from exc
     # without a base this is the only shape check; with one it cannot fail after the plans
     check_compatible([(link.adapter, link.weight) for link in chain.links])
-    return chain, _base_model_warnings(chain)
+    return chain, base_model_warnings(chain)
 
 
 def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> Adapter:
@@ -143,36 +108,6 @@ def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> 
     # the merge planner's own checks: every module's shape against its base tensor
     plan_merge(base.tensors(), base.config, adapter)
     return adapter
-
-
-def _base_model_warnings(chain: Chain) -> list[str]:
-    named = [(link.index, link.adapter.base_model) for link in chain.links]
-    distinct = sorted({name for _, name in named if name})
-    if len(distinct) < 2:
-        return []
-    listed = ", ".join(f"link {index}: {name or 'none'}" for index, name in named)
-    return [f"the links name different base models ({listed}); a COLA chain shares one base"]
-
-
-def link_reports(chain: Chain) -> tuple[list[LinkReport], dict[str, float]]:
-    """Per link and module the update size, and per module the size of the chain's sum."""
-    reports = []
-    for link in chain.links:
-        modules = {
-            path: LinkModule(module.r, module.scale * link.weight, update_norm(module, link.weight))
-            for path, module in link.adapter.modules.items()
-        }
-        reports.append(
-            LinkReport(link.index, link.path, link.weight, link.adapter.base_model, modules)
-        )
-    paths = sorted({p for link in chain.links for p in link.adapter.modules})
-    chain_norms = {
-        path: chain_update_norm(
-            [(c.adapter.modules[path], c.weight) for c in chain.links if path in c.adapter.modules]
-        )
-        for path in paths
-    }
-    return reports, chain_norms
 
 
 def fold_to_model(
@@ -221,7 +156,7 @@ def fold_to_model(
         )
         merged = steps[-1]
         result.counts = _chain_counts(steps)
-        result.warnings += _knot_warnings(result.links, dtype)
+        result.warnings += knot_warnings(result.links, dtype)
     result.merge = merged
     result.bytes_written = merged.bytes_written
     return result
@@ -288,25 +223,6 @@ def _chain_counts(steps: list[MergeResult]) -> dict[str, int]:
     counts[Action.CAST.value] = len(touched[Action.CAST.value] - changed)
     counts[Action.COPY.value] = total - sum(counts.values())
     return counts
-
-
-def _knot_warnings(reports: list[LinkReport], dtype: str | None) -> list[str]:
-    """One warning per link whose knot erased most of the update in some modules."""
-    warnings = []
-    for report in reports:
-        erased = [
-            m.changed_share
-            for m in report.modules.values()
-            if m.changed_share is not None and m.elements and m.changed_share < ERASED_SHARE
-        ]
-        if erased:
-            warnings.append(
-                f"link {report.index}: rounding its knot to {dtype or 'the base dtype'} left "
-                f"only {min(erased):.0%}-{max(erased):.0%} of the update's elements changed in "
-                f"{len(erased)} of {len(report.modules)} modules; the default --rounding once "
-                "(or --dtype float32) keeps them"
-            )
-    return warnings
 
 
 def _step_progress(progress: Progress | None, step: int, total: int) -> Progress | None:

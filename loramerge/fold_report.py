@@ -1,0 +1,93 @@
+"""What a COLA fold reports per link: each link's update size per module, the chain's sum, and
+warnings about links that do not fit together or whose rounding erased their update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge.formats.chain import Chain
+from loramerge.model.stream import ERASED_SHARE
+from loramerge.ops.fold import chain_update_norm, total_norm, update_norm
+
+
+@dataclass
+class LinkModule:
+    """One module of one link: its rank, effective scale (weight included) and update size."""
+
+    rank: int
+    scale: float
+    norm: float  # ||w s B A||_F
+    changed_share: float | None = None  # per-link rounding: share of elements the knot changed
+    elements: int = 0
+
+
+@dataclass
+class LinkReport:
+    index: int
+    path: Path
+    weight: float
+    base_model: str | None
+    modules: dict[str, LinkModule]
+
+    @property
+    def norm(self) -> float:
+        return total_norm([m.norm for m in self.modules.values()])
+
+    @property
+    def changed_share(self) -> float | None:
+        """Share of the link's updated elements that survived its own rounding (per-link)."""
+        counted = [m for m in self.modules.values() if m.changed_share is not None]
+        elements = sum(m.elements for m in counted)
+        if not counted or not elements:
+            return None
+        return sum(m.changed_share * m.elements for m in counted) / elements
+
+
+def base_model_warnings(chain: Chain) -> list[str]:
+    named = [(link.index, link.adapter.base_model) for link in chain.links]
+    distinct = sorted({name for _, name in named if name})
+    if len(distinct) < 2:
+        return []
+    listed = ", ".join(f"link {index}: {name or 'none'}" for index, name in named)
+    return [f"the links name different base models ({listed}); a COLA chain shares one base"]
+
+
+def link_reports(chain: Chain) -> tuple[list[LinkReport], dict[str, float]]:
+    """Per link and module the update size, and per module the size of the chain's sum."""
+    reports = []
+    for link in chain.links:
+        modules = {
+            path: LinkModule(module.r, module.scale * link.weight, update_norm(module, link.weight))
+            for path, module in link.adapter.modules.items()
+        }
+        reports.append(
+            LinkReport(link.index, link.path, link.weight, link.adapter.base_model, modules)
+        )
+    paths = sorted({p for link in chain.links for p in link.adapter.modules})
+    chain_norms = {
+        path: chain_update_norm(
+            [(c.adapter.modules[path], c.weight) for c in chain.links if path in c.adapter.modules]
+        )
+        for path in paths
+    }
+    return reports, chain_norms
+
+
+def knot_warnings(reports: list[LinkReport], dtype: str | None) -> list[str]:
+    """One warning per link whose knot erased most of the update in some modules."""
+    warnings = []
+    for report in reports:
+        erased = [
+            m.changed_share
+            for m in report.modules.values()
+            if m.changed_share is not None and m.elements and m.changed_share < ERASED_SHARE
+        ]
+        if erased:
+            warnings.append(
+                f"link {report.index}: rounding its knot to {dtype or 'the base dtype'} left "
+                f"only {min(erased):.0%}-{max(erased):.0%} of the update's elements changed in "
+                f"{len(erased)} of {len(report.modules)} modules; the default --rounding once "
+                "(or --dtype float32) keeps them"
+            )
+    return warnings
