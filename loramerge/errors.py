@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -37,6 +39,20 @@ class LoramergeError(Exception):
         if self.hint:
             text += f" ({self.hint})"
         return text
+
+
+@contextmanager
+def located(path: str | Path | None = None, module: str | None = None) -> Iterator[None]:
+    """Name the file and module in a LoramergeError raised inside that does not name them yet
+    (the numeric helpers below see only tensors)."""
+    try:
+        yield
+    except LoramergeError as exc:
+        if exc.path is None and path is not None:
+            exc.path = str(path)
+        if exc.module is None:
+            exc.module = module
+        raise
 
 
 class FormatError(LoramergeError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramerge.errors import located
 from loramerge.formats.chain import Chain
 from loramerge.model.stream import ERASED_SHARE
 from loramerge.ops.fold import chain_update_norm, total_norm, update_norm
@@ -57,10 +58,11 @@ def link_reports(chain: Chain) -> tuple[list[LinkReport], dict[str, float]]:
     """Per link and module the update size, and per module the size of the chain's sum."""
     reports = []
     for link in chain.links:
-        modules = {
-            path: LinkModule(module.r, module.scale * link.weight, update_norm(module, link.weight))
-            for path, module in link.adapter.modules.items()
-        }
+        modules = {}
+        for path, module in link.adapter.modules.items():
+            with located(link.path, path):
+                norm = update_norm(module, link.weight)
+            modules[path] = LinkModule(module.r, module.scale * link.weight, norm)
         reports.append(
             LinkReport(link.index, link.path, link.weight, link.adapter.base_model, modules)
         )

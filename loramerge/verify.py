@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
-from loramerge.errors import OptionError
+from loramerge.errors import OptionError, located
 from loramerge.formats import gguf, peft
 from loramerge.formats.registry import base_config_of, read_adapter
 from loramerge.model.names import resolve_tensor_name
@@ -203,6 +203,11 @@ def _match(left: Mapping[str, Any], right: Mapping[str, Any]) -> list[tuple[str,
 
 
 def _update_difference(name: str, left: LoraModule | None, right: LoraModule | None) -> Difference:
+    with located(module=name):
+        return _located_difference(name, left, right)
+
+
+def _located_difference(name: str, left: LoraModule | None, right: LoraModule | None) -> Difference:
     if left is None or right is None:
         only = left or right
         b, a = only.factors()

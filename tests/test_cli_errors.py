@@ -138,3 +138,33 @@ def test_variant_checkpoints_point_to_their_command(cli, tmp_path, folder, comma
     out = tmp_path / "out"
     result = cli("merge", FIXTURES / folder, "--base", BASES / "llama", "-o", out)
     _assert_user_error(result, out, command)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("truncate", "{a}", "--method", "svd", "--rank", "2"),
+        ("fold", "{a}", "{a}", "--as-lora", "--rank", "2"),
+        ("fold", "{a}", "{a}", "--as-lora"),
+    ],
+    ids=["truncate-svd", "fold-reduced", "fold-exact"],
+)
+def test_nonfinite_factors_allowed_through_still_stop_svd_with_file_and_module(
+    cli, tmp_path, command
+):
+    """--allow-nonfinite lets NaN through to merges; an SVD or norm cannot take it, and says
+    where it is."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "nan-lora"
+    shutil.copytree(ADAPTERS / "llama-lora", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in sorted(tensors) if "q_proj.lora_A" in k)
+    tensors[name][0, 3] = float("nan")
+    save_file(tensors, weights)
+    module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    out = tmp_path / "out"
+    args = [str(adapter) if part == "{a}" else part for part in command]
+    result = cli(*args, "-o", out, "--allow-nonfinite")
+    _assert_user_error(result, out, str(adapter), f"module {module}", "NaN", "--allow-nonfinite")

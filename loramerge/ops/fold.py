@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
-from loramerge.errors import OptionError, ShapeMismatchError
+from loramerge.errors import OptionError, ShapeMismatchError, located
 from loramerge.ops.lowrank import Reduction, concat_factors, svd_reduce, update_frobenius_norm
 
 Term = tuple[torch.Tensor, torch.Tensor, float]  # (B (out x r), A (r x in), scale)
@@ -152,24 +152,8 @@ def fold_chain(
         link_ranks = tuple(
             adapter.modules[path].r if path in adapter.modules else 0 for adapter, _ in links
         )
-        if rank is None:
-            exact_b, exact_a = concat_factors(terms, dtype=torch.float64)
-            # the same values fold_terms gives: the scales are applied in float64, then cast
-            lora_b, lora_a = exact_b.to(dtype), exact_a.to(dtype)
-            energy = update_frobenius_norm(exact_b, exact_a, 1.0) ** 2
-            folded = ModuleFold(path, link_ranks, lora_a.shape[0], total_energy=energy)
-        else:
-            reduction = reduce_terms(terms, rank, dtype=dtype)
-            lora_b, lora_a = reduction.B, reduction.A
-            energy = float((reduction.singular_values.to(torch.float64) ** 2).sum())
-            folded = ModuleFold(
-                path,
-                link_ranks,
-                reduction.rank,
-                reduction.energy_kept,
-                reduction.relative_error,
-                energy,
-            )
+        with located(module=path):
+            folded, lora_b, lora_a = _fold_module(path, terms, link_ranks, rank, dtype)
         first = members[0][1]
         module = first.with_factors(lora_b, lora_a, float(lora_a.shape[0]))
         modules[path] = replace(
@@ -207,3 +191,30 @@ def _folded_bias(
 def total_norm(norms: Sequence[float]) -> float:
     """The Frobenius norm of several modules' updates taken together."""
     return math.sqrt(sum(n * n for n in norms))
+
+
+def _fold_module(
+    path: str,
+    terms: Sequence[Term],
+    link_ranks: tuple[int, ...],
+    rank: int | None,
+    dtype: torch.dtype,
+) -> tuple[ModuleFold, torch.Tensor, torch.Tensor]:
+    """One module's folded factors: the exact concatenation, or its best rank-`rank` form."""
+    if rank is None:
+        exact_b, exact_a = concat_factors(terms, dtype=torch.float64)
+        # the same values fold_terms gives: the scales are applied in float64, then cast
+        lora_b, lora_a = exact_b.to(dtype), exact_a.to(dtype)
+        energy = update_frobenius_norm(exact_b, exact_a, 1.0) ** 2
+        return ModuleFold(path, link_ranks, lora_a.shape[0], total_energy=energy), lora_b, lora_a
+    reduction = reduce_terms(terms, rank, dtype=dtype)
+    energy = float((reduction.singular_values.to(torch.float64) ** 2).sum())
+    folded = ModuleFold(
+        path,
+        link_ranks,
+        reduction.rank,
+        reduction.energy_kept,
+        reduction.relative_error,
+        energy,
+    )
+    return folded, reduction.B, reduction.A

@@ -343,5 +343,9 @@ def _prepare(
         raise LoramergeError(f"LoRA factors must be floating point, got {B.dtype} and {A.dtype}")
     b, a = B.to(compute_dtype), A.to(compute_dtype)
     if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
-        raise LoramergeError("LoRA factors contain NaN or infinite values")
+        raise LoramergeError(
+            "LoRA factors contain NaN or infinite values, which have no SVD or norm",
+            hint="remove them from the adapter; --allow-nonfinite only lets plain merges and "
+            "conversions through",
+        )
     return b, a

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, lora_scale
-from loramerge.errors import OptionError
+from loramerge.errors import OptionError, located
 from loramerge.ops.lowrank import (
     difference_frobenius_norm,
     qr_core,
@@ -111,7 +111,8 @@ def reduce_svd(
     modules, rows = {}, []
     for path, module in adapter.modules.items():
         lora_b, lora_a = module.factors()
-        core = qr_core(lora_b, lora_a, module.scale)
+        with located(adapter.source_path, path):
+            core = qr_core(lora_b, lora_a, module.scale)
         if rank is not None:
             k = min(rank, module.r)
         else:
@@ -150,7 +151,10 @@ def dylora_rank_profile(adapter: Adapter, unit: int = 1) -> list[RankSize]:
     full = {}
     for path, module in adapter.modules.items():
         full[path] = (*module.factors(), module.scale)
-    full_sq = sum(update_frobenius_norm(*f) ** 2 for f in full.values())
+    full_sq = 0.0
+    for path, factors in full.items():
+        with located(adapter.source_path, path):
+            full_sq += update_frobenius_norm(*factors) ** 2
     sizes = []
     for b in ranks:
         size_sq, change_sq = 0.0, 0.0
