@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import sys
 from collections.abc import Callable
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: it has no O_DIRECT either, so the direct paths stay off
+    fcntl = None  # type: ignore[assignment]
+
 BLOCK = 4096  # a multiple of every common logical block size (512 and 4096)
-O_DIRECT = getattr(os, "O_DIRECT", 0)
+O_DIRECT = getattr(os, "O_DIRECT", 0) if fcntl is not None else 0
 # ranges smaller than this are not worth a direct transfer (alignment padding, no copy saved)
 MIN_DIRECT_BYTES = 256 << 10
 # a file this much in the page cache is read through it: memory is faster than the disk
@@ -171,7 +175,9 @@ def write_all(fd: int, view: memoryview, offset: int) -> None:
         try:
             done += os.pwritev(fd, [view[done:]], offset + done)
         except OSError as exc:
-            if exc.errno != errno.EINVAL or not fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            if exc.errno != errno.EINVAL or not O_DIRECT:
+                raise
+            if not fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
                 raise
             set_direct(fd, False)
 
