@@ -16,14 +16,13 @@ from loramerge.ops.lowrank import (
     as_matrix_factors,
     concat_factors,
     difference_frobenius_norm,
-    numerical_rank,
     qr_core,
-    rank_for_energy,
     reduce_core,
     svd_reduce,
     update_frobenius_norm,
     update_singular_values,
 )
+from loramerge.ops.rank_choice import numerical_rank, rank_for_energy
 
 FAST = settings(max_examples=50, deadline=None)
 REL = 1e-5  # the contract's relative tolerance for values computed in float64

@@ -11,10 +11,10 @@ from loramerge.errors import OptionError, located
 from loramerge.ops.lowrank import (
     difference_frobenius_norm,
     qr_core,
-    rank_for_energy,
     reduce_core,
     update_frobenius_norm,
 )
+from loramerge.ops.rank_choice import rank_for_energy
 
 
 @dataclass(frozen=True)
