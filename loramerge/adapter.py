@@ -39,16 +39,23 @@ class LazyTensor:
 
     def load(self) -> torch.Tensor:
         if self._value is None:
-            value = self._load()
-            if tuple(value.shape) != self.shape:
-                raise ValueError(
-                    f"lazy tensor loaded shape {tuple(value.shape)}, expected {self.shape}"
-                )
-            self._value = value
+            self._value = self.read()
         return self._value
 
-    def float(self) -> torch.Tensor:
-        return self.load().to(torch.float32)
+    def read(self) -> torch.Tensor:
+        """The value, without keeping it when it was not loaded yet: a streaming merge reads
+        each module's factors when it gets to them, so memory does not grow with the adapter."""
+        if self._value is not None:
+            return self._value
+        value = self._load()
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"lazy tensor loaded shape {tuple(value.shape)}, expected {self.shape}"
+            )
+        return value
+
+    def float(self, keep: bool = True) -> torch.Tensor:
+        return (self.load() if keep else self.read()).to(torch.float32)
 
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
@@ -103,10 +110,11 @@ class LoraModule:
         """The last component of the path (e.g. q_proj), as target_modules lists it."""
         return self.path.rsplit(".", 1)[-1]
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) as float32 matrices: conv2d factors are flattened, embeddings as stored."""
-        lora_b = self.lora_B.float()
-        lora_a = self.lora_A.float()
+    def factors(self, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) as float32 matrices: conv2d factors are flattened, embeddings as stored.
+        `keep=False` does not keep factors that were not loaded yet (see LazyTensor.read)."""
+        lora_b = self.lora_B.float(keep)
+        lora_a = self.lora_A.float(keep)
         return lora_b.reshape(lora_b.shape[0], -1), lora_a.reshape(lora_a.shape[0], -1)
 
     def with_factors(self, lora_b: torch.Tensor, lora_a: torch.Tensor, alpha: float) -> LoraModule:

@@ -90,3 +90,21 @@ def test_merging_and_inspecting_give_every_tile_back(
     tile_count = sum(len(sources.tiles(t.shape)) for s in plan.shards for t in s.tensors)
     largest = max(pool.allocated_bytes // max(pool.sizes) for pool in pools)
     assert largest <= 24 < tile_count
+
+
+def test_checking_and_merging_do_not_keep_the_adapter_in_memory(tmp_path):
+    """Factors are read when their module is merged and then dropped, so a merge's memory does
+    not grow with the adapter (which grows with the model)."""
+    from loramerge.formats.registry import read_adapter
+    from loramerge.model.folder import open_base
+    from loramerge.model.plan import plan_merge
+    from loramerge.model.stream import stream_plan
+    from loramerge.validate import check_adapter
+
+    adapter = read_adapter(ADAPTERS / "llama-lora")
+    check_adapter(adapter)
+    base = open_base(BASES / "llama")
+    stream_plan(plan_merge(base.tensors(), base.config, adapter), base, adapter, tmp_path)
+    factors = [t for m in adapter.modules.values() for t in (m.lora_A, m.lora_B)]
+    assert factors and all(t._value is None for t in factors)
+    assert factors[0].load().shape == factors[0].shape  # read again on demand

@@ -196,7 +196,7 @@ def merged_tiles(
     module = adapter.modules[plan.module or ""]
     kind = plan.kind
     assert kind is not None
-    lora_b, lora_a, scale = prescaled_factors(*module.factors(), module.scale)
+    lora_b, lora_a, scale = prescaled_factors(*module.factors(keep=False), module.scale)
     row_shape = tuple(plan.shape[1:]) if len(plan.shape) > 2 else ()
 
     def merged(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
