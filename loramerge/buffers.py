@@ -7,6 +7,7 @@ touch, which cost as much system time as the arithmetic; a pool hands the same p
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -49,10 +50,7 @@ class BufferPool:
 
     def take_like(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of `shape` and `dtype` in a pooled buffer."""
-        count = 1
-        for size in shape:
-            count *= size
-        return self.take(count * dtype.itemsize).view(dtype).view(shape)
+        return self.take(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
     @property
     def lent(self) -> int:

@@ -54,13 +54,9 @@ class BlockAppender:
             self._hand_over()
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < view.nbytes:
-            take = min(self._staging.numel() - self._fill, view.nbytes - done)
-            as_memoryview(self._staging)[self._fill : self._fill + take] = view[done : done + take]
-            done += take
-            self.commit(take)
+        """Small byte strings (headers); tensors go through `append_tensor` without a copy."""
+        if memoryview(data).nbytes:
+            self.append_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
     def append_tensor(self, tensor: torch.Tensor) -> None:
         """The tensor's bytes, copied by torch (which releases the GIL while copying)."""
@@ -73,7 +69,7 @@ class BlockAppender:
             self.commit(take)
 
     def _hand_over(self) -> None:
-        """Send the current buffer's whole blocks to the disk; continue in the other buffer,
+        """Send the current buffer's whole blocks to the disk; continue in the next buffer,
         starting with the partial block that was left over."""
         whole = self._fill - self._fill % BLOCK
         if not whole:

@@ -30,7 +30,7 @@ BLOCK = 4096  # a multiple of every common logical block size (512 and 4096)
 O_DIRECT = getattr(os, "O_DIRECT", 0) if fcntl is not None else 0
 # ranges smaller than this are not worth a direct transfer (alignment padding, no copy saved)
 MIN_DIRECT_BYTES = 256 << 10
-# a file this much in the page cache is read through it: memory is faster than the disk
+# a range this much in the page cache is read through it: memory is faster than the disk
 CACHED_SHARE = 0.9
 
 
@@ -126,8 +126,8 @@ def read_exact(fd: int, view: memoryview, offset: int) -> int:
 
 class DirectRangeReader:
     """Reads byte ranges of one open file into fresh tensors straight from the disk, except
-    ranges already in the page cache (a warm file, or one warmed by `warmup`): those are left
-    to an ordinary read, since memory is faster than the disk."""
+    ranges already in the page cache (a warm file): those are left to an ordinary read, since
+    memory is faster than the disk."""
 
     def __init__(self, fd: int, allocate: Allocate = aligned_empty) -> None:
         self._fd = fd

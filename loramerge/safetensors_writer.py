@@ -87,7 +87,7 @@ class StreamingWriter:
 
     The caller feeds bytes with `write`, `write_tensor` or `copy_range`; `close` checks that every
     tensor got exactly its size, then flushes and fsyncs. With `direct`, the file is written with
-    O_DIRECT through an aligned staging buffer (see direct_io); `copy_range` is then refused,
+    O_DIRECT through aligned staging buffers (see direct_append); `copy_range` is then refused,
     since a kernel-side copy would go through the page cache the direct writes bypass.
     """
 

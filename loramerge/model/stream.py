@@ -93,10 +93,11 @@ def stream_plan(
 ) -> StreamResult:
     """Write every shard of the plan into out_dir; the caller makes out_dir atomic.
 
-    `pipelined` overlaps reading, computing and writing on three threads; without it every step
-    runs in turn on the calling thread. `direct` reads and writes with O_DIRECT where the file
-    systems allow it (see direct_io), untouched tensors then pass through memory instead of a
-    kernel-side copy. Every combination writes the same bytes.
+    `pipelined` overlaps reading, computing and writing on reader, computing and writer threads
+    (see model/pipeline.py); without it every step runs in turn on the calling thread. `direct`
+    reads and writes with O_DIRECT where the file systems allow it (see direct_io); untouched
+    tensors then pass through memory instead of a kernel-side copy. Every combination writes
+    the same bytes.
     """
     result = StreamResult()
     metadata = {"format": "pt"}
