@@ -1,8 +1,8 @@
 """Background reading and writing for the merge executor, so that I/O overlaps the arithmetic.
 
-Both helpers keep at most `depth` items in flight, which bounds the memory they add. Torch
-and the file syscalls release the GIL, so reader threads, the computing thread and a writer
-thread run at once.
+Both helpers keep a bounded number of items in flight, which bounds the memory they add.
+Torch and the file syscalls release the GIL, so reader threads, a preparing thread, the
+computing thread and a writer thread run at once.
 """
 
 from __future__ import annotations
@@ -18,47 +18,67 @@ _DONE = object()
 
 
 class Prefetcher:
-    """Reads a known sequence of tiles ahead of their use, delivered in order.
+    """Reads a known sequence of tiles ahead of their use and prepares the next few, in order.
 
-    `schedule` lists the keys in the order `take` will ask for them; `read(key)` loads one.
-    `readers` reads run at once (a disk serves two outstanding requests faster than one), and
-    at most `depth` tiles are read ahead, which bounds the memory they hold.
+    `schedule` lists the keys in the order `take` will ask for them. Two stages run ahead of
+    `take`: `read(key)` loads a tile as stored, on `readers` threads and up to `depth` tiles
+    ahead (a disk serves many outstanding requests faster than one or two); `prepare(key, read)`
+    turns a loaded tile into what `take` returns, on one thread of its own and only `prepared`
+    tiles ahead. Preparing is where a tile grows (to float32, say), so keeping it close to use
+    lets deep reading ahead cost little memory; the reading threads mostly wait on the disk,
+    while preparing keeps a core busy.
     """
 
     def __init__(
         self,
         schedule: Sequence[Hashable],
         read: Callable[[Any], Any],
-        depth: int = 3,
-        readers: int = 2,
+        prepare: Callable[[Any, Any], Any] | None = None,
+        depth: int = 8,
+        readers: int = 4,
+        prepared: int = 2,
     ) -> None:
         self._schedule = list(schedule)
         self._read = read
-        self._depth = depth
+        self._prepare = prepare
+        self._depth = max(1, depth)
+        self._prepared = max(1, min(prepared, self._depth))
         self._position = 0
         self._submitted = 0
-        self._pending: deque[Future] = deque()
-        self._pool = ThreadPoolExecutor(readers, thread_name_prefix="loramerge-read")
+        self._reads: deque[Future] = deque()  # the tiles from `position` on, as loaded
+        self._ready: deque[Future] = deque()  # the first of those, prepared
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="loramerge-read")
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="loramerge-prepare")
         self._fill()
 
     def _fill(self) -> None:
-        while len(self._pending) < self._depth and self._submitted < len(self._schedule):
+        while len(self._reads) < self._depth and self._submitted < len(self._schedule):
             key = self._schedule[self._submitted]
-            self._pending.append(self._pool.submit(self._read, key))
+            self._reads.append(self._readers.submit(self._read, key))
             self._submitted += 1
+        while len(self._ready) < min(self._prepared, len(self._reads)):
+            index = len(self._ready)
+            key = self._schedule[self._position + index]
+            self._ready.append(self._preparer.submit(self._finish, key, self._reads[index]))
+
+    def _finish(self, key: Hashable, loaded: Future) -> Any:
+        tile = loaded.result()
+        return tile if self._prepare is None else self._prepare(key, tile)
 
     def take(self, key: Hashable) -> Any:
         if self._position >= len(self._schedule) or self._schedule[self._position] != key:
             raise RuntimeError(f"read {key!r} out of the planned order")
+        found = self._ready.popleft()
+        self._reads.popleft()
         self._position += 1
-        found = self._pending.popleft()
         self._fill()
         return found.result()
 
     def close(self) -> None:
-        for pending in self._pending:
+        for pending in (*self._ready, *self._reads):
             pending.cancel()
-        self._pool.shutdown(wait=True)
+        self._preparer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
 
 
 class AsyncWriter:

@@ -126,12 +126,15 @@ class Sources:
                 )
             return self._readers[shard], name
 
-    def read(self, key: ReadKey) -> Rows:
-        """One tile, widened to float32 here when asked (on the prefetcher's thread)."""
-        name, start, stop, widen = key
+    def read(self, key: ReadKey) -> torch.Tensor:
+        """One tile as stored."""
+        name, start, stop, _ = key
         reader, name = self.reader(name)
-        stored = reader.read(name, (start, stop))
-        return stored, self._widen(stored) if widen else None
+        return reader.read(name, (start, stop))
+
+    def prepare(self, key: ReadKey, stored: torch.Tensor) -> Rows:
+        """A tile read by `read`, with its float32 copy when the key asks for one."""
+        return stored, self._widen(stored) if key[3] else None
 
     def _widen(self, stored: torch.Tensor) -> torch.Tensor:
         return self.pool.take_like(stored.shape, torch.float32).copy_(stored)
@@ -157,7 +160,7 @@ class Sources:
         key = (plan.source or plan.name, start, stop, widen)
         if self.prefetcher is not None:
             return self.prefetcher.take(key)
-        return self.read(key)
+        return self.prepare(key, self.read(key))
 
     def give(self, *tensors: torch.Tensor) -> None:
         """Tiles the caller is done with: their buffers may hold the next ones."""

@@ -106,7 +106,7 @@ def stream_plan(
     gc.disable()
     threads = torch.get_num_threads()
     if pipelined:
-        # the readers and the writer keep about two cores busy with copies and conversions;
+        # the preparing and writing threads keep about two cores busy with conversions;
         # more arithmetic threads than the cores left over only wait for each other
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 2)))
     try:
@@ -134,7 +134,7 @@ def _stream(
         sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base), direct)
         if pipelined:
             schedule = read_schedule(plan, adapter, copies_read=direct)
-            sources.prefetcher = Prefetcher(schedule, sources.read)
+            sources.prefetcher = Prefetcher(schedule, sources.read, sources.prepare)
             stack.callback(sources.prefetcher.close)
         output = _Output(pipelined, progress, plan.total_bytes)
         try:
