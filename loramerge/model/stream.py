@@ -20,6 +20,7 @@ from loramerge.model.plan import Action, MergePlan, TensorPlan
 from loramerge.model.sources import Sources, read_schedule, tile_buffer_bytes, tiles
 from loramerge.ops.update import (
     TRANSPOSED,
+    add_update_in_place,
     dora_rescale,
     output_norms_squared,
     prescaled_factors,
@@ -202,12 +203,13 @@ def merged_tiles(
 
     def merged(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         base_rows, wide = sources.rows_and_float32(plan, start, stop)
-        update = update_rows(
-            lora_b, lora_a, scale, kind, start, stop, row_shape, sources.pool.take_like
-        )
-        # float32(base) + update, in place (addition commutes, so PEFT's bits are kept)
-        wide.add_(update)
-        sources.give(update)
+        if not add_update_in_place(wide, lora_b, lora_a, scale, kind, start, stop):
+            update = update_rows(
+                lora_b, lora_a, scale, kind, start, stop, row_shape, sources.pool.take_like
+            )
+            # float32(base) + update, in place (addition commutes, so PEFT's bits are kept)
+            wide.add_(update)
+            sources.give(update)
         return base_rows, wide
 
     magnitude = module.magnitude.float().reshape(-1) if module.magnitude is not None else None

@@ -6,6 +6,7 @@ Layouts (rules.md section 1): LINEAR and CONV2D tensors have one row per output;
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -49,6 +50,51 @@ def update_rows(
     if row_shape:
         rows = rows.reshape(stop - start, *row_shape)
     return rows
+
+
+def add_update_in_place(
+    wide: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_a: torch.Tensor,
+    scale: float,
+    kind: ModuleKind,
+    start: int,
+    stop: int,
+) -> bool:
+    """Add rows start:stop of B @ A to the float32 tile `wide` in one fused matrix product when
+    that gives the bits of `wide + update_rows(...)`; False (and `wide` untouched) otherwise.
+
+    The fused product saves writing the update to a buffer and reading it back. It keeps the
+    bits when the kernel sums each dot product from zero and adds it to the base value once,
+    which is what GEMM kernels do within one block of the inner dimension, but not what they
+    do for one row or rank 1 (a fused multiply-add into the base) nor, possibly, on other BLAS
+    builds; so each tile shape is first probed against the separate form on this machine. Only
+    unit scales qualify (a scale rounds the product a second time first), and only row layouts
+    (the transposed product may sum in another order).
+    """
+    if scale != 1.0 or kind in TRANSPOSED:
+        return False
+    rows = wide.view(stop - start, -1)
+    shape = (rows.shape[0], rows.shape[1], lora_a.shape[0])
+    if not _fused_keeps_bits(*shape, torch.get_num_threads()):
+        return False
+    rows.addmm_(lora_b[start:stop], lora_a)
+    return True
+
+
+@functools.cache
+def _fused_keeps_bits(rows: int, columns: int, rank: int, threads: int) -> bool:
+    """Whether this machine's fused product rounds like product-then-add at this shape, tried
+    on random values whose sums cancel and round often (a kernel that rounds differently
+    differs on a large share of such elements)."""
+    generator = torch.Generator().manual_seed(rows * 7919 + columns * 31 + rank)
+    rows = min(rows, 256)  # the inner dimension decides how sums are formed, not the row count
+    lora_b = torch.randn(rows, rank, generator=generator)
+    lora_a = torch.randn(rank, columns, generator=generator)
+    base = torch.randn(rows, columns, generator=generator) * math.sqrt(rank)
+    separate = base + lora_b @ lora_a
+    fused = base.addmm_(lora_b, lora_a)
+    return torch.equal(fused.view(torch.int32), separate.view(torch.int32))
 
 
 def prescaled_factors(
