@@ -24,6 +24,24 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+# Products only a few rows or columns wide go to other kernels than wide ones, which sum each
+# dot product in another order (MKL on an AMD EPYC: fewer than 4 rows or 12 columns), so a
+# narrow tile's product would not be the same slice of B @ A as PEFT's whole-matrix product.
+# Products are therefore formed over at least this many rows or columns and cut down.
+MIN_PRODUCT_SPAN = 64
+
+
+def product_span(start: int, stop: int, size: int) -> tuple[int, int]:
+    """The range of the product's rows (or columns) to compute for rows start:stop out of
+    `size`: start:stop itself when it spans MIN_PRODUCT_SPAN (or everything), else the nearest
+    range of that width around it."""
+    span = min(MIN_PRODUCT_SPAN, size)
+    if stop - start >= span:
+        return start, stop
+    low = max(0, min(start, size - span))
+    return low, max(stop, low + span)
+
+
 def update_rows(
     lora_b: torch.Tensor,
     lora_a: torch.Tensor,
@@ -34,7 +52,8 @@ def update_rows(
     row_shape: tuple[int, ...] = (),
     empty: Empty = _empty,
 ) -> torch.Tensor:
-    """Rows start:stop of s * B @ A in the stored layout, float32.
+    """Rows start:stop of s * B @ A in the stored layout, float32, with the bits of the same
+    rows of the whole product.
 
     `lora_b` is (out x r) and `lora_a` (r x in) as float32 matrices (conv2d factors flattened);
     `row_shape` is the shape of one stored row for conv2d, e.g. (in, kh, kw); `empty` makes
@@ -42,11 +61,14 @@ def update_rows(
     operations.
     """
     if kind in TRANSPOSED:
-        columns = lora_a[:, start:stop]
-        product = empty((lora_b.shape[0], stop - start), torch.float32)
-        return _scaled(torch.mm(lora_b, columns, out=product), scale).T
-    product = empty((stop - start, lora_a.shape[1]), torch.float32)
-    rows = _scaled(torch.mm(lora_b[start:stop], lora_a, out=product), scale)
+        low, high = product_span(start, stop, lora_a.shape[1])
+        product = empty((lora_b.shape[0], high - low), torch.float32)
+        torch.mm(lora_b, lora_a[:, low:high], out=product)
+        return _scaled(product[:, start - low : stop - low], scale).T
+    low, high = product_span(start, stop, lora_b.shape[0])
+    product = empty((high - low, lora_a.shape[1]), torch.float32)
+    torch.mm(lora_b[low:high], lora_a, out=product)
+    rows = _scaled(product[start - low : stop - low], scale)
     if row_shape:
         rows = rows.reshape(stop - start, *row_shape)
     return rows
@@ -68,12 +90,15 @@ def add_update_in_place(
     bits when the kernel sums each dot product from zero and adds it to the base value once,
     which is what GEMM kernels do within one block of the inner dimension, but not what they
     do for one row or rank 1 (a fused multiply-add into the base) nor, possibly, on other BLAS
-    builds; so each tile shape is first probed against the separate form on this machine. Only
+    builds; so each tile shape is first probed against the separate form on this machine, and
+    tiles narrower than the product's span (see `product_span`) are left to it. Only
     unit scales qualify (a scale rounds the product a second time first), and only row layouts
     (the transposed product may sum in another order).
     """
     if scale != 1.0 or kind in TRANSPOSED:
         return False
+    if product_span(start, stop, lora_b.shape[0]) != (start, stop):
+        return False  # too few rows for the kernel of the whole product
     rows = wide.view(stop - start, -1)
     shape = (rows.shape[0], rows.shape[1], lora_a.shape[0])
     if not _fused_keeps_bits(*shape, torch.get_num_threads()):
