@@ -79,6 +79,7 @@ def test_merging_and_inspecting_give_every_tile_back(
 
     monkeypatch.setattr(sources, "BufferPool", RecordedPool)
     monkeypatch.setattr(sources, "TILE_BYTES", 4 * 64 * 3)  # many tiles per tensor
+    monkeypatch.setattr(sources, "MIN_TILE_ROWS", 1)
     adapter = read_adapter(ADAPTERS / adapter_name)
     base = open_base(BASES / base_name)
     plan = plan_merge(base.tensors(), base.config, adapter)

@@ -41,6 +41,7 @@ def test_pipelined_equals_sequential(tmp_path, monkeypatch, adapter, base):
     # tiles of a few rows each, direct reads of every range, a one-block staging buffer:
     # none of it may change a single bit
     monkeypatch.setattr(sources, "TILE_BYTES", 4 * 64 * 3)
+    monkeypatch.setattr(sources, "MIN_TILE_ROWS", 1)
     monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
     monkeypatch.setattr(direct_io, "CACHED_SHARE", 2.0)
     monkeypatch.setattr(safetensors_writer, "BlockAppender", one_block_appender)

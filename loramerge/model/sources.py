@@ -16,12 +16,13 @@ from loramerge.direct_io import BLOCK
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
-from loramerge.ops.update import TRANSPOSED
+from loramerge.ops.update import MIN_PRODUCT_SPAN, TRANSPOSED
 from loramerge.safetensors_header import itemsize
 from loramerge.safetensors_io import SafetensorsReader
 
 TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
-MIN_TILE_ROWS = 8
+# tiles at least as wide as the products the update computes, so that none needs a wider one
+MIN_TILE_ROWS = MIN_PRODUCT_SPAN
 
 # (tensor name, first row, end row, whether a float32 copy is wanted too)
 ReadKey = tuple[str, int, int, bool]
@@ -37,8 +38,9 @@ def _tile_rows(shape: tuple[int, ...]) -> int:
 def tiles(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     """Row ranges of about TILE_BYTES of float32 each, never fewer than MIN_TILE_ROWS rows.
 
-    Tiles are balanced (no 1-row remainder) because BLAS switches to a matrix-vector kernel for
-    a single row, whose float32 sums can differ in the last bit from the matrix product's.
+    Tiles are balanced (no narrow remainder): BLAS sums narrow products in another order than
+    the whole matrix product, so a narrow tile's update has to be computed over a wider range
+    and cut out (`product_span`), which balanced tiles of MIN_TILE_ROWS rows never need.
     """
     rows = shape[0] if shape else 1
     count = max(1, rows // max(MIN_TILE_ROWS, _tile_rows(shape)))
