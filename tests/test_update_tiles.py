@@ -1,6 +1,7 @@
 """Every tile of the update has the bits of the same rows of the whole product, which is what
-PEFT forms: however the tiles fall (a tail of one row, a vocabulary of 32001 tokens, tiles of a
-few rows of a very wide tensor), the kernel must not see a narrower product than the whole."""
+PEFT forms. Balanced tiling keeps merge tiles wide, but `update_rows` must not depend on that:
+whatever range it is asked for, even one row or column, the kernel must see a product at least
+as wide as the whole one's kernels do."""
 
 from __future__ import annotations
 
