@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+
 import typer
 from loramerge_cli import process  # noqa: F401 - process-wide settings, before torch loads
 from loramerge_cli.convert import convert
@@ -41,4 +45,30 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The console script: run the command, then leave without tearing the interpreter down.
+
+    When a command returns, its outputs are written, synced and renamed into place. What a
+    normal exit still does is unload every module, torch's above all: 0.4-0.5 s on the
+    benchmark machine, a tenth of a 1B-parameter merge, for nothing the user sees. So the
+    console script flushes what it printed, runs the atexit hooks, and ends the process there.
+    A command that raises (a traceback under --debug) takes the ordinary way out.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as exit_request:
+        code = _exit_status(exit_request.code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
+def _exit_status(code: object) -> int:
+    """The status `sys.exit(code)` would give, printing a message as Python does."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +74,14 @@ def assert_one_error(result, *needles: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def console_script() -> Path:
+    """The installed `loramerge` command of this interpreter's environment (skip without one)."""
+    script = Path(sys.executable).parent / "loramerge"
+    if not script.exists():
+        found = shutil.which("loramerge")
+        if found is None:
+            pytest.skip("the loramerge console script is not installed")
+        script = Path(found)
+    return script

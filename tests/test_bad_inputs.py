@@ -5,14 +5,12 @@ at OUT and no temporary leftovers."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import badinputs
 import pytest
-from helpers import ADAPTERS, BASES, FIXTURES
+from helpers import ADAPTERS, BASES, FIXTURES, console_script
 
 RESLORA = FIXTURES / "reslora" / "bs"
 DYLORA = FIXTURES / "dylora" / "kohya-dylora.safetensors"
@@ -208,16 +206,6 @@ def test_paths_the_system_refuses(cli, tmp_path, command, where):
     assert not list(tmp_path.glob(".*loramerge-tmp*"))
 
 
-def _console_script() -> Path:
-    script = Path(sys.executable).parent / "loramerge"
-    if not script.exists():
-        found = shutil.which("loramerge")
-        if found is None:
-            pytest.skip("the loramerge console script is not installed")
-        script = Path(found)
-    return script
-
-
 @pytest.mark.parametrize(
     ("name", "command"),
     [
@@ -232,7 +220,7 @@ def test_installed_command_prints_no_traceback(tmp_path, name, command):
     out = tmp_path / "out"
     env = {**os.environ, "COLUMNS": "200"}
     done = subprocess.run(
-        [str(_console_script()), *command_line(command, case, out)],
+        [str(console_script()), *command_line(command, case, out)],
         capture_output=True,
         text=True,
         env=env,
