@@ -3,8 +3,9 @@
 Builds a synthetic Llama-shaped bf16 base (default ~1.1B parameters, hub-style shards) and a
 rank-16 adapter on every linear module, then runs each job in turns, cold (page cache dropped
 through vm.drop_caches when running as root) and warm, measuring wall time and the peak RSS of
-the whole process tree. Prints medians and ratios against the copy measured in the same run,
-and writes JSON.
+the whole process tree. Where a VM hands free memory back to its host, every job starts on
+freshly recycled memory (see machine.py). Prints medians and ratios against the copy measured
+in the same run, and writes JSON.
 
     python benchmarks/merge.py                 # default size and half size, 3 runs each
     python benchmarks/merge.py --layers 4 --runs 1 --no-half   # a quick look
@@ -27,6 +28,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from machine import (  # noqa: E402
+    can_drop_caches,
+    drop_caches,
+    free_page_reporting,
+    recycle_memory,
+    warm,
+)
 from synthetic import LlamaShape, write_adapter, write_base  # noqa: E402
 
 
@@ -73,29 +81,6 @@ def run_measured(command: list[str]) -> tuple[float, int]:
     return seconds, peak
 
 
-def can_drop_caches() -> bool:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as handle:
-            handle.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as handle:
-        handle.write("3\n")
-
-
-def warm(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                while handle.read(64 << 20):
-                    pass
-
-
 def jobs(work: Path) -> dict[str, list[str]]:
     base, adapter, out = work / "base", work / "adapter", work / "out"
     loramerge = shutil.which("loramerge") or "loramerge"
@@ -114,12 +99,17 @@ def jobs(work: Path) -> dict[str, list[str]]:
     }
 
 
-def measure_size(work: Path, shape: LlamaShape, runs: int, cold: bool, names: list[str]) -> dict:
+def measure_size(
+    work: Path, shape: LlamaShape, runs: int, cold: bool, names: list[str], recycle: bool
+) -> dict:
     if not (work / "base" / "config.json").exists():
         print(f"building a {shape.parameters() / 1e9:.2f}B-parameter base in {work}", flush=True)
         write_base(work / "base", shape)
         write_adapter(work / "adapter", shape)
     commands = jobs(work)
+    base_bytes = sum(p.stat().st_size for p in (work / "base").iterdir())
+    # enough resident free memory for the largest job's page cache: base read, output written
+    recycled = 3 * base_bytes + (1 << 30) if recycle else 0
     results: dict[str, dict[str, list]] = {
         n: {"cold_s": [], "cold_rss": [], "warm_s": [], "warm_rss": []} for n in names
     }
@@ -132,6 +122,7 @@ def measure_size(work: Path, shape: LlamaShape, runs: int, cold: bool, names: li
                 else:
                     warm(work / "base")
                     warm(work / "adapter")
+                recycle_memory(recycled)
                 seconds, rss = run_measured(commands[name])
                 results[name][f"{regime}_s"].append(seconds)
                 results[name][f"{regime}_rss"].append(rss)
@@ -141,7 +132,12 @@ def measure_size(work: Path, shape: LlamaShape, runs: int, cold: bool, names: li
                     flush=True,
                 )
     shutil.rmtree(work / "out", ignore_errors=True)
-    summary = {"parameters": shape.parameters(), "layers": shape.layers, "jobs": {}}
+    summary = {
+        "parameters": shape.parameters(),
+        "layers": shape.layers,
+        "recycled_bytes": recycled,
+        "jobs": {},
+    }
     for name, found in results.items():
         summary["jobs"][name] = {
             key: statistics.median(values) for key, values in found.items() if values
@@ -179,7 +175,15 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/loramerge-bench"))
     parser.add_argument("--json", type=Path, default=HERE / "results" / "merge.json")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic models")
+    parser.add_argument(
+        "--no-recycle",
+        action="store_true",
+        help="start jobs on whatever memory is free, even memory handed back to a VM's host",
+    )
     args = parser.parse_args()
+    recycle = free_page_reporting() and not args.no_recycle
+    if recycle:
+        print("free page reporting is on: each job starts on freshly recycled memory")
 
     cold = can_drop_caches()
     if not cold:
@@ -196,12 +200,16 @@ def main() -> int:
             ),
         },
         "cold": cold,
+        "free_page_reporting": free_page_reporting(),
+        "memory_recycled": recycle,
         "sizes": {},
     }
     for label, layers in sizes:
         shape = LlamaShape(layers=layers)
         print(f"[{label}]", flush=True)
-        report["sizes"][label] = measure_size(args.workdir / label, shape, args.runs, cold, names)
+        report["sizes"][label] = measure_size(
+            args.workdir / label, shape, args.runs, cold, names, recycle
+        )
     for label, summary in report["sizes"].items():
         print_table(label, summary, cold)
     if "half" in report["sizes"]:
