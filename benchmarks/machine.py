@@ -1,21 +1,21 @@
-"""The machine state a benchmark job starts from: page cache dropped or warm, and fresh memory.
+"""The machine state a benchmark job starts from: page cache dropped or warm, memory settled.
 
 Dropping the page cache emulates a model larger than memory. On a virtual machine whose guest
-reports free memory back to the host (virtio-balloon free page reporting), it also does
-something a large model never does: every page it frees is handed to the host, and a job that
-later needs fresh pages waits for the host to fault them back in. On the benchmark VM a `cp` of
-2.2 GB then took 5-7 s (4-6 s of it system time) instead of 1.6 s, depending only on how
-long ago the memory was freed. On a machine whose memory is full of page cache (the regime
-the cold runs stand for) the kernel recycles resident pages instead. So where reporting is on,
-`recycle_memory` touches and frees a few GB of anonymous memory right before each job: the
-pages it frees are resident, and are the ones the job gets.
+reports free memory back to its host (virtio-balloon free page reporting) it also starts
+minutes of background work: the guest hands the freed gigabytes to the host about 1 GB every
+two seconds, and a job running meanwhile competes with that traffic, while pages the job
+allocates afterwards have to be faulted back in by the host. On the benchmark VM a cold `cp`
+of 2.2 GB took anywhere from 1.6 s to 9.5 s depending only on how long ago memory had been
+freed. `settle` waits until the reporting has gone quiet, so every job starts on the same,
+idle machine: free memory handed back, nothing in flight. That is the state a VM like this
+sits in between commands; it makes page-cache-heavy jobs pay for fresh pages, which is what
+they cost there.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 _BALLOONS = Path("/sys/bus/virtio/drivers/virtio_balloon")
@@ -61,25 +61,22 @@ def free_page_reporting() -> bool:
     return False
 
 
-def free_memory() -> int:
-    """MemFree in bytes: what can be touched without evicting the page cache."""
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemFree:"):
-                return int(line.split()[1]) * 1024
-    return 0
+_REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 
 
-def recycle_memory(nbytes: int) -> int:
-    """Touch up to `nbytes` of anonymous memory in a child process and free it; returns the
-    bytes touched (at most MemFree less 1 GiB, so a warm page cache stays)."""
-    nbytes = max(0, min(nbytes, free_memory() - (1 << 30)))
-    if nbytes:
-        toucher = (
-            "import mmap, sys\n"
-            "size = int(sys.argv[1]); chunk = b'\\1' * (64 << 20)\n"
-            "area = mmap.mmap(-1, size)\n"
-            "while area.tell() + len(chunk) <= size: area.write(chunk)\n"
-        )
-        subprocess.run([sys.executable, "-c", toucher, str(nbytes)], check=True)
-    return nbytes
+def settle(quiet: float = 3.0, limit: float = 90.0) -> float:
+    """Wait until free page reporting has been idle for `quiet` seconds (a fixed 10 s where the
+    kernel does not count what it reported); returns the seconds waited."""
+    if not free_page_reporting():
+        return 0.0
+    started = time.monotonic()
+    if not _REPORTED_KIB.exists():
+        time.sleep(10.0)
+        return time.monotonic() - started
+    last, still_since = _REPORTED_KIB.read_text(), time.monotonic()
+    while time.monotonic() - still_since < quiet and time.monotonic() - started < limit:
+        time.sleep(0.25)
+        now = _REPORTED_KIB.read_text()
+        if now != last:
+            last, still_since = now, time.monotonic()
+    return time.monotonic() - started

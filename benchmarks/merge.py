@@ -3,9 +3,10 @@
 Builds a synthetic Llama-shaped bf16 base (default ~1.1B parameters, hub-style shards) and a
 rank-16 adapter on every linear module, then runs each job in turns, cold (page cache dropped
 through vm.drop_caches when running as root) and warm, measuring wall time and the peak RSS of
-the whole process tree. Where a VM hands free memory back to its host, every job starts on
-freshly recycled memory (see machine.py). Prints medians and ratios against the copy measured
-in the same run, and writes JSON.
+the whole process tree. Two floors: `cp -r`, and a copy with direct I/O (direct_copy.py), which
+needs no page cache. Where a VM hands free memory back to its host, every job waits until that
+has gone quiet (see machine.py). Prints medians and ratios against both copies measured in the
+same run, and writes JSON.
 
     python benchmarks/merge.py                 # default size and half size, 3 runs each
     python benchmarks/merge.py --layers 4 --runs 1 --no-half   # a quick look
@@ -32,7 +33,7 @@ from machine import (  # noqa: E402
     can_drop_caches,
     drop_caches,
     free_page_reporting,
-    recycle_memory,
+    settle,
     warm,
 )
 from synthetic import LlamaShape, write_adapter, write_base  # noqa: E402
@@ -86,6 +87,11 @@ def jobs(work: Path) -> dict[str, list[str]]:
     loramerge = shutil.which("loramerge") or "loramerge"
     return {
         "copy": ["bash", "-c", f"cp -r '{base}' '{out}' && sync"],
+        "copy-direct": [
+            "bash",
+            "-c",
+            f"'{sys.executable}' '{HERE / 'direct_copy.py'}' '{base}' '{out}' && sync",
+        ],
         "loramerge": [
             "bash",
             "-c",
@@ -100,16 +106,13 @@ def jobs(work: Path) -> dict[str, list[str]]:
 
 
 def measure_size(
-    work: Path, shape: LlamaShape, runs: int, cold: bool, names: list[str], recycle: bool
+    work: Path, shape: LlamaShape, runs: int, cold: bool, names: list[str], settling: bool
 ) -> dict:
     if not (work / "base" / "config.json").exists():
         print(f"building a {shape.parameters() / 1e9:.2f}B-parameter base in {work}", flush=True)
         write_base(work / "base", shape)
         write_adapter(work / "adapter", shape)
     commands = jobs(work)
-    base_bytes = sum(p.stat().st_size for p in (work / "base").iterdir())
-    # enough resident free memory for the largest job's page cache: base read, output written
-    recycled = 3 * base_bytes + (1 << 30) if recycle else 0
     results: dict[str, dict[str, list]] = {
         n: {"cold_s": [], "cold_rss": [], "warm_s": [], "warm_rss": []} for n in names
     }
@@ -122,12 +125,13 @@ def measure_size(
                 else:
                     warm(work / "base")
                     warm(work / "adapter")
-                recycle_memory(recycled)
+                if settling:
+                    settle()
                 seconds, rss = run_measured(commands[name])
                 results[name][f"{regime}_s"].append(seconds)
                 results[name][f"{regime}_rss"].append(rss)
                 print(
-                    f"  run {run + 1} {regime:4s} {name:9s} {seconds:7.2f} s "
+                    f"  run {run + 1} {regime:4s} {name:11s} {seconds:7.2f} s "
                     f"{rss / 2**20:8.0f} MiB",
                     flush=True,
                 )
@@ -135,7 +139,6 @@ def measure_size(
     summary = {
         "parameters": shape.parameters(),
         "layers": shape.layers,
-        "recycled_bytes": recycled,
         "jobs": {},
     }
     for name, found in results.items():
@@ -147,22 +150,24 @@ def measure_size(
 
 def print_table(label: str, summary: dict, cold: bool) -> None:
     jobs_found = summary["jobs"]
-    floor = jobs_found["copy"]
+    floors = {"x cp": jobs_found["copy"], "x direct": jobs_found["copy-direct"]}
     print(
         f"\n{label}: {summary['parameters'] / 1e9:.2f}B parameters "
         f"({summary['layers']} layers), medians"
     )
     regimes = ("cold", "warm") if cold else ("warm",)
-    header = f"{'job':10s}" + "".join(
-        f"{r + ' s':>10s}{'x copy':>8s}{r + ' RSS MiB':>16s}" for r in regimes
+    header = f"{'job':12s}" + "".join(
+        f"{r + ' s':>8s}" + "".join(f"{f:>10s}" for f in floors) + f"{r + ' RSS MiB':>15s}"
+        for r in regimes
     )
     print(header)
     for name, values in jobs_found.items():
-        row = f"{name:10s}"
+        row = f"{name:12s}"
         for regime in regimes:
             seconds = values[f"{regime}_s"]
-            row += f"{seconds:10.2f}{seconds / floor[f'{regime}_s']:8.2f}"
-            row += f"{values[f'{regime}_rss'] / 2**20:16.0f}"
+            row += f"{seconds:8.2f}"
+            row += "".join(f"{seconds / f[f'{regime}_s']:10.2f}" for f in floors.values())
+            row += f"{values[f'{regime}_rss'] / 2**20:15.0f}"
         print(row)
 
 
@@ -176,19 +181,19 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "merge.json")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic models")
     parser.add_argument(
-        "--no-recycle",
+        "--no-settle",
         action="store_true",
-        help="start jobs on whatever memory is free, even memory handed back to a VM's host",
+        help="start each job at once, even while a VM is still handing memory to its host",
     )
     args = parser.parse_args()
-    recycle = free_page_reporting() and not args.no_recycle
-    if recycle:
-        print("free page reporting is on: each job starts on freshly recycled memory")
+    settling = free_page_reporting() and not args.no_settle
+    if settling:
+        print("free page reporting is on: each job waits until it has gone quiet")
 
     cold = can_drop_caches()
     if not cold:
         print("cannot write vm.drop_caches (not root?): reporting warm figures only")
-    names = ["copy", "loramerge"] + ([] if args.no_peft else ["peft"])
+    names = ["copy", "copy-direct", "loramerge"] + ([] if args.no_peft else ["peft"])
     sizes = [("default", args.layers)] + ([] if args.no_half else [("half", args.layers // 2)])
     report = {
         "machine": {
@@ -201,14 +206,14 @@ def main() -> int:
         },
         "cold": cold,
         "free_page_reporting": free_page_reporting(),
-        "memory_recycled": recycle,
+        "settled": settling,
         "sizes": {},
     }
     for label, layers in sizes:
         shape = LlamaShape(layers=layers)
         print(f"[{label}]", flush=True)
         report["sizes"][label] = measure_size(
-            args.workdir / label, shape, args.runs, cold, names, recycle
+            args.workdir / label, shape, args.runs, cold, names, settling
         )
     for label, summary in report["sizes"].items():
         print_table(label, summary, cold)
