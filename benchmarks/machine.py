@@ -2,14 +2,14 @@
 
 Dropping the page cache emulates a model larger than memory. On a virtual machine whose guest
 reports free memory back to its host (virtio-balloon free page reporting) it also starts
-minutes of background work: the guest hands the freed gigabytes to the host about 1 GB every
-two seconds, and a job running meanwhile competes with that traffic, while pages the job
-allocates afterwards have to be faulted back in by the host. On the benchmark VM a cold `cp`
-of 2.2 GB took anywhere from 1.6 s to 9.5 s depending only on how long ago memory had been
-freed. `settle` waits until the reporting has gone quiet, so every job starts on the same,
-idle machine: free memory handed back, nothing in flight. That is the state a VM like this
-sits in between commands; it makes page-cache-heavy jobs pay for fresh pages, which is what
-they cost there.
+background work lasting many seconds: the guest hands the freed gigabytes to the host about 1
+GB every two seconds, and a job running meanwhile competes with that traffic, while pages the
+job allocates afterwards have to be faulted back in by the host. On the benchmark VM a cold
+`cp` of 2.2 GB took anywhere from 1.6 s to 9.5 s depending only on how long ago memory had been
+freed. `settle` waits until the reporting has gone quiet, so every job starts on the same, idle
+machine: free memory handed back, nothing in flight. That is the state a VM like this sits in
+between commands; it makes page-cache-heavy jobs pay for fresh pages, which is what they cost
+there.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def free_page_reporting() -> bool:
     return False
 
 
+# a counter the benchmark VM's kernel has; where it is missing, `settle` waits a fixed time
 _REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 
 

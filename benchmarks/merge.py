@@ -136,11 +136,7 @@ def measure_size(
                     flush=True,
                 )
     shutil.rmtree(work / "out", ignore_errors=True)
-    summary = {
-        "parameters": shape.parameters(),
-        "layers": shape.layers,
-        "jobs": {},
-    }
+    summary = {"parameters": shape.parameters(), "layers": shape.layers, "jobs": {}}
     for name, found in results.items():
         summary["jobs"][name] = {
             key: statistics.median(values) for key, values in found.items() if values
