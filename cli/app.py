@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 
@@ -58,9 +59,11 @@ def main() -> None:
         code = 0
     except SystemExit as exit_request:
         code = _exit_status(exit_request.code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # first: a hook may still print (logging flushes its handlers)
+    for stream in (sys.stdout, sys.stderr):
+        # a reader that went away (`| head`) needs no message, as with tools killed by SIGPIPE
+        with contextlib.suppress(BrokenPipeError):
+            stream.flush()
     os._exit(code)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,6 +45,12 @@ def test_console_script_runs():
     assert "merge" in out.stdout
 
 
+def _buffered_env() -> dict[str, str]:
+    """The environment without PYTHONUNBUFFERED: a piped stdout is then block-buffered, so
+    output a process does not flush before it ends is lost."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 def test_console_script_leaves_with_its_output_complete(tmp_path):
     """The console script ends the process without interpreter teardown: what it printed into
     a pipe (block-buffered) must still arrive whole, and the merged folder be complete."""
@@ -51,6 +58,7 @@ def test_console_script_leaves_with_its_output_complete(tmp_path):
     command = ["merge", ADAPTERS / "llama-lora", "--base", BASES / "llama", "-o", out, "--json"]
     done = subprocess.run(
         [str(console_script()), *map(str, command)],
+        env=_buffered_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -67,14 +75,18 @@ def test_console_script_keeps_exit_status_and_atexit_hooks(tmp_path):
     script = (
         "import atexit, pathlib, sys\n"
         f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "atexit.register(print, 'printed by a hook')\n"
         "from loramerge_cli.app import main\n"
         f"sys.argv = ['loramerge', 'inspect', {str(tmp_path / 'missing')!r}]\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=_buffered_env(), capture_output=True, text=True
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("error: ")
     assert marker.read_text() == "yes"
+    assert done.stdout == "printed by a hook\n"  # stdout is a pipe: it arrives only if flushed
 
 
 def test_exit_status_follows_sys_exit():
