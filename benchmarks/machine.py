@@ -10,11 +10,20 @@ freed. `settle` waits until the reporting has gone quiet, so every job starts on
 machine: free memory handed back, nothing in flight. That is the state a VM like this sits in
 between commands; it makes page-cache-heavy jobs pay for fresh pages, which is what they cost
 there.
+
+`fill_page_cache` is the other state a VM like this can start a job in without that traffic:
+the files a job reads (the model, the Python environment) are evicted one by one and memory is
+then filled with an unrelated cached file, as on a machine that streamed a model larger than
+its memory. Nothing is freed, so nothing goes back to the host, and every page a job takes
+comes from reclaiming clean cache, which is what a model larger than memory costs anywhere.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -81,3 +90,82 @@ def settle(quiet: float = 3.0, limit: float = 90.0) -> float:
         if now != last:
             last, still_since = now, time.monotonic()
     return time.monotonic() - started
+
+
+_MEMINFO = Path("/proc/meminfo")
+_FILL_CHUNK = 64 << 20
+
+
+def memory_bytes(field: str = "MemTotal") -> int:
+    for line in _MEMINFO.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def evict(paths: list[Path]) -> int:
+    """Drop every file under `paths` from the page cache (pages mapped by running processes
+    stay); works without root. Returns the files evicted."""
+    count = 0
+    for root in paths:
+        files = [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                count += 1
+            finally:
+                os.close(fd)
+    return count
+
+
+def python_files(packages: tuple[str, ...] = ("loramerge", "loramerge_cli")) -> list[Path]:
+    """The interpreter, its standard library, the folders packages are imported from, and
+    `packages` wherever they live (an editable install keeps them in the source tree); never
+    a whole system prefix such as /usr."""
+    roots = {Path(sys.executable).resolve()}
+    paths = sysconfig.get_paths()
+    keys = ("stdlib", "platstdlib", "purelib", "platlib", "scripts")
+    roots.update(Path(paths[key]) for key in keys)
+    library = sysconfig.get_config_var("LDLIBRARY")
+    if library:
+        roots.add(Path(sysconfig.get_config_var("LIBDIR") or "/") / library)
+    roots.update(Path(entry) for entry in sys.path if entry)
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            roots.add(Path(spec.origin).parent)
+    found = {r.resolve() for r in roots if r.exists()}
+    return sorted(r for r in found if not any(o != r and o in r.parents for o in found))
+
+
+def make_filler(path: Path) -> bool:
+    """A file of zeros 2 GiB larger than memory at `path` (kept if it is already that large);
+    False where the disk has no room for it."""
+    size = memory_bytes() + (2 << 30)
+    if path.exists() and path.stat().st_size >= size:
+        return True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize < size + (8 << 30):
+        return False
+    zeros = bytes(_FILL_CHUNK)
+    with open(path, "wb") as handle:
+        for _ in range(-(-size // _FILL_CHUNK)):
+            handle.write(zeros)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
+
+
+def fill_page_cache(filler: Path, cold: list[Path]) -> None:
+    """Evict `cold` (and the Python installation) from the page cache, then read all of
+    `filler`, which is larger than memory, so free memory ends up holding unrelated cache."""
+    os.sync()
+    evict([*cold, *python_files()])
+    with open(filler, "rb", buffering=0) as handle:
+        buffer = bytearray(_FILL_CHUNK)
+        while handle.readinto(buffer):
+            pass

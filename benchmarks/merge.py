@@ -1,12 +1,13 @@
 """Merge benchmark: copying the base (the floor) vs `loramerge merge` vs the PEFT path.
 
 Builds a synthetic Llama-shaped bf16 base (default ~1.1B parameters, hub-style shards) and a
-rank-16 adapter on every linear module, then runs each job in turns, cold (page cache dropped
-through vm.drop_caches when running as root) and warm, measuring wall time and the peak RSS of
-the whole process tree. Two floors: `cp -r`, and a copy with direct I/O (direct_copy.py), which
-needs no page cache. Where a VM hands free memory back to its host, every job waits until that
-has gone quiet (see machine.py). Prints medians and ratios against both copies measured in the
-same run, and writes JSON.
+rank-16 adapter on every linear module, then runs each job in turns, cold and warm, measuring
+wall time and the peak RSS of the whole process tree. Cold means nothing the job reads is in the
+page cache: dropped through vm.drop_caches (as root), or, on a VM that hands freed memory back
+to its host, evicted file by file with memory then filled by an unrelated file larger than
+memory (see machine.py and --cold). Two floors: `cp -r`, and a copy with direct I/O
+(direct_copy.py), which needs no page cache. Prints medians and ratios against both copies
+measured in the same run, and writes JSON.
 
     python benchmarks/merge.py                 # default size and half size, 3 runs each
     python benchmarks/merge.py --layers 4 --runs 1 --no-half   # a quick look
@@ -32,7 +33,9 @@ sys.path.insert(0, str(HERE))
 from machine import (  # noqa: E402
     can_drop_caches,
     drop_caches,
+    fill_page_cache,
     free_page_reporting,
+    make_filler,
     settle,
     warm,
 )
@@ -105,8 +108,48 @@ def jobs(work: Path) -> dict[str, list[str]]:
     }
 
 
+COLD_STATES = {
+    "dropped": "vm.drop_caches, then the job at once (needs root)",
+    "settled": "vm.drop_caches, then a wait until free page reporting is quiet (needs root)",
+    "full": "the job's files and Python evicted, then memory filled with an unrelated cached "
+    "file larger than memory, as after streaming a model larger than memory (needs disk room)",
+}
+
+
+def choose_cold_state(asked: str | None, filler: Path) -> str | None:
+    """The cold state to run in: the one asked for, else `full` on a VM that reports free
+    pages to its host and `dropped` elsewhere; None (warm only) where none is possible."""
+    state = asked or ("full" if free_page_reporting() else "dropped")
+    if state == "full":
+        print(f"page cache filler, larger than memory (written once): {filler}", flush=True)
+        if make_filler(filler):
+            return state
+        print("no disk room for the filler: dropping the page cache instead")
+        state = "settled" if free_page_reporting() else "dropped"
+    if can_drop_caches():
+        return state
+    print("cannot write vm.drop_caches (not root?): reporting warm figures only")
+    return None
+
+
+def start_cold(work: Path, state: str, filler: Path) -> None:
+    """Put the machine in the cold state `state` (see COLD_STATES) before a job."""
+    if state == "full":
+        fill_page_cache(filler, [work])
+    else:
+        drop_caches()
+    if state != "dropped":
+        settle()
+
+
 def measure_size(
-    work: Path, shape: LlamaShape, runs: int, cold: bool, names: list[str], settling: bool
+    work: Path,
+    shape: LlamaShape,
+    runs: int,
+    cold_state: str | None,
+    names: list[str],
+    settling: bool,
+    filler: Path,
 ) -> dict:
     if not (work / "base" / "config.json").exists():
         print(f"building a {shape.parameters() / 1e9:.2f}B-parameter base in {work}", flush=True)
@@ -117,16 +160,16 @@ def measure_size(
         n: {"cold_s": [], "cold_rss": [], "warm_s": [], "warm_rss": []} for n in names
     }
     for run in range(runs):
-        for regime in ("cold", "warm") if cold else ("warm",):
+        for regime in ("cold", "warm") if cold_state else ("warm",):
             for name in names:
                 shutil.rmtree(work / "out", ignore_errors=True)
                 if regime == "cold":
-                    drop_caches()
+                    start_cold(work, cold_state or "", filler)
                 else:
                     warm(work / "base")
                     warm(work / "adapter")
-                if settling:
-                    settle()
+                    if settling:
+                        settle()
                 seconds, rss = run_measured(commands[name])
                 results[name][f"{regime}_s"].append(seconds)
                 results[name][f"{regime}_rss"].append(rss)
@@ -177,18 +220,20 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "merge.json")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic models")
     parser.add_argument(
-        "--no-settle",
-        action="store_true",
-        help="start each job at once, even while a VM is still handing memory to its host",
+        "--cold",
+        choices=sorted(COLD_STATES),
+        help="the state cold jobs start in: "
+        + "; ".join(f"{name}: {text}" for name, text in COLD_STATES.items())
+        + " (default: full where a VM reports free pages to its host, else dropped)",
     )
     args = parser.parse_args()
-    settling = free_page_reporting() and not args.no_settle
+    filler = args.workdir / "filler"
+    cold_state = choose_cold_state(args.cold, filler)
+    cold = cold_state is not None
+    # a VM handing memory to its host slows whatever runs meanwhile: wait for it to finish
+    settling = free_page_reporting() and cold_state != "dropped"
     if settling:
         print("free page reporting is on: each job waits until it has gone quiet")
-
-    cold = can_drop_caches()
-    if not cold:
-        print("cannot write vm.drop_caches (not root?): reporting warm figures only")
     names = ["copy", "copy-direct", "loramerge"] + ([] if args.no_peft else ["peft"])
     sizes = [("default", args.layers)] + ([] if args.no_half else [("half", args.layers // 2)])
     report = {
@@ -201,6 +246,7 @@ def main() -> int:
             ),
         },
         "cold": cold,
+        "cold_state": cold_state,
         "free_page_reporting": free_page_reporting(),
         "settled": settling,
         "sizes": {},
@@ -209,7 +255,7 @@ def main() -> int:
         shape = LlamaShape(layers=layers)
         print(f"[{label}]", flush=True)
         report["sizes"][label] = measure_size(
-            args.workdir / label, shape, args.runs, cold, names, settling
+            args.workdir / label, shape, args.runs, cold_state, names, settling, filler
         )
     for label, summary in report["sizes"].items():
         print_table(label, summary, cold)
