@@ -30,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from llama_shape import LlamaShape  # noqa: E402
 from machine import (  # noqa: E402
     can_drop_caches,
     drop_caches,
@@ -39,7 +40,6 @@ from machine import (  # noqa: E402
     settle,
     warm,
 )
-from synthetic import LlamaShape, write_adapter, write_base  # noqa: E402
 
 
 def _tree_rss(root: int) -> int:
@@ -153,8 +153,9 @@ def measure_size(
 ) -> dict:
     if not (work / "base" / "config.json").exists():
         print(f"building a {shape.parameters() / 1e9:.2f}B-parameter base in {work}", flush=True)
-        write_base(work / "base", shape)
-        write_adapter(work / "adapter", shape)
+        # in a child process: torch's libraries, once mapped here, would stay cached for good
+        build = [sys.executable, str(HERE / "synthetic.py"), str(work), "--layers"]
+        subprocess.run([*build, str(shape.layers)], check=True)
     commands = jobs(work)
     results: dict[str, dict[str, list]] = {
         n: {"cold_s": [], "cold_rss": [], "warm_s": [], "warm_rss": []} for n in names

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +64,14 @@ def test_python_files_cover_what_a_merge_imports_but_not_a_system_prefix():
     assert not {Path("/"), Path("/usr"), Path("/usr/local")} & set(roots)
     # nested folders would be evicted twice
     assert not any(a != b and a in b.parents for a in roots for b in roots)
+
+
+def test_benchmark_process_never_maps_torch():
+    """Pages a running process maps cannot be evicted: if the benchmark itself imported torch,
+    every job's `import torch` would find torch's libraries cached."""
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import merge; "
+        "sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(ROOT / "benchmarks")], check=False)
+    assert done.returncode == 0
