@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -149,7 +150,7 @@ def make_filler(path: Path) -> bool:
     if path.exists() and path.stat().st_size >= size:
         return True
     path.parent.mkdir(parents=True, exist_ok=True)
-    if os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize < size + (8 << 30):
+    if shutil.disk_usage(path.parent).free < size + (8 << 30):
         return False
     zeros = bytes(_FILL_CHUNK)
     with open(path, "wb") as handle:

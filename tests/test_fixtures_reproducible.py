@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from loramerge.safetensors_header import read_header
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SCRIPT = FIXTURES / "make_fixtures.py"
 MANIFEST = FIXTURES / "MANIFEST.json"
@@ -88,9 +90,9 @@ def _differing_versions() -> dict[str, tuple[str, str]]:
 def _tensor_layout(path: Path) -> dict:
     """Names, dtypes and shapes of a checkpoint's tensors (and a safetensors file's metadata)."""
     if path.suffix == ".safetensors":
-        data = path.read_bytes()
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-        return {k: (v["dtype"], v["shape"]) if "dtype" in v else v for k, v in header.items()}
+        header = read_header(path)
+        tensors = {name: (e.dtype, list(e.shape)) for name, e in header.entries.items()}
+        return {"tensors": tensors, "metadata": header.metadata}
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
