@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from llama_shape import PROJECTIONS, LlamaShape  # benchmarks/ is on sys.path for scripts
 
-from loramerge.safetensors_writer import OutputTensor, StreamingWriter, save_tensors
+from loramerge.io.safetensors_writer import OutputTensor, StreamingWriter, save_tensors
 
 
 def write_base(folder: Path, shape: LlamaShape, shard_bytes: int = 1 << 30, seed: int = 0) -> None:

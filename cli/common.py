@@ -68,7 +68,7 @@ DyloraAlpha = Annotated[
         "--alpha", help="Training lora_alpha of an official DyLoRA checkpoint (it stores none)."
     ),
 ]
-# The names are those of loramerge.ops.engines.ENGINES (not imported here: it loads torch);
+# The names are those of loramerge.engines.profiles.ENGINES (not imported here: it loads torch);
 # tests/test_engines.py checks that this help lists every one of them.
 Engine = Annotated[
     str | None,

@@ -59,13 +59,13 @@ def convert(
     Example: loramerge convert ADAPTER --to gguf --base BASE -o adapter.gguf
     """
     with user_errors(debug):
-        from loramerge.convert import convert_adapter
         from loramerge.errors import OptionError
+        from loramerge.jobs.convert import convert_adapter
 
         if to is None and engine is None:
             raise OptionError("pass --to (peft, kohya or gguf) or --engine")
         if to is None:
-            from loramerge.ops.engines import engine_profile
+            from loramerge.engines.profiles import engine_profile
 
             to = engine_profile(engine).formats[0]
         result = convert_adapter(

@@ -94,8 +94,8 @@ def fold(
     """
     with user_errors(debug):
         from loramerge.errors import OptionError
-        from loramerge.fold import ROUNDINGS, fold_to_adapter, fold_to_model, load_chain
-        from loramerge.merge import dtype_code_of
+        from loramerge.jobs.fold import ROUNDINGS, fold_to_adapter, fold_to_model, load_chain
+        from loramerge.jobs.merge import dtype_code_of
 
         if rounding not in ROUNDINGS:
             raise OptionError(f"--rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")

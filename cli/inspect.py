@@ -39,9 +39,9 @@ def inspect(
     Example: loramerge inspect fixtures/adapters/llama-lora --base fixtures/bases/llama
     """
     with user_errors(debug):
+        from loramerge.adapter_checks import check_adapter
         from loramerge.formats.registry import ReadOptions, read_adapter
-        from loramerge.inspect import inspect_adapter
-        from loramerge.validate import check_adapter
+        from loramerge.jobs.inspect import inspect_adapter
 
         adapter = read_adapter(path, fmt, ReadOptions(alpha=alpha))
         check_adapter(adapter)

@@ -54,9 +54,9 @@ def merge(
     Example: loramerge merge fixtures/adapters/llama-lora --base fixtures/bases/llama -o merged
     """
     with user_errors(debug):
+        from loramerge.adapter_checks import check_adapter
         from loramerge.formats.registry import read_adapter
-        from loramerge.merge import dtype_code_of, merge_adapter, preview_merge
-        from loramerge.validate import check_adapter
+        from loramerge.jobs.merge import dtype_code_of, merge_adapter, preview_merge
 
         shard_bytes = parse_size(max_shard_size)
         dtype_code_of(dtype)

@@ -105,10 +105,10 @@ def reslora(
     """
     with user_errors(debug):
         from loramerge.errors import OptionError
-        from loramerge.formats.registry import write_adapter
-        from loramerge.merge import dtype_code_of, merge_adapter
-        from loramerge.reslora import ResLoraOptions, convert_reslora
-        from loramerge.reslora_forward import check_text as run_check
+        from loramerge.jobs.adapter_output import write_adapter
+        from loramerge.jobs.merge import dtype_code_of, merge_adapter
+        from loramerge.jobs.reslora import ResLoraOptions, convert_reslora
+        from loramerge.jobs.reslora_stats import check_text as run_check
 
         if dtype is not None and not merge:
             raise OptionError("--dtype sets the merged model's dtype; it needs --merge")
@@ -143,7 +143,7 @@ def reslora(
             inputs = [checkpoint] + ([Path(base)] if Path(base).exists() else [])
             to = "peft"
             if engine is not None:
-                from loramerge.ops.engines import engine_profile
+                from loramerge.engines.profiles import engine_profile
 
                 to = engine_profile(engine).formats[0]
             report: dict[str, Any] = {}
@@ -245,8 +245,9 @@ def reslora_stats(
     --text fixtures/text/train.txt -o ms-stats.json
     """
     with user_errors(debug):
-        from loramerge.atomic import atomic_output, check_output_target
-        from loramerge.reslora_forward import collect_stats, stats_json
+        from loramerge.formats.reslora_stats import stats_json
+        from loramerge.io.atomic import atomic_output, check_output_target
+        from loramerge.jobs.reslora_stats import collect_stats
 
         inputs = [checkpoint, text] + ([Path(base)] if Path(base).exists() else [])
         check_output_target(out, inputs, force)

@@ -99,7 +99,7 @@ def truncate(
       loramerge truncate fixtures/adapters/llama-lora --energy 0.9 --max-rank 6 -o small
     """
     with user_errors(debug):
-        from loramerge.truncate import parse_ranks, truncate_adapter
+        from loramerge.jobs.truncate import parse_ranks, truncate_adapter
 
         ranks = parse_ranks(rank) if rank is not None else None
         report: dict = {}

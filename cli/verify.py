@@ -57,7 +57,7 @@ def verify(
     Example: loramerge verify ADAPTER merged --base BASE --text eval.txt
     """
     with user_errors(debug):
-        from loramerge.verify import verify as run_verify
+        from loramerge.jobs.verify import verify as run_verify
 
         result = run_verify(source, candidate, base=base, text=text, atol=atol, rtol=rtol)
         if json_output:

@@ -161,3 +161,11 @@ class Adapter:
                 if extra is not None:
                     total += math.prod(extra.shape)
         return total + sum(math.prod(t.shape) for t in self.modules_to_save.values())
+
+
+def common_alpha(modules: list[LoraModule]) -> float | None:
+    """The one alpha for which alpha / r is every module's scale, or None when scales differ."""
+    values = [m.scale * m.r for m in modules]
+    if values and all(math.isclose(v, values[0], rel_tol=1e-9) for v in values):
+        return values[0]
+    return None

@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-from loramerge.direct_io import direct_writes_work
+from loramerge.io.direct_io import direct_writes_work
 
 SIZES = {
     "config.json": 300,  # under one block: copied plainly

@@ -13,7 +13,7 @@ import pytest
 from helpers import ROOT
 
 import loramerge
-from loramerge.direct_io import cached_share
+from loramerge.io.direct_io import cached_share
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 machine = pytest.importorskip("machine")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import ADAPTERS, BASES, MERGE_CASES
 
-from loramerge.buffers import BufferPool
-from loramerge.direct_io import BLOCK
+from loramerge.io.buffers import BufferPool
+from loramerge.io.direct_io import BLOCK
 
 
 def test_returned_buffers_are_reused_and_live_ones_never_shared():
@@ -64,7 +64,7 @@ def test_merging_and_inspecting_give_every_tile_back(
     """A tile that is never given back stays in the pool until the run ends: a leak that
     grows with the model (DoRA, biases and inspect each have their own paths)."""
     from loramerge.formats.registry import read_adapter
-    from loramerge.inspect import inspect_adapter
+    from loramerge.jobs.inspect import inspect_adapter
     from loramerge.model import sources
     from loramerge.model.folder import open_base
     from loramerge.model.plan import plan_merge
@@ -96,11 +96,11 @@ def test_merging_and_inspecting_give_every_tile_back(
 def test_checking_and_merging_do_not_keep_the_adapter_in_memory(tmp_path):
     """Factors are read when their module is merged and then dropped, so a merge's memory does
     not grow with the adapter (which grows with the model)."""
+    from loramerge.adapter_checks import check_adapter
     from loramerge.formats.registry import read_adapter
     from loramerge.model.folder import open_base
     from loramerge.model.plan import plan_merge
     from loramerge.model.stream import stream_plan
-    from loramerge.validate import check_adapter
 
     adapter = read_adapter(ADAPTERS / "llama-lora")
     check_adapter(adapter)

@@ -27,7 +27,7 @@ def test_conv2d_merge_matches_peft(tmp_path, use_dora):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from loramerge.formats.registry import read_adapter
-    from loramerge.merge import merge_adapter
+    from loramerge.jobs.merge import merge_adapter
 
     torch.manual_seed(7)
     base_dir = tmp_path / "base"

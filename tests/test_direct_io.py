@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
-from loramerge import direct_io
-from loramerge.direct_append import BlockAppender
-from loramerge.direct_io import BLOCK, DirectRangeReader
-from loramerge.safetensors_writer import OutputTensor, StreamingWriter
+from loramerge.io import direct_io
+from loramerge.io.direct_append import BlockAppender
+from loramerge.io.direct_io import BLOCK, DirectRangeReader
+from loramerge.io.safetensors_writer import OutputTensor, StreamingWriter
 
 
 @pytest.fixture

@@ -224,8 +224,8 @@ def test_sglang_completes_stacked_groups_from_the_base_config(cli, tmp_path):
 
 def test_vllm_rank_choices_and_limit():
     from loramerge.adapter import Adapter, LazyTensor, LoraModule
+    from loramerge.engines.profiles import apply_engine, vllm_max_lora_rank
     from loramerge.errors import OptionError
-    from loramerge.ops.engines import apply_engine, vllm_max_lora_rank
 
     expected = {1: 1, 2: 8, 8: 8, 9: 16, 64: 64, 300: 320, 321: 512, 512: 512, 513: None}
     assert {r: vllm_max_lora_rank(r) for r in expected} == expected
@@ -242,7 +242,7 @@ def test_vllm_rank_choices_and_limit():
 def test_engine_help_lists_every_profile(cli):
     from loramerge_cli.common import Engine
 
-    from loramerge.ops.engines import ENGINES
+    from loramerge.engines.profiles import ENGINES
 
     help_text = Engine.__metadata__[0].help
     for entry in ENGINES:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from loramerge.safetensors_header import read_header
+from loramerge.io.safetensors_header import read_header
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SCRIPT = FIXTURES / "make_fixtures.py"

@@ -441,8 +441,8 @@ def test_output_inside_the_chain_is_refused(cli, tmp_path):
 
 def test_library_reports_match_the_math():
     """ops.fold on the fixture links: the folded factors reproduce the float64 sum."""
-    from loramerge.formats.chain import read_chain
-    from loramerge.ops.fold import fold_chain
+    from loramerge.formats.cola_chain import read_chain
+    from loramerge.ops.cola_fold import fold_chain
 
     chain = read_chain([CHAIN])
     folded = fold_chain([(link.adapter, link.weight) for link in chain.links], dtype=torch.float64)
@@ -457,7 +457,7 @@ def test_library_reports_match_the_math():
 
 def test_failed_per_link_fold_leaves_nothing_behind(tmp_path):
     """A failure in a later link's merge removes the temporary knots and writes no OUT."""
-    from loramerge.fold import fold_to_model, load_chain
+    from loramerge.jobs.fold import fold_to_model, load_chain
 
     chain, _ = load_chain([CHAIN], BASE)
     out = tmp_path / "out"
@@ -478,7 +478,7 @@ def test_library_does_not_import_the_terminal():
     import subprocess
     import sys
 
-    code = "import loramerge.fold, sys; print(' '.join(sorted(sys.modules)))"
+    code = "import loramerge.jobs.fold, sys; print(' '.join(sorted(sys.modules)))"
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()

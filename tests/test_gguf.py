@@ -166,7 +166,8 @@ def _config_only_base(tmp_path: Path, architecture: str, model_type: str) -> Pat
     ],
 )
 def test_llama_family_architectures(tmp_path, architecture, model_type, arch, permuted):
-    from loramerge.formats.registry import read_adapter, write_adapter
+    from loramerge.formats.registry import read_adapter
+    from loramerge.jobs.adapter_output import write_adapter
 
     base = _config_only_base(tmp_path, architecture, model_type)
     out = tmp_path / "out.gguf"

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from helpers import ADAPTERS, BASES, FIXTURES, tree_hashes
 
-from loramerge import atomic, direct_append, direct_io, safetensors_writer
 from loramerge.errors import FormatError, OutputError
+from loramerge.io import atomic, direct_append, direct_io, safetensors_writer
+from loramerge.io.safetensors_header import read_header
+from loramerge.io.safetensors_writer import StreamingWriter
 from loramerge.model import stream
-from loramerge.safetensors_header import read_header
-from loramerge.safetensors_writer import StreamingWriter
 
 KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"
 MERGE = ("merge", ADAPTERS / "llama-lora", "--base", BASES / "llama")
@@ -34,7 +34,7 @@ PAUSING_CLI = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
 
-    from loramerge import safetensors_writer
+    from loramerge.io import safetensors_writer
 
     signal_file = Path(os.environ["PAUSE_SIGNAL"])
     where = os.environ["PAUSE_AT"]

@@ -18,7 +18,8 @@ def _modules_after(code: str) -> set[str]:
 
 def test_library_does_not_import_typer_or_rich():
     loaded = _modules_after(
-        "import loramerge.merge, loramerge.inspect, loramerge.convert, loramerge.formats.registry"
+        "import loramerge.jobs.merge, loramerge.jobs.inspect, loramerge.jobs.convert, "
+        "loramerge.formats.registry"
     )
     assert "typer" not in loaded
     assert "rich" not in loaded

@@ -324,7 +324,7 @@ def test_layer_zero_input_shortcut_blocks_are_exact(cli, tmp_path, stats_files, 
 
 
 def test_norms_without_forming_the_matrix_match_the_dense_norms():
-    from loramerge.ops.reslora import BaseProducts, merged_norm, official_norm
+    from loramerge.ops.reslora_rules import BaseProducts, merged_norm, official_norm
 
     generator = torch.Generator().manual_seed(3)
     W = torch.randn(24, 24, generator=generator, dtype=torch.float64)
@@ -342,8 +342,8 @@ def test_norms_without_forming_the_matrix_match_the_dense_norms():
     ("kind", "norms", "estimator"), [("is", "official", "official"), ("ms", None, "weights")]
 )
 def test_base_rows_streamed_in_small_tiles_give_the_same_norms(monkeypatch, kind, norms, estimator):
-    import loramerge.reslora as module
-    from loramerge.reslora import ResLoraOptions, convert_reslora
+    import loramerge.jobs.reslora as module
+    from loramerge.jobs.reslora import ResLoraOptions, convert_reslora
 
     monkeypatch.setattr(module, "TILE_BYTES", 8 * 64 * 5)  # five rows of a 64-wide weight
     conversion = convert_reslora(RESLORA / kind, BASE, ResLoraOptions(norms=norms))
@@ -464,7 +464,7 @@ def _adapter_deltas(adapter):
 
 @pytest.mark.parametrize(("flag", "estimator"), [(1, "weights"), (2, "exact"), (3, "weights")])
 def test_summed_loras_merge_like_their_sum(tmp_path, flag, estimator):
-    from loramerge.reslora import convert_reslora
+    from loramerge.jobs.reslora import convert_reslora
 
     folder = _copy("ms", tmp_path)
     state = _state(folder)
@@ -483,7 +483,7 @@ def test_summed_loras_merge_like_their_sum(tmp_path, flag, estimator):
 def test_trainer_and_safetensors_layouts_read_like_the_official_one(tmp_path):
     from safetensors.torch import save_file
 
-    from loramerge.reslora import convert_reslora
+    from loramerge.jobs.reslora import convert_reslora
 
     state = _state(RESLORA / "ms")
     config = json.loads((RESLORA / "ms" / "reslora_config.json").read_text())

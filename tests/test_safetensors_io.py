@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from loramerge.errors import LoramergeError
-from loramerge.safetensors_header import parse_header, read_header
-from loramerge.safetensors_io import SafetensorsReader
-from loramerge.safetensors_writer import save_tensors
+from loramerge.io.safetensors_header import parse_header, read_header
+from loramerge.io.safetensors_reader import SafetensorsReader
+from loramerge.io.safetensors_writer import save_tensors
 
 
 def _raw_file(path, header: dict, data: bytes = b"", pad: bool = True):

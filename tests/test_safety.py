@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from loramerge.errors import FormatError, LoramergeError
-from loramerge.formats.common import load_pickle_weights, read_json
+from loramerge.formats.common import load_pickle_weights
+from loramerge.io.json_files import read_json
+from loramerge.io.safetensors_header import DTYPES, read_header
+from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.folder import open_base
-from loramerge.safetensors_header import DTYPES, read_header
-from loramerge.safetensors_io import SafetensorsReader
 
 PACKAGE_DIRS = [ROOT / "loramerge", ROOT / "cli"]
 KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"
@@ -426,10 +427,10 @@ _near_valid = st.builds(_mutated, _configs, st.sets(st.sampled_from(sorted(_VALI
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=_near_valid | _configs | _json, fmt=st.sampled_from([None, "peft"]))
 def test_fuzzed_adapter_configs_raise_only_loramerge_errors(fuzz_adapter, config, fmt):
+    from loramerge.adapter_checks import check_adapter
     from loramerge.formats import kohya, peft
     from loramerge.formats.registry import read_adapter
-    from loramerge.merge import preview_merge
-    from loramerge.validate import check_adapter
+    from loramerge.jobs.merge import preview_merge
 
     _FUZZ["runs"] += 1
     text = json.dumps(config, allow_nan=True)
@@ -457,7 +458,7 @@ def test_fuzzing_reached_accepted_configs(fuzz_adapter):
     """The fuzzer does not only exercise refusals: the unmodified config plans a merge, and
     when the fuzz test ran before this one (file order), some mutated configs were accepted."""
     from loramerge.formats.registry import read_adapter
-    from loramerge.merge import preview_merge
+    from loramerge.jobs.merge import preview_merge
 
     (fuzz_adapter / "adapter_config.json").write_text(json.dumps(_VALID))
     adapter = read_adapter(fuzz_adapter)
@@ -472,8 +473,8 @@ def test_fuzzing_reached_accepted_configs(fuzz_adapter):
     shape=st.lists(st.integers(0, 3), max_size=2),
 )
 def test_fuzzed_kohya_alphas_raise_only_loramerge_errors(scratch, alpha, shape):
+    from loramerge.adapter_checks import check_adapter
     from loramerge.formats.registry import read_adapter
-    from loramerge.validate import check_adapter
 
     tensors = load_file(KOHYA)
     name = "lora_te_model_layers_0_self_attn_q_proj.alpha"

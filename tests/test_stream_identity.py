@@ -8,9 +8,9 @@ from helpers import ADAPTERS, BASES, MERGE_CASES, tree_hashes
 
 
 def _stream(adapter_name, base_name, out, pipelined, direct=True):
-    from loramerge.atomic import atomic_output
     from loramerge.formats.registry import read_adapter
-    from loramerge.merge import write_folder_files
+    from loramerge.io.atomic import atomic_output
+    from loramerge.jobs.merge import write_folder_files
     from loramerge.model.folder import open_base
     from loramerge.model.plan import plan_merge
     from loramerge.model.stream import stream_plan
@@ -26,8 +26,8 @@ def _stream(adapter_name, base_name, out, pipelined, direct=True):
 
 @pytest.mark.parametrize(("adapter", "base"), MERGE_CASES, ids=[a for a, _ in MERGE_CASES])
 def test_pipelined_equals_sequential(tmp_path, monkeypatch, adapter, base):
-    from loramerge import direct_io, safetensors_writer
-    from loramerge.direct_append import BlockAppender
+    from loramerge.io import direct_io, safetensors_writer
+    from loramerge.io.direct_append import BlockAppender
     from loramerge.model import sources
 
     def one_block_appender(fd: int) -> BlockAppender:

@@ -74,7 +74,7 @@ def test_a_missing_module_fails(cli, tmp_path):
 
 def test_difference_norm_matches_a_dense_float64_oracle(tmp_path):
     from loramerge.formats.peft import read
-    from loramerge.verify import verify
+    from loramerge.jobs.verify import verify
 
     perturbed = _copy(tmp_path, "llama-rslora-patterns", _scaled_b(0.97))
     result = verify(ADAPTERS / "llama-rslora-patterns", perturbed)

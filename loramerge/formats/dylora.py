@@ -13,7 +13,7 @@ from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import FormatError, OptionError
 from loramerge.formats import kohya
 from loramerge.formats.common import lazy_weights, load_pickle_weights
-from loramerge.safetensors_header import read_header
+from loramerge.io.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from loramerge.formats.registry import ReadOptions

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from loramerge import __version__
-from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
+from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, common_alpha
 from loramerge.errors import FormatError, OptionError
-from loramerge.ops.engines import common_alpha
 
 MAGIC = b"GGUF"
 # Hugging Face architecture -> (gguf MODEL_ARCH member, q/k rows permuted). llama.cpp's

@@ -11,8 +11,8 @@ from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import FormatError
 from loramerge.formats.common import lazy_safetensors
-from loramerge.safetensors_header import read_header
-from loramerge.safetensors_writer import save_tensors
+from loramerge.io.safetensors_header import read_header
+from loramerge.io.safetensors_writer import save_tensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_")
 DEFAULT_PREFIX = "lora_te_"

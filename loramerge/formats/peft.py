@@ -11,8 +11,9 @@ from typing import Any
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
 from loramerge.errors import FormatError
-from loramerge.formats.common import lazy_weights, read_json, require_positive, require_rank
-from loramerge.safetensors_writer import save_tensors
+from loramerge.formats.common import lazy_weights, require_positive, require_rank
+from loramerge.io.json_files import read_json
+from loramerge.io.safetensors_writer import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

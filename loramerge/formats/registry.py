@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge.adapter import Adapter
-from loramerge.atomic import atomic_output, check_output_target
 from loramerge.errors import OptionError, UnknownFormatError
 from loramerge.formats import dylora, gguf, kohya, peft
-from loramerge.safetensors_header import read_header
+from loramerge.io.safetensors_header import read_header
 
 
 @dataclass(frozen=True)
@@ -133,56 +132,3 @@ def read_adapter(
         raise UnknownFormatError("does not exist", path=path, hint="check the path")
     entry = input_format(fmt) if fmt else detect(path)
     return entry.read(path, options or ReadOptions())
-
-
-def write_adapter(
-    adapter: Adapter,
-    out: str | Path,
-    to: str = "peft",
-    *,
-    force: bool = False,
-    inputs: list[Path] | None = None,
-    engine: str | None = None,
-    base: str | Path | None = None,
-    report: dict | None = None,
-) -> Path:
-    """Write an adapter atomically in the named output format.
-
-    `engine` first rewrites the adapter for that inference engine (loramerge.ops.engines) or
-    refuses it; `base` (a model folder or hub id; only its config.json is read) tells the
-    profiles and the GGUF writer the architecture. `report`, when given, receives what the
-    profile changed and how to start the engine (`notes`, `launch`, `launch_args`).
-    """
-    out = Path(out)
-    entry = output_format(to)
-    engine = engine or entry.engine
-    needed = engine is not None or entry.needs_base
-    base_config = base_config_of(base) if base is not None and needed else None
-    if entry.needs_base and base_config is None:
-        raise OptionError(
-            f"--to {to} needs --base: the base model's config.json gives the architecture"
-        )
-    if engine is not None:
-        from loramerge.ops.engines import apply_engine
-
-        profiled = apply_engine(adapter, engine, to, base_config)
-        adapter = profiled.adapter
-        if report is not None:
-            report.update(profiled.summary())
-    # the base is an input too: OUT must never replace or sit inside it
-    bases = [Path(base)] if base is not None else []
-    check_output_target(out, [*(inputs or []), *bases], force)
-    with atomic_output(out, is_dir=entry.is_dir) as temp:
-        if entry.needs_base:
-            entry.write(adapter, temp, base_config)
-        else:
-            entry.write(adapter, temp)
-    return out
-
-
-def base_config_of(base: str | Path) -> dict:
-    """The config.json of a base model folder or cached hub id (no weights are read)."""
-    from loramerge.formats.common import read_json
-    from loramerge.model.folder import resolve_base
-
-    return read_json(resolve_base(base) / "config.json")

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.errors import FormatError, LoramergeError
-from loramerge.formats.common import read_json
-from loramerge.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+from loramerge.io.json_files import read_json
+from loramerge.io.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -177,3 +177,8 @@ def open_base(ref: str | Path) -> BaseModel:
                 raise FormatError(f"tensor {name!r} is in both {seen[name]} and {shard}", path=root)
             seen[name] = shard
     return BaseModel(root, config, shards, headers, has_index)
+
+
+def base_config_of(base: str | Path) -> dict[str, Any]:
+    """The config.json of a base model folder or cached hub id (no weights are read)."""
+    return read_json(resolve_base(base) / "config.json")

@@ -10,6 +10,7 @@ from typing import Any
 
 from loramerge.adapter import Adapter, LoraModule, ModuleKind
 from loramerge.errors import FormatError, ShapeMismatchError
+from loramerge.io.safetensors_header import FLOAT_CODES, TensorEntry, itemsize
 from loramerge.model.names import (
     input_embedding_name,
     output_embedding_name,
@@ -22,7 +23,6 @@ from loramerge.model.shapes import (
     square_kind,
     weight_kind,
 )
-from loramerge.safetensors_header import FLOAT_CODES, TensorEntry, itemsize
 
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}

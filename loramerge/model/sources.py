@@ -11,14 +11,14 @@ from contextlib import ExitStack
 import torch
 
 from loramerge.adapter import Adapter
-from loramerge.buffers import BufferPool
-from loramerge.direct_io import BLOCK
+from loramerge.io.buffers import BufferPool
+from loramerge.io.direct_io import BLOCK
+from loramerge.io.safetensors_header import itemsize
+from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
 from loramerge.ops.update import MIN_PRODUCT_SPAN, TRANSPOSED
-from loramerge.safetensors_header import itemsize
-from loramerge.safetensors_io import SafetensorsReader
 
 TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
 # tiles at least as wide as the products the update computes, so that none needs a wider one

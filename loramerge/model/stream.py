@@ -13,7 +13,9 @@ import numpy
 import torch
 
 from loramerge.adapter import Adapter
-from loramerge.direct_io import direct_writes_work
+from loramerge.io.direct_io import direct_writes_work
+from loramerge.io.safetensors_header import torch_dtype
+from loramerge.io.safetensors_writer import OutputTensor, StreamingWriter
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
@@ -26,8 +28,6 @@ from loramerge.ops.update import (
     prescaled_factors,
     update_rows,
 )
-from loramerge.safetensors_header import torch_dtype
-from loramerge.safetensors_writer import OutputTensor, StreamingWriter
 
 # rounding that keeps fewer than this share of an update's elements changed gets a warning
 ERASED_SHARE = 0.5

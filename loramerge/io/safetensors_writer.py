@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from loramerge.direct_append import BlockAppender
-from loramerge.direct_io import try_set_direct
 from loramerge.errors import FormatError
-from loramerge.safetensors_header import dtype_code, itemsize
+from loramerge.io.direct_append import BlockAppender
+from loramerge.io.direct_io import try_set_direct
+from loramerge.io.safetensors_header import dtype_code, itemsize
 
 _COPY_CHUNK = 16 << 20
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loramerge.adapter import Adapter, LoraModule, ModuleKind
-from loramerge.errors import OptionError
-from loramerge.ops.engine_rewrites import (
+from loramerge.adapter import Adapter, ModuleKind, common_alpha
+from loramerge.engines.rewrites import (
     BaseConfig,
     _refuse,
     add_zero_modules,
@@ -23,6 +21,7 @@ from loramerge.ops.engine_rewrites import (
     refuse_names,
     stacked_groups,
 )
+from loramerge.errors import OptionError
 
 # vLLM's LoRAConfig.max_lora_rank is a Literal over exactly these values.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -127,14 +126,6 @@ def _sglang(adapter: Adapter, base_config: BaseConfig) -> Profiled:
     adapter, changed = one_scale(adapter, uniform_rank=True)
     adapter, added = add_zero_modules(adapter, stacked_groups(adapter), "SGLang", base_config)
     return Profiled("sglang", adapter, tuple(notes + changed + added))
-
-
-def common_alpha(modules: list[LoraModule]) -> float | None:
-    """The one alpha for which alpha / r is every module's scale, or None when scales differ."""
-    values = [m.scale * m.r for m in modules]
-    if values and all(math.isclose(v, values[0], rel_tol=1e-9) for v in values):
-        return values[0]
-    return None
 
 
 def _llama_cpp(adapter: Adapter, base_config: BaseConfig) -> Profiled:

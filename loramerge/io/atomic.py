@@ -84,7 +84,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def check_tree(temp: Path, out: Path) -> None:
     """Re-read what was written before it is renamed into place: the header of every safetensors
     file is validated again, against the size the file really has on disk."""
-    from loramerge.safetensors_header import read_header
+    from loramerge.io.safetensors_header import read_header
 
     if temp.is_dir():
         files = sorted(p for p in temp.rglob("*.safetensors") if p.is_file())

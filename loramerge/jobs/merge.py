@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramerge.adapter import Adapter
-from loramerge.atomic import atomic_output, check_output_target
 from loramerge.errors import OptionError, OutputError
+from loramerge.io.atomic import atomic_output, check_output_target
+from loramerge.io.safetensors_header import read_header
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import DTYPE_CODES, MergePlan, plan_merge
 from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
-from loramerge.safetensors_header import read_header
 
 
 @dataclass

@@ -7,7 +7,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from loramerge.direct_io import BLOCK, aligned_empty, as_memoryview, set_direct, write_all
+from loramerge.io.direct_io import BLOCK, aligned_empty, as_memoryview, set_direct, write_all
 
 
 class BlockAppender:

@@ -1,18 +1,16 @@
-"""Conversion between adapter formats, with module names pinned to a base model when given."""
+"""Fitting an adapter to a base model: module paths pinned to the base's own tensor names and
+checked the way a merge checks them."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from loramerge.adapter import Adapter
 from loramerge.errors import FormatError
-from loramerge.formats.registry import read_adapter, write_adapter
 from loramerge.model.folder import open_base
 from loramerge.model.names import resolve_tensor_name
 from loramerge.model.plan import plan_merge
-from loramerge.validate import check_adapter
 
 
 def rename_to_base(adapter: Adapter, base_ref: str | Path) -> Adapter:
@@ -35,26 +33,3 @@ def rename_to_base(adapter: Adapter, base_ref: str | Path) -> Adapter:
     # base must fit that base
     plan_merge(base.tensors(), base.config, renamed)
     return renamed
-
-
-def convert_adapter(
-    source: str | Path,
-    to: str,
-    out: str | Path,
-    *,
-    base: str | Path | None = None,
-    fmt: str | None = None,
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    engine: str | None = None,
-) -> dict[str, Any]:
-    adapter = read_adapter(source, fmt)
-    check_adapter(adapter, allow_nonfinite)
-    if base is not None:
-        adapter = rename_to_base(adapter, base)
-    inputs = [Path(source)] + ([Path(base)] if base is not None else [])
-    report: dict[str, Any] = {}
-    written = write_adapter(
-        adapter, out, to, force=force, inputs=inputs, engine=engine, base=base, report=report
-    )
-    return {"out": str(written), "format": to, "modules": len(adapter.modules), **report}

@@ -12,8 +12,9 @@ import torch
 
 from loramerge.adapter import LazyTensor
 from loramerge.errors import FormatError
-from loramerge.formats.common import lazy_weights, read_json
+from loramerge.formats.common import lazy_weights
 from loramerge.formats.reslora_config import ResLoraConfig, parse_config
+from loramerge.io.json_files import read_json
 
 CONFIG_NAME = "reslora_config.json"
 WEIGHT_NAMES = ("pytorch_model_lora.bin", "pytorch_model_lora.safetensors")

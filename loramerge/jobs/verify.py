@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,9 @@ import torch
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
 from loramerge.errors import OptionError, located
 from loramerge.formats import gguf, peft
-from loramerge.formats.registry import base_config_of, read_adapter
+from loramerge.formats.registry import read_adapter
+from loramerge.model.folder import base_config_of
+from loramerge.model.hf_runtime import quiet_transformers
 from loramerge.model.names import resolve_tensor_name
 from loramerge.ops.lowrank import difference_frobenius_norm, update_frobenius_norm
 
@@ -108,7 +108,7 @@ def is_model_folder(path: Path) -> bool:
 def read_side(path: Path, base_config: Mapping[str, Any] | None) -> Adapter:
     """Any adapter format loramerge reads; GGUF with the base config when it is needed.
     Refused like every other command refuses it: empty, or NaN / Inf values."""
-    from loramerge.validate import check_adapter
+    from loramerge.adapter_checks import check_adapter
 
     adapter = gguf.read(path, base_config) if gguf.sniff(path) else read_adapter(path)
     check_adapter(adapter)
@@ -147,7 +147,7 @@ def verify(
         return _compare_logits(source, candidate, base, Path(text), base_config, atol, rtol)
     left, right = read_side(source, base_config), read_side(candidate, base_config)
     if base is not None:
-        from loramerge.convert import rename_to_base
+        from loramerge.model.fit import rename_to_base
 
         left, right = rename_to_base(left, base), rename_to_base(right, base)
     result = VerifyResult("factors", atol, rtol)
@@ -267,7 +267,7 @@ def _compare_logits(
     limit = min(
         MAX_TOKENS, int(config.get("max_position_embeddings") or config.get("n_positions") or 1e9)
     )
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(root)
         tokens = tokenizer(text.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"]
         ids = tokens[:, :limit]
@@ -297,26 +297,6 @@ def _compare_logits(
     return result
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No progress bars, advice or deprecation warnings from transformers / PEFT on stderr while
-    verify loads models: the verdict is the output. Settings are restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _run(
     side: Path, root: Path, ids: torch.Tensor, base_config: Mapping[str, Any] | None
 ) -> tuple[torch.Tensor, float]:
@@ -331,7 +311,7 @@ def _run(
     with tempfile.TemporaryDirectory(prefix="loramerge-verify-") as temp:
         folder = side
         if adapter.source_format != "peft":
-            from loramerge.convert import rename_to_base
+            from loramerge.model.fit import rename_to_base
 
             folder = Path(temp)
             peft.write(rename_to_base(adapter, root), folder)

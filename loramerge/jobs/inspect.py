@@ -11,13 +11,13 @@ import torch
 
 from loramerge.adapter import Adapter
 from loramerge.formats.dylora import is_dylora, unit_of
+from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, plan_merge
 from loramerge.model.sources import Sources, tile_buffer_bytes
 from loramerge.model.stream import ERASED_SHARE, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
-from loramerge.ops.truncate import RankSize, dylora_rank_profile
-from loramerge.safetensors_header import dtype_code, torch_dtype
+from loramerge.ops.rank_truncation import RankSize, dylora_rank_profile
 
 
 @dataclass

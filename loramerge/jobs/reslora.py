@@ -1,14 +1,13 @@
 """ResLoRA checkpoint + base -> plain LoRA, by the merge rules of rules.md section 4.
 
 `convert_reslora` reads an official checkpoint, checks it against the base, applies the merge
-rules chain by chain (loramerge.ops.reslora) and returns a plain `Adapter` with module paths as
-in the base, ready for `write_adapter` or `merge_adapter`. The ResLoRA forward that measures
-statistics and merge loss lives in loramerge.reslora_forward.
+rules chain by chain (loramerge.ops.reslora_rules) and returns a plain `Adapter` with module
+paths as in the base, ready for `write_adapter` or `merge_adapter`. The ResLoRA forward that
+measures statistics and merge loss is run by loramerge.jobs.reslora_stats.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +17,16 @@ import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
 from loramerge.errors import FormatError, OptionError, ShapeMismatchError
-from loramerge.formats import reslora as reslora_format
-from loramerge.formats.common import read_json
-from loramerge.formats.reslora import ResLoraCheckpoint
+from loramerge.formats import reslora_checkpoint as reslora_format
+from loramerge.formats.reslora_checkpoint import ResLoraCheckpoint
+from loramerge.formats.reslora_stats import read_stats
+from loramerge.io.safetensors_header import TensorEntry
+from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.folder import BaseModel, open_base
-from loramerge.ops import reslora as rules
-from loramerge.safetensors_header import TensorEntry
-from loramerge.safetensors_io import SafetensorsReader
+from loramerge.ops import reslora_rules as rules
 
 NORMS = ("weights", "official", "inputs")
 MS_RULES = ("amerge", "scalar")
-STATS_FORMAT = "loramerge-reslora-stats"
-STATS_VERSION = 1
 TILE_BYTES = 32 << 20  # float64 bytes of base rows read at a time for the norms
 
 
@@ -299,46 +296,3 @@ def check_against_base(checkpoint: ResLoraCheckpoint, base: BaseModel) -> None:
                     path=checkpoint.source_path,
                     hint="ResLoRA wraps every linear of a target name; the file is incomplete",
                 )
-
-
-# ---------------------------------------------------------------- calibration statistics
-
-
-def read_stats(path: Path, checkpoint: ResLoraCheckpoint) -> dict[str, dict[str, float]]:
-    """Per block path: input_norm and middle_norm, checked to cover the whole checkpoint."""
-    data = read_json(Path(path))
-    if data.get("format") != STATS_FORMAT or data.get("version") != STATS_VERSION:
-        raise FormatError(
-            f"is not a {STATS_FORMAT} file (version {STATS_VERSION})",
-            path=path,
-            hint="make one with `loramerge reslora-stats`",
-        )
-    blocks = data.get("blocks")
-    if not isinstance(blocks, dict):
-        raise FormatError("has no 'blocks' object", path=path)
-    found = {}
-    for _, _, block in checkpoint.blocks():
-        entry = blocks.get(block.path)
-        if not isinstance(entry, dict):
-            raise FormatError(
-                f"has no statistics for block {block.path}",
-                path=path,
-                hint="the statistics were made for another checkpoint; run reslora-stats again",
-            )
-        values = {}
-        for key in ("input_norm", "middle_norm"):
-            value = entry.get(key)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise FormatError(
-                    f"{key} must be a finite number >= 0, got {value!r}",
-                    path=path,
-                    module=block.path,
-                )
-            values[key] = float(value)
-        found[block.path] = values
-    return found

@@ -8,25 +8,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loramerge.adapter import Adapter
-from loramerge.atomic import TEMP_MARK, check_output_target, remove_path
-from loramerge.convert import rename_to_base
+from loramerge.adapter_checks import check_adapter
 from loramerge.errors import FormatError, LoramergeError, OptionError
-from loramerge.fold_report import LinkReport, base_model_warnings, knot_warnings, link_reports
-from loramerge.formats.chain import Chain, ChainLink, in_link, read_chain
-from loramerge.formats.registry import ReadOptions, write_adapter
-from loramerge.merge import MergeResult, dtype_code_of, merge_adapter
+from loramerge.formats.cola_chain import Chain, ChainLink, in_link, read_chain
+from loramerge.formats.registry import ReadOptions
+from loramerge.io.atomic import TEMP_MARK, check_output_target, remove_path
+from loramerge.io.safetensors_header import torch_dtype
+from loramerge.jobs.adapter_output import write_adapter
+from loramerge.jobs.fold_report import LinkReport, base_model_warnings, knot_warnings, link_reports
+from loramerge.jobs.merge import MergeResult, dtype_code_of, merge_adapter
+from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
 from loramerge.model.plan import Action, plan_merge
 from loramerge.model.stream import Progress
-from loramerge.ops.fold import (
+from loramerge.ops.cola_fold import (
     FoldedAdapter,
     check_compatible,
     fold_chain,
     weighted,
 )
-from loramerge.safetensors_header import torch_dtype
-from loramerge.validate import check_adapter
 
 ROUNDINGS = ("once", "per-link")
 
@@ -260,7 +261,7 @@ def fold_to_adapter(
     )
     to = "peft"
     if engine is not None:
-        from loramerge.ops.engines import engine_profile
+        from loramerge.engines.profiles import engine_profile
 
         to = engine_profile(engine).formats[0]
     write_adapter(

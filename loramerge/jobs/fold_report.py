@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge.errors import located
-from loramerge.formats.chain import Chain
+from loramerge.formats.cola_chain import Chain
 from loramerge.model.stream import ERASED_SHARE
-from loramerge.ops.fold import chain_update_norm, total_norm, update_norm
+from loramerge.ops.cola_fold import chain_update_norm, total_norm, update_norm
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import Any
 
 from loramerge.adapter import Adapter
 from loramerge.errors import FormatError, LoramergeError, OptionError
-from loramerge.formats.common import read_json
 from loramerge.formats.registry import ReadOptions, read_adapter
+from loramerge.io.json_files import read_json
 
 MANIFEST_NAME = "cola_chain.json"
 MANIFEST_FORMAT = "loramerge-cola-chain"

@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from loramerge.direct_io import BLOCK, aligned_empty
+from loramerge.io.direct_io import BLOCK, aligned_empty
 
 
 class BufferPool:

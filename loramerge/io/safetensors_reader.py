@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from loramerge.direct_io import Allocate, DirectRangeReader, aligned_empty
 from loramerge.errors import FormatError
-from loramerge.safetensors_header import (
+from loramerge.io.direct_io import Allocate, DirectRangeReader, aligned_empty
+from loramerge.io.safetensors_header import (
     TensorEntry,
     data_error,
     header_from_fd,

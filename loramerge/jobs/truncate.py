@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.atomic import atomic_output, check_output_target
+from loramerge.adapter_checks import check_adapter
 from loramerge.errors import OptionError
 from loramerge.formats import dylora
-from loramerge.formats.registry import ReadOptions, output_format, read_adapter, write_adapter
+from loramerge.formats.registry import ReadOptions, output_format, read_adapter
+from loramerge.io.atomic import atomic_output, check_output_target
+from loramerge.jobs.adapter_output import write_adapter
 from loramerge.model.stream import Progress
-from loramerge.ops.truncate import ModuleRow, check_prefix_rank, reduce_svd, truncate_prefix
-from loramerge.validate import check_adapter
+from loramerge.ops.rank_truncation import ModuleRow, check_prefix_rank, reduce_svd, truncate_prefix
 
 METHODS = ("prefix", "svd", "dylora")  # dylora = prefix, declaring the input to be DyLoRA
 
@@ -105,8 +106,8 @@ def truncate_adapter(
     """
     source, out = Path(source), Path(out)
     _check_options(ranks, energy, max_rank, to, base, merge, dtype)
-    if engine is not None:  # --engine: rewrite each output for that engine (ops/engines.py)
-        from loramerge.ops.engines import engine_profile
+    if engine is not None:  # --engine: rewrite each output for that engine (loramerge.engines)
+        from loramerge.engines.profiles import engine_profile
 
         if merge:
             raise OptionError("--engine rewrites an adapter; with --merge the output is a model")
@@ -121,7 +122,7 @@ def truncate_adapter(
     check_adapter(adapter, allow_nonfinite)
     chosen = resolve_method(adapter, method, energy)
     if base is not None and not merge:
-        from loramerge.convert import rename_to_base
+        from loramerge.model.fit import rename_to_base
 
         adapter = rename_to_base(adapter, base)
         if adapter.base_model is None:
@@ -155,7 +156,7 @@ def truncate_adapter(
     def write(new: Adapter, path: Path) -> None:
         new = replace(new, metadata=_output_metadata(new, chosen))
         if merge:
-            from loramerge.merge import merge_adapter
+            from loramerge.jobs.merge import merge_adapter
 
             merged = merge_adapter(
                 new, base, path, dtype=dtype, force=force, progress=progress, extra_inputs=[source]
@@ -168,7 +169,7 @@ def truncate_adapter(
                 report=part,
             )  # fmt: skip
             if report is not None and part:
-                from loramerge.ops.engines import combine_reports
+                from loramerge.engines.profiles import combine_reports
 
                 combine_reports(report, part)
 
