@@ -69,7 +69,7 @@ DyloraAlpha = Annotated[
     ),
 ]
 # The names are those of loramerge.engines.profiles.ENGINES (not imported here: it loads torch);
-# tests/test_engines.py checks that this help lists every one of them.
+# tests/engines/test_engines.py checks that this help lists every one of them.
 Engine = Annotated[
     str | None,
     typer.Option(
