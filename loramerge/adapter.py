@@ -17,7 +17,7 @@ class ModuleKind(str, Enum):
     LINEAR = "linear"  # W (out x in) += s B A
     CONV1D = "conv1d"  # GPT-2 Conv1D, W stored (in x out) += s (B A)^T
     EMBEDDING = "embedding"  # table (num x dim) += s (B A)^T, A is (r x num)
-    CONV2D = "conv2d"  # W (out, in, kh, kw) += s reshape(B A)
+    CONV = "conv"  # nn.Conv1d/2d/3d: W (out, in, *kernel) += s reshape(B A)
 
 
 class LazyTensor:
@@ -82,8 +82,8 @@ def match_pattern(patterns: Mapping[str, float], module_path: str) -> str | None
 class LoraModule:
     """One adapted module. `path` is the module path in the base model (no PEFT prefix).
 
-    A is (r x in) [(r x num) for embeddings, (r, in, kh, kw) for conv2d]; B is (out x r)
-    [(dim x r), (out, r, 1, 1)]. `kind` may be refined from LINEAR to CONV1D once the base
+    A is (r x in) [(r x num) for embeddings, (r, in, *kernel) for conv]; B is (out x r)
+    [(dim x r), (out, r, 1, ...)]. `kind` may be refined from LINEAR to CONV1D once the base
     tensor's shape is known.
     """
 
@@ -96,6 +96,9 @@ class LoraModule:
     magnitude: LazyTensor | None = None  # DoRA, shape (out,)
     bias: LazyTensor | None = None  # lora_B bias, shape (out,)
     fan_in_fan_out: bool = False  # the source's claim; the base tensor's shape decides
+    # the model of a multi-model checkpoint the module belongs to (kohya `lora_unet_`/`lora_te1_`,
+    # diffusers `unet.`/`text_encoder.`): kept through every transform, None for one model
+    component: str | None = None
 
     @property
     def r(self) -> int:
@@ -111,17 +114,17 @@ class LoraModule:
         return self.path.rsplit(".", 1)[-1]
 
     def factors(self, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) as float32 matrices: conv2d factors are flattened, embeddings as stored.
+        """(B, A) as float32 matrices: conv factors are flattened, embeddings as stored.
         `keep=False` does not keep factors that were not loaded yet (see LazyTensor.read)."""
         lora_b = self.lora_B.float(keep)
         lora_a = self.lora_A.float(keep)
         return lora_b.reshape(lora_b.shape[0], -1), lora_a.reshape(lora_a.shape[0], -1)
 
     def with_factors(self, lora_b: torch.Tensor, lora_a: torch.Tensor, alpha: float) -> LoraModule:
-        """A copy with new factors (same kind), reshaped back for conv2d."""
-        if self.kind is ModuleKind.CONV2D:
+        """A copy with new factors (same kind), reshaped back for conv."""
+        if self.kind is ModuleKind.CONV:
             lora_a = lora_a.reshape(lora_a.shape[0], *self.lora_A.shape[1:])
-            lora_b = lora_b.reshape(lora_b.shape[0], lora_b.shape[1], 1, 1)
+            lora_b = lora_b.reshape(lora_b.shape[0], lora_b.shape[1], *self.lora_B.shape[2:])
         return replace(
             self, lora_A=LazyTensor.of(lora_a), lora_B=LazyTensor.of(lora_b), alpha=alpha
         )

@@ -82,7 +82,7 @@ def vllm_max_lora_rank(rank: int) -> int | None:
 def _vllm(adapter: Adapter, base_config: BaseConfig) -> Profiled:
     refuse_dora_and_bias(adapter, "vLLM")
     refuse_modules_to_save(adapter, "vLLM", VLLM_SAVED_HEADS)
-    refuse_kinds(adapter, "vLLM", (ModuleKind.CONV2D,))
+    refuse_kinds(adapter, "vLLM", (ModuleKind.CONV,))
     notes = check_vocabulary(adapter, "vLLM", base_config)
     top = max((m.r for m in adapter.modules.values()), default=1)
     choice = vllm_max_lora_rank(top)
@@ -121,7 +121,7 @@ def _tgi_like(engine: str, label: str) -> Callable[[Adapter, BaseConfig], Profil
 def _sglang(adapter: Adapter, base_config: BaseConfig) -> Profiled:
     refuse_dora_and_bias(adapter, "SGLang")
     refuse_modules_to_save(adapter, "SGLang")
-    refuse_kinds(adapter, "SGLang", (ModuleKind.CONV2D,))
+    refuse_kinds(adapter, "SGLang", (ModuleKind.CONV,))
     notes = check_vocabulary(adapter, "SGLang", base_config)
     adapter, changed = one_scale(adapter, uniform_rank=True)
     adapter, added = add_zero_modules(adapter, stacked_groups(adapter), "SGLang", base_config)
@@ -131,7 +131,7 @@ def _sglang(adapter: Adapter, base_config: BaseConfig) -> Profiled:
 def _llama_cpp(adapter: Adapter, base_config: BaseConfig) -> Profiled:
     refuse_dora_and_bias(adapter, "llama.cpp")
     refuse_modules_to_save(adapter, "llama.cpp")
-    refuse_kinds(adapter, "llama.cpp", (ModuleKind.CONV2D, ModuleKind.CONV1D))
+    refuse_kinds(adapter, "llama.cpp", (ModuleKind.CONV, ModuleKind.CONV1D))
     notes = check_vocabulary(adapter, "llama.cpp", base_config)
     if (base_config or {}).get("tie_word_embeddings"):
         tied = [m.path for m in adapter.modules.values() if m.name == "lm_head"]

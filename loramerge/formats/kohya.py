@@ -157,7 +157,7 @@ def _module(path: Path, name: str, parts: dict[str, LazyTensor]) -> LoraModule:
         alpha = float(parts["alpha"].load().reshape(-1)[0].item())
     if not (math.isfinite(alpha) and alpha > 0):
         raise FormatError(f"alpha must be a positive number, got {alpha}", path=path, module=name)
-    kind = ModuleKind.CONV2D if len(down.shape) == 4 else ModuleKind.LINEAR
+    kind = ModuleKind.CONV if len(down.shape) == 4 else ModuleKind.LINEAR
     return LoraModule(path=kohya_to_path(name), lora_A=down, lora_B=up, alpha=alpha, kind=kind)
 
 

@@ -162,7 +162,7 @@ def _module(
     if embedding:
         kind = ModuleKind.EMBEDDING
     elif len(lora_a.shape) == 4:
-        kind = ModuleKind.CONV2D
+        kind = ModuleKind.CONV
     else:
         kind = ModuleKind.LINEAR
     return LoraModule(

@@ -33,7 +33,7 @@ def check_shape(module: LoraModule, shape: tuple[int, ...], path_hint: str) -> N
     a, b = module.lora_A.shape, module.lora_B.shape
     if module.kind is ModuleKind.EMBEDDING:
         expected: tuple[int, ...] = (a[1], b[0])
-    else:  # conv2d
+    else:  # conv
         expected = (b[0], a[1], *a[2:])
         if tuple(b[2:]) != (1, 1):
             raise ShapeMismatchError(

@@ -46,7 +46,7 @@ def reduce_terms(
 
 
 def module_terms(module: LoraModule, weight: float = 1.0) -> Term:
-    """(B, A, s * weight) of one module as float32 matrices (conv2d factors flattened)."""
+    """(B, A, s * weight) of one module as float32 matrices (conv factors flattened)."""
     lora_b, lora_a = module.factors()
     return lora_b, lora_a, module.scale * weight
 

@@ -1,6 +1,6 @@
 """The dense update of one LoRA module in its base tensor's stored layout, a tile of rows at a time.
 
-Layouts (rules.md section 1): LINEAR and CONV2D tensors have one row per output; CONV1D
+Layouts (rules.md section 1): LINEAR and CONV tensors have one row per output; CONV1D
 (GPT-2, in x out) and EMBEDDING (num x dim) tables are stored transposed, one row per input.
 """
 
@@ -55,8 +55,8 @@ def update_rows(
     """Rows start:stop of s * B @ A in the stored layout, float32, with the bits of the same
     rows of the whole product.
 
-    `lora_b` is (out x r) and `lora_a` (r x in) as float32 matrices (conv2d factors flattened);
-    `row_shape` is the shape of one stored row for conv2d, e.g. (in, kh, kw); `empty` makes
+    `lora_b` is (out x r) and `lora_a` (r x in) as float32 matrices (conv factors flattened);
+    `row_shape` is the shape of one stored row for conv, e.g. (in, kh, kw); `empty` makes
     the product's tensor. The product is formed as (B @ A) then scaled, PEFT's order of
     operations.
     """

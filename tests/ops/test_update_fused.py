@@ -49,10 +49,10 @@ def test_fused_add_handles_conv2d_rows():
     lora_b, lora_a, _ = _factors(96, 16 * 3 * 3, 8, 0.1, seed=5)
     base = torch.randn(96, 16, 3, 3)
     separate = base[8:96] + update_rows(
-        lora_b, lora_a, 1.0, ModuleKind.CONV2D, 8, 96, row_shape=(16, 3, 3)
+        lora_b, lora_a, 1.0, ModuleKind.CONV, 8, 96, row_shape=(16, 3, 3)
     )
     fused = base[8:96].clone()
-    assert add_update_in_place(fused, lora_b, lora_a, 1.0, ModuleKind.CONV2D, 8, 96)
+    assert add_update_in_place(fused, lora_b, lora_a, 1.0, ModuleKind.CONV, 8, 96)
     assert torch.equal(fused, separate)
 
 
