@@ -7,17 +7,21 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 import torch
 
+from loramerge.errors import FormatError
+
 
 class ModuleKind(str, Enum):
-    """How a module's update lands on its base tensor (rules.md section 1)."""
+    """How a module's update lands on its base tensor (docs/rules.md section 1)."""
 
     LINEAR = "linear"  # W (out x in) += s B A
-    CONV1D = "conv1d"  # GPT-2 Conv1D, W stored (in x out) += s (B A)^T
+    CONV1D = "conv1d"  # transformers' Conv1D (GPT-2), W stored (in x out) += s (B A)^T
     EMBEDDING = "embedding"  # table (num x dim) += s (B A)^T, A is (r x num)
     CONV = "conv"  # nn.Conv1d/2d/3d: W (out, in, *kernel) += s reshape(B A)
+    PARAMETER = "parameter"  # PEFT target_parameters: a bare 2-D parameter or 3-D expert stack
 
 
 class LazyTensor:
@@ -83,8 +87,14 @@ class LoraModule:
     """One adapted module. `path` is the module path in the base model (no PEFT prefix).
 
     A is (r x in) [(r x num) for embeddings, (r, in, *kernel) for conv]; B is (out x r)
-    [(dim x r), (out, r, 1, ...)]. `kind` may be refined from LINEAR to CONV1D once the base
-    tensor's shape is known.
+    [(dim x r), (out, r, 1, ...)]. `kind` may be refined (LINEAR to CONV1D) once the base's
+    architecture is known.
+
+    PARAMETER modules (PEFT `target_parameters`) are PEFT's ParamWrapper: `path` is the
+    wrapper's module path as PEFT names it (`...experts.base_layer` for the second wrapper of
+    one module); `parameter` names the wrapped parameter once the architecture says which it is.
+    With `experts` > 1 the factors hold one LoRA per expert: A is (r*E x in) with expert e's
+    rows at e*r..(e+1)*r, B is (out x r*E) with expert e's columns at e, e+E, e+2E, ...
     """
 
     path: str
@@ -95,14 +105,16 @@ class LoraModule:
     use_rslora: bool = False
     magnitude: LazyTensor | None = None  # DoRA, shape (out,)
     bias: LazyTensor | None = None  # lora_B bias, shape (out,)
-    fan_in_fan_out: bool = False  # the source's claim; the base tensor's shape decides
+    fan_in_fan_out: bool = False  # the source's claim; the base's architecture decides
     # the model of a multi-model checkpoint the module belongs to (kohya `lora_unet_`/`lora_te1_`,
     # diffusers `unet.`/`text_encoder.`): kept through every transform, None for one model
     component: str | None = None
+    parameter: str | None = None  # PARAMETER: the wrapped parameter's name on its module
+    experts: int = 1  # PARAMETER: experts in the stack (3-D parameters)
 
     @property
     def r(self) -> int:
-        return self.lora_A.shape[0]
+        return self.lora_A.shape[0] // self.experts
 
     @property
     def scale(self) -> float:
@@ -113,15 +125,29 @@ class LoraModule:
         """The last component of the path (e.g. q_proj), as target_modules lists it."""
         return self.path.rsplit(".", 1)[-1]
 
-    def factors(self, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) as float32 matrices: conv factors are flattened, embeddings as stored.
+    def factors(
+        self, keep: bool = True, expert: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) as float32 matrices: conv factors are flattened, embeddings as stored; for
+        a stack of experts, those of `expert`, which must then be given.
         `keep=False` does not keep factors that were not loaded yet (see LazyTensor.read)."""
         lora_b = self.lora_B.float(keep)
         lora_a = self.lora_A.float(keep)
+        if self.experts > 1:
+            if expert is None:
+                raise FormatError(
+                    f"holds one update per expert ({self.experts} experts), not one update",
+                    module=self.path,
+                    hint="this operation does not take LoRA on MoE experts (target_parameters)",
+                )
+            rank = self.r
+            return lora_b[:, expert :: self.experts], lora_a[expert * rank : (expert + 1) * rank]
         return lora_b.reshape(lora_b.shape[0], -1), lora_a.reshape(lora_a.shape[0], -1)
 
     def with_factors(self, lora_b: torch.Tensor, lora_a: torch.Tensor, alpha: float) -> LoraModule:
         """A copy with new factors (same kind), reshaped back for conv."""
+        if self.experts > 1:
+            raise FormatError("per-expert factors cannot be replaced as one", module=self.path)
         if self.kind is ModuleKind.CONV:
             lora_a = lora_a.reshape(lora_a.shape[0], *self.lora_A.shape[1:])
             lora_b = lora_b.reshape(lora_b.shape[0], lora_b.shape[1], *self.lora_B.shape[2:])
@@ -130,14 +156,29 @@ class LoraModule:
         )
 
 
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of an embedding table replaced by trained values (PEFT trainable_token_indices)."""
+
+    indices: tuple[int, ...]
+    values: LazyTensor  # (len(indices) x dim)
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter: modules by path, plus full tensors it carries and where it came from.
 
     `modules_to_save` maps a base tensor name (e.g. `lm_head.weight`) to a trained full copy that
-    replaces it. `base_tables` maps a base tensor name (e.g. `model.embed_tokens.weight`) to the
-    table PEFT saved as `<path>.base_layer.weight`: the base value the module's update applies to
-    (it differs from the base file when tokens were added during training).
+    replaces it; `saved_biases` likewise for biases trained with PEFT's bias="all"/"lora_only".
+    `base_tables` maps a base tensor name (e.g. `model.embed_tokens.weight`) to the table PEFT
+    saved as `<path>.base_layer.weight`: the base value the module's update applies to (it
+    differs from the base file when tokens were added during training). `token_rows` maps an
+    embedding's module path to the rows trained in place of the base's.
+
+    `base_init` names an initialisation that changed the base during training ("pissa",
+    "olora"): the factors then apply to the residual base PEFT rebuilds from the original one.
+    `merge_refusal`, when set, says why no merged model can compute what the adapter does.
+    `source_config` keeps the source's own configuration, for fields a writer passes through.
     """
 
     modules: dict[str, LoraModule]
@@ -148,6 +189,11 @@ class Adapter:
     source_path: str | None = None
     task_type: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    saved_biases: dict[str, LazyTensor] = field(default_factory=dict)
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)
+    base_init: str | None = None
+    merge_refusal: str | None = None
+    source_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.modules = dict(sorted(self.modules.items()))
@@ -163,7 +209,9 @@ class Adapter:
             for extra in (module.magnitude, module.bias):
                 if extra is not None:
                     total += math.prod(extra.shape)
-        return total + sum(math.prod(t.shape) for t in self.modules_to_save.values())
+        full = [*self.modules_to_save.values(), *self.saved_biases.values()]
+        full += [rows.values for rows in self.token_rows.values()]
+        return total + sum(math.prod(t.shape) for t in full)
 
 
 def common_alpha(modules: list[LoraModule]) -> float | None:

@@ -1,39 +1,51 @@
-"""PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors` (or legacy `.bin`)."""
+"""PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors` (or legacy `.bin`).
+
+Keys are PEFT's saved names (`base_model.model.<path>.lora_A.weight`, ...). A PARAMETER module
+(target_parameters) is named by PEFT's wrapper path: two parameters of one module nest two
+wrappers, so the second is `<path>.base_layer`; which parameter each wraps, and how many
+experts it stacks, is known only from the base's architecture (loramerge.model.fit).
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from loramerge import __version__
-from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
+from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, TokenRows, match_pattern
 from loramerge.errors import FormatError
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
+from loramerge.formats.peft_config import base_init, config_for, merge_refusal
 from loramerge.io.json_files import read_json
 from loramerge.io.safetensors_writer import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
+WRAPPED = ".base_layer"
 _PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _KEY = re.compile(
     r"^(?P<path>.+?)\.(?P<part>" + "|".join(_PARTS) + r")(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?"
     r"(?:\.(?P<param>weight|bias))?$"
 )
+TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 
 
 def sniff(path: Path) -> bool:
+    """A PEFT adapter folder of any tuner (the reader refuses those other than LoRA by name):
+    a config naming a peft_type, or PEFT's weight file beside a config."""
     config = path / CONFIG_NAME
     if not config.is_file():
         return False
+    if any((path / name).is_file() for name in WEIGHT_NAMES):
+        return True
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return True  # claim it, so that the reader reports the broken config
-    return isinstance(data, dict) and str(data.get("peft_type", "LORA")).upper() == "LORA"
+        return False
+    return isinstance(data, dict) and "peft_type" in data
 
 
 def weights_file(folder: Path) -> Path:
@@ -47,81 +59,126 @@ def weights_file(folder: Path) -> Path:
     )
 
 
+class _Settings:
+    """The config values every module is read with."""
+
+    def __init__(self, config: dict[str, Any], config_path: Path) -> None:
+        self.path = config_path
+        self.r = require_rank(config.get("r", 8), "r", config_path)
+        self.alpha = require_positive(config.get("lora_alpha", 8), "lora_alpha", config_path)
+        self.rank_pattern = _pattern(config, "rank_pattern", config_path)
+        self.alpha_pattern = _pattern(config, "alpha_pattern", config_path)
+        self.use_rslora = bool(config.get("use_rslora", False))
+        self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        self.wraps_parameters = bool(config.get("target_parameters"))
+
+    def rank(self, key: str, module: str) -> int:
+        found = match_pattern(self.rank_pattern, key)
+        if found is None:
+            return self.r
+        return require_rank(self.rank_pattern[found], f"rank_pattern[{found!r}]", self.path, module)
+
+    def alpha_of(self, key: str, module: str) -> float:
+        found = match_pattern(self.alpha_pattern, key)
+        value = self.alpha_pattern[found] if found is not None else self.alpha
+        return require_positive(value, "lora_alpha", self.path, module)
+
+
 def read(folder: Path) -> Adapter:
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise FormatError(
-            f"peft_type is {peft_type}; loramerge reads LoRA adapters", path=config_path
+            f"is a PEFT {peft_type} adapter (peft_type {peft_type}); loramerge reads PEFT LoRA "
+            "adapters",
+            path=config_path,
+            hint="only LoRA-family adapters (peft_type LORA) can be converted or merged",
         )
-    config_r = require_rank(config.get("r", 8), "r", config_path)
-    config_alpha = require_positive(config.get("lora_alpha", 8), "lora_alpha", config_path)
-    rank_pattern = _pattern(config, "rank_pattern", config_path)
-    alpha_pattern = _pattern(config, "alpha_pattern", config_path)
-    use_rslora = bool(config.get("use_rslora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    if config.get("trainable_token_indices"):
-        raise FormatError(
-            "uses trainable_token_indices, which loramerge cannot merge yet", path=config_path
-        )
-
+    settings = _Settings(config, config_path)
     path = weights_file(folder)
     tensors, metadata = lazy_weights(path)
     parts: dict[str, dict[str, LazyTensor]] = {}
-    modules_to_save: dict[str, LazyTensor] = {}
-    base_tables: dict[str, LazyTensor] = {}
+    other: dict[str, LazyTensor] = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         match = _KEY.match(name)
         if match is None:
-            if name.endswith(".base_layer.weight"):
-                base_tables[name.replace(".base_layer.weight", ".weight")] = tensor
-            else:
-                modules_to_save[name.replace(".modules_to_save.default.", ".")] = tensor
+            other[name] = tensor
             continue
         part = match["part"]
         if match["param"] == "bias":
             part = "lora_B.bias" if part == "lora_B" else part + ".bias"
         parts.setdefault(match["path"], {})[part] = tensor
-
-    modules = {}
-    for module_path, found in parts.items():
-        modules[module_path] = _module(
-            module_path,
-            found,
-            path,
-            config_r,
-            config_alpha,
-            rank_pattern,
-            alpha_pattern,
-            use_rslora,
-            fan_in_fan_out,
-        )
-    if not modules and not modules_to_save:
-        raise FormatError("holds no LoRA tensors", path=path, hint="is this the right file?")
-    return Adapter(
+    modules = {p: _module(p, found, path, settings) for p, found in parts.items()}
+    adapter = Adapter(
         modules=modules,
-        modules_to_save=modules_to_save,
-        base_tables=base_tables,
         base_model=_text(config.get("base_model_name_or_path")),
         source_format="peft",
         source_path=str(folder),
         task_type=_text(config.get("task_type")),
         metadata=metadata,
+        base_init=base_init(config),
+        merge_refusal=merge_refusal(config),
+        source_config=config,
     )
+    _sort_other_tensors(adapter, other, config, config_path)
+    if not modules and not adapter.modules_to_save and not adapter.token_rows:
+        raise FormatError("holds no LoRA tensors", path=path, hint="is this the right file?")
+    return adapter
+
+
+def _sort_other_tensors(
+    adapter: Adapter, other: dict[str, LazyTensor], config: dict[str, Any], config_path: Path
+) -> None:
+    """Full tensors beside the factors: trained token rows, saved embedding tables, trained
+    biases (bias="all"/"lora_only") and modules_to_save copies."""
+    saved = config.get("modules_to_save") or []
+    trains_biases = str(config.get("bias", "none")) != "none"
+    for name, tensor in other.items():
+        if name.endswith(TOKEN_DELTA):
+            module = name.removesuffix(TOKEN_DELTA)
+            indices = _token_indices(config.get("trainable_token_indices"), module, config_path)
+            if len(tensor.shape) != 2 or tensor.shape[0] != len(indices):
+                raise FormatError(
+                    f"trainable token rows {list(tensor.shape)} do not match the "
+                    f"{len(indices)} indices in trainable_token_indices",
+                    path=config_path,
+                    module=module,
+                )
+            adapter.token_rows[module] = TokenRows(tuple(indices), tensor)
+            continue
+        name = name.replace(".modules_to_save.default.", ".")
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(WRAPPED + ".weight"):
+            adapter.base_tables[name.replace(WRAPPED + ".weight", ".weight")] = tensor
+        elif any(module.endswith(entry) for entry in saved if isinstance(entry, str)):
+            adapter.modules_to_save[name] = tensor
+        elif trains_biases and name.endswith(".bias"):
+            adapter.saved_biases[name.replace(WRAPPED + ".bias", ".bias")] = tensor
+        else:
+            adapter.modules_to_save[name] = tensor
+
+
+def _token_indices(value: Any, module: str, config_path: Path) -> list[int]:
+    """The token indices PEFT trained for `module` (a list: the input embedding; a dict: per
+    module name, matched as PEFT matches it)."""
+    if isinstance(value, dict):
+        found = [v for k, v in value.items() if module == k or module.endswith("." + k)]
+        value = found[0] if len(found) == 1 else None
+    if not isinstance(value, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        raise FormatError(
+            f"trainable_token_indices gives no list of token ids for {module}",
+            path=config_path,
+            module=module,
+        )
+    return value
 
 
 def _module(
-    module_path: str,
-    found: dict[str, LazyTensor],
-    path: Path,
-    config_r: int,
-    config_alpha: float,
-    rank_pattern: dict[str, Any],
-    alpha_pattern: dict[str, Any],
-    use_rslora: bool,
-    fan_in_fan_out: bool,
+    module_path: str, found: dict[str, LazyTensor], path: Path, settings: _Settings
 ) -> LoraModule:
     embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
@@ -129,53 +186,53 @@ def _module(
     if missing:
         raise FormatError(f"has no {missing[0]} tensor", path=path, module=module_path)
     lora_a, lora_b = found[a_key], found[b_key]
-    r = lora_a.shape[0] if lora_a.shape else 0
-    dims = (2,) if embedding else (2, 4)
-    if len(lora_a.shape) not in dims or len(lora_b.shape) != len(lora_a.shape) or r == 0:
+    rows = lora_a.shape[0] if lora_a.shape else 0
+    dims = (2,) if embedding else (2, 3, 4, 5)
+    if len(lora_a.shape) not in dims or len(lora_b.shape) != len(lora_a.shape) or rows == 0:
         raise FormatError(
             f"A {list(lora_a.shape)} and B {list(lora_b.shape)} are not LoRA factors",
             path=path,
             module=module_path,
         )
-    if lora_b.shape[1] != r:
+    if lora_b.shape[1] != rows:
         raise FormatError(
             f"rank of A {list(lora_a.shape)} and B {list(lora_b.shape)} disagree",
             path=path,
             module=module_path,
         )
-    rank_key = match_pattern(rank_pattern, module_path)
-    expected_r = config_r
-    if rank_key is not None:
-        expected_r = require_rank(
-            rank_pattern[rank_key], f"rank_pattern[{rank_key!r}]", path.parent / CONFIG_NAME
-        )
-    if expected_r != r:
-        raise FormatError(
-            f"the config gives rank {expected_r} but the tensors have rank {r}",
-            path=path.parent / CONFIG_NAME,
-            module=module_path,
-            hint="fix r or rank_pattern in adapter_config.json",
-        )
-    alpha_key = match_pattern(alpha_pattern, module_path)
-    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config_alpha
-    alpha = require_positive(alpha, "lora_alpha", path.parent / CONFIG_NAME, module_path)
+    wrapped = settings.wraps_parameters and WRAPPED in module_path
     if embedding:
         kind = ModuleKind.EMBEDDING
-    elif len(lora_a.shape) == 4:
+    elif len(lora_a.shape) > 2:
         kind = ModuleKind.CONV
     else:
-        kind = ModuleKind.LINEAR
-    return LoraModule(
+        kind = ModuleKind.PARAMETER if wrapped else ModuleKind.LINEAR
+    module = LoraModule(
         path=module_path,
         lora_A=lora_a,
         lora_B=lora_b,
-        alpha=alpha,
+        alpha=settings.alpha_of(module_path, module_path),
         kind=kind,
-        use_rslora=use_rslora,
+        use_rslora=settings.use_rslora,
         magnitude=found.get("lora_magnitude_vector"),
         bias=found.get("lora_B.bias"),
-        fan_in_fan_out=fan_in_fan_out,
+        fan_in_fan_out=settings.fan_in_fan_out,
     )
+    if not settings.wraps_parameters:
+        # with target_parameters, a module may stack experts: its rank is checked once the
+        # architecture says how many (loramerge.model.fit)
+        check_rank(module, settings.rank(module_path, module_path), settings.path)
+    return module
+
+
+def check_rank(module: LoraModule, expected: int, config_path: Path) -> None:
+    if expected != module.r:
+        raise FormatError(
+            f"the config gives rank {expected} but the tensors have rank {module.r}",
+            path=config_path,
+            module=module.path,
+            hint="fix r or rank_pattern in adapter_config.json",
+        )
 
 
 def _pattern(config: dict[str, Any], key: str, config_path: Path) -> dict[str, Any]:
@@ -196,51 +253,6 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _most_common(values: list[Any]) -> Any:
-    counts = Counter(values)
-    return max(counts, key=lambda value: (counts[value], value))
-
-
-def config_for(adapter: Adapter) -> dict[str, Any]:
-    """The adapter_config.json that makes PEFT rebuild exactly these scales."""
-    modules = list(adapter.modules.values())
-    rslora = {m.use_rslora for m in modules}
-    if len(rslora) > 1:
-        raise FormatError(
-            "mixes rsLoRA and plain scaling, which one PEFT config cannot express",
-            hint="fold the scales first (a transform that sets r = alpha)",
-        )
-    r = _most_common([m.r for m in modules]) if modules else 8
-    alpha = _most_common([m.alpha for m in modules]) if modules else 8
-    rank_pattern = {m.path: m.r for m in modules if m.r != r}
-    alpha_pattern = {m.path: _number(m.alpha) for m in modules if m.alpha != alpha}
-    save_names = sorted(
-        {name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for name in adapter.modules_to_save}
-    )
-    return {
-        "alpha_pattern": alpha_pattern,
-        "base_model_name_or_path": adapter.base_model,
-        "bias": "none",
-        "fan_in_fan_out": any(m.kind is ModuleKind.CONV1D or m.fan_in_fan_out for m in modules),
-        "inference_mode": True,
-        "lora_alpha": _number(alpha),
-        "lora_bias": any(m.bias is not None for m in modules),
-        "lora_dropout": 0.0,
-        "modules_to_save": save_names or None,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": rank_pattern,
-        "target_modules": sorted({m.name for m in modules}),
-        "task_type": adapter.task_type,
-        "use_dora": any(m.magnitude is not None for m in modules),
-        "use_rslora": rslora == {True},
-    }
-
-
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else float(value)
-
-
 def state_dict_for(adapter: Adapter) -> dict[str, Any]:
     """PEFT's saved keys: `base_model.model.` prefix, no adapter name."""
     tensors = {}
@@ -259,7 +271,14 @@ def state_dict_for(adapter: Adapter) -> dict[str, Any]:
     for name, tensor in adapter.modules_to_save.items():
         tensors[PREFIX + name] = tensor.load()
     for name, tensor in adapter.base_tables.items():
-        tensors[PREFIX + name.removesuffix(".weight") + ".base_layer.weight"] = tensor.load()
+        tensors[PREFIX + name.removesuffix(".weight") + WRAPPED + ".weight"] = tensor.load()
+    wrapped = {m.path for m in adapter.modules.values()}
+    for name, tensor in adapter.saved_biases.items():
+        module = name.removesuffix(".bias")
+        stem = module + WRAPPED if module in wrapped else module
+        tensors[f"{PREFIX}{stem}.bias"] = tensor.load()
+    for module, rows in adapter.token_rows.items():
+        tensors[PREFIX + module + TOKEN_DELTA] = rows.values.load()
     return {k: v.contiguous() for k, v in tensors.items()}
 
 

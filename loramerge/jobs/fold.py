@@ -107,7 +107,7 @@ def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> 
             )
     adapter = replace(adapter, base_tables={})
     # the merge planner's own checks: every module's shape against its base tensor
-    plan_merge(base.tensors(), base.config, adapter)
+    plan_merge(base, adapter)
     return adapter
 
 

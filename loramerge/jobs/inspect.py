@@ -95,7 +95,8 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
 
 def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: AdapterReport) -> None:
     base = open_base(base_ref)
-    plan = plan_merge(base.tensors(), base.config, adapter)
+    plan = plan_merge(base, adapter)
+    adapter = plan.adapter
     by_path = {m.path: m for m in report.modules}
     with ExitStack() as stack:
         sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base))

@@ -51,8 +51,7 @@ def merge_adapter(
     out = Path(out)
     base = open_base(base_ref)
     plan = plan_merge(
-        base.tensors(),
-        base.config,
+        base,
         adapter,
         dtype=dtype_code_of(dtype),
         max_shard_bytes=max_shard_bytes,
@@ -62,7 +61,7 @@ def merge_adapter(
         inputs.append(Path(adapter.source_path))
     check_output_target(out, inputs, force)
     with atomic_output(out) as temp:
-        streamed = stream_plan(plan, base, adapter, temp, progress)
+        streamed = stream_plan(plan, base, temp, progress)
         write_folder_files(base, plan, temp)
         check_written(plan, temp)
     warnings = [
@@ -90,12 +89,10 @@ def write_folder_files(base: BaseModel, plan: MergePlan, folder: Path) -> None:
     config_path = base.root / "config.json"
     if not config_path.exists():
         return
-    updates = dict(plan.config_updates)
-    if not updates and "quantization_config" not in base.config:
+    if not plan.config_updates and "quantization_config" not in base.config:
         shutil.copyfile(config_path, folder / "config.json")
         return
-    config = {k: v for k, v in base.config.items() if k != "quantization_config"}
-    config.update(updates)
+    config = plan.config_for(base.config)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -121,8 +118,7 @@ def preview_merge(
     """The plan `merge_adapter` would follow, from headers alone (nothing is written)."""
     base = open_base(base_ref)
     return plan_merge(
-        base.tensors(),
-        base.config,
+        base,
         adapter,
         dtype=dtype_code_of(dtype),
         max_shard_bytes=max_shard_bytes,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loramerge.errors import FormatError, LoramergeError
 from loramerge.io.json_files import read_json
 from loramerge.io.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+
+if TYPE_CHECKING:
+    from loramerge.model.architecture import Architecture, NoArchitecture
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -50,6 +53,12 @@ class BaseModel:
 
     def shard_path(self, shard: str) -> Path:
         return self.root / shard
+
+    def architecture(self) -> Architecture | NoArchitecture:
+        """What transformers says about this model (built on meta, once per config)."""
+        from loramerge.model.architecture import architecture_of
+
+        return architecture_of(self.config)
 
     def extra_files(self) -> list[Path]:
         """Config, tokenizer, generation and other small top-level files to copy."""

@@ -1,28 +1,34 @@
-"""A pure merge planner: from base headers and an adapter to per-tensor actions, shard by shard."""
+"""A pure merge planner: from base headers and an adapter to per-tensor actions, shard by shard.
+
+The adapter is first fitted to the base (loramerge.model.fit), then what it changes is collected
+per in-memory parameter (loramerge.model.param_changes) and mapped onto the tensors stored in
+the base's files (loramerge.model.stored_layout): every stored tensor gets one action, and the
+heads of untied weights, which the files do not hold, are added after the tensor they copy.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from loramerge.adapter import Adapter, LoraModule, ModuleKind
+from loramerge.adapter import Adapter, ModuleKind
 from loramerge.errors import FormatError, ShapeMismatchError
 from loramerge.io.safetensors_header import FLOAT_CODES, TensorEntry, itemsize
-from loramerge.model.names import (
-    input_embedding_name,
-    output_embedding_name,
-    resolve_tensor_name,
+from loramerge.model.fit import Fitted, Target, fit_adapter
+from loramerge.model.folder import BaseModel
+from loramerge.model.param_changes import (
+    ChangeSet,
+    ParamChange,
+    apply_config_updates,
+    check_untied,
+    collect_changes,
+    resolve_ties,
+    untie_updates,
 )
-from loramerge.model.shapes import (
-    check_bias,
-    check_full_copy,
-    check_shape,
-    square_kind,
-    weight_kind,
-)
+from loramerge.model.shapes import check_bias, check_full_copy
+from loramerge.model.stored_layout import StoredPiece, UnmappedLayout, whole_piece
 
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
@@ -34,12 +40,27 @@ class Action(str, Enum):
     MERGE = "merge"  # base + LoRA update (DoRA rescaled), rounded once
     BIAS = "bias"  # base bias + s * LoRA bias
     REPLACE = "replace"  # a full tensor the adapter carries
+    ROWS = "rows"  # the base with trained token rows written over it
+
+
+@dataclass(frozen=True)
+class UpdateSlice:
+    """The part of a module's update s * B @ A (out x in, per expert for a stack of experts)
+    that one stored tensor receives: its rows and columns of the product, and whether the
+    stored rows are the product's columns (Conv1D, embeddings, experts held as (in, out))."""
+
+    expert: int | None
+    rows: tuple[int, int]
+    columns: tuple[int, int]
+    transposed: bool = False
+    row_shape: tuple[int, ...] = ()  # conv: the shape of one stored row, e.g. (in, kh, kw)
 
 
 @dataclass(frozen=True)
 class TensorPlan:
     """One output tensor. `source` is the base tensor read; `adapter_tensor` names a full tensor
-    of the adapter (modules_to_save or saved base table) used instead of, or as, the base value."""
+    of the adapter (modules_to_save, trained bias or saved base table) used instead of, or as,
+    the base value; `token_rows` names trained rows written over the base value."""
 
     name: str
     dtype: str
@@ -48,7 +69,9 @@ class TensorPlan:
     source: str | None = None
     module: str | None = None
     kind: ModuleKind | None = None
+    update: UpdateSlice | None = None
     adapter_tensor: str | None = None
+    token_rows: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -66,22 +89,15 @@ class ShardPlan:
 
 
 @dataclass(frozen=True)
-class ModuleTarget:
-    """Where one adapter module lands in the base."""
-
-    module: str
-    tensor: str
-    kind: ModuleKind
-    shape: tuple[int, ...]
-    bias_tensor: str | None = None
-
-
-@dataclass(frozen=True)
 class MergePlan:
+    """Every output shard, and the adapter as fitted to the base: the module keys of the
+    tensor plans are its keys (names pinned to the base's), and the stream reads it."""
+
     shards: tuple[ShardPlan, ...]
-    targets: tuple[ModuleTarget, ...]
-    config_updates: Mapping[str, Any] = field(default_factory=dict)
+    adapter: Adapter
+    config_updates: dict[str, Any] = field(default_factory=dict)
     untied: bool = False
+    notes: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -94,10 +110,88 @@ class MergePlan:
                 counts[tensor.action.value] += 1
         return counts
 
+    def config_for(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The merged model's config.json."""
+        updated = {k: v for k, v in config.items() if k != "quantization_config"}
+        return apply_config_updates(updated, self.config_updates)
+
+
+def update_slice(target: Target, piece: StoredPiece, rank_shape: tuple[int, int]) -> UpdateSlice:
+    """Where the stored tensor `piece` sits in the update's product (out x in)."""
+    out_features, in_features = rank_shape
+    if target.kind is not ModuleKind.PARAMETER:
+        if not piece.is_whole(target.shape):
+            raise UnmappedLayout(f"a {target.kind.value} weight stored in pieces")
+        transposed = target.kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING)
+        row_shape = tuple(target.shape[1:]) if target.kind is ModuleKind.CONV else ()
+        return UpdateSlice(None, (0, out_features), (0, in_features), transposed, row_shape)
+    index = piece.index
+    expert = None
+    if len(target.shape) == 3:
+        if not isinstance(index[0], int):
+            raise UnmappedLayout("a stack of experts stored as one tensor")
+        expert, index = index[0], index[1:]
+    first, second = index
+    assert isinstance(first, tuple) and isinstance(second, tuple)
+    held_transposed = target.experts_transposed and len(target.shape) == 3
+    rows, columns = (second, first) if held_transposed else (first, second)
+    return UpdateSlice(expert, rows, columns, held_transposed != piece.transposed)
+
+
+class _Stored:
+    """In-memory parameters -> tensors in the base's files."""
+
+    def __init__(self, base: BaseModel, fitted: Fitted) -> None:
+        self.entries = {entry.name: entry for _, entry in base.tensors()}
+        self.fitted = fitted
+        self.architecture = fitted.architecture
+        self.prefix = fitted.prefix
+        self.adapter = fitted.adapter
+
+    def file_name(self, name: str) -> str | None:
+        """The files' name for a stored name, the base-model prefix added or dropped as
+        transformers does when it loads."""
+        if name in self.entries:
+            return name
+        prefix = self.prefix + "." if self.prefix else ""
+        if prefix and name.startswith(prefix) and name[len(prefix) :] in self.entries:
+            return name[len(prefix) :]
+        if prefix and prefix + name in self.entries:
+            return prefix + name
+        return None
+
+    def pieces(self, param: str) -> list[StoredPiece]:
+        if self.architecture is None:
+            return [whole_piece(param, self.fitted.param_shapes[param])]
+        try:
+            return self.architecture.stored_pieces(param)
+        except UnmappedLayout as exc:
+            raise FormatError(
+                f"transformers stores {param} through {exc}, which loramerge does not map",
+                path=self.adapter.source_path,
+                hint="merge an adapter that does not change this parameter",
+            ) from None
+
+    def located(self, param: str) -> list[tuple[str, StoredPiece]]:
+        """(file name, piece) for a parameter the files hold."""
+        found = []
+        for piece in self.pieces(param):
+            name = self.file_name(piece.name)
+            if name is None:
+                raise FormatError(
+                    f"the base's files have no tensor {piece.name} (parameter {param})",
+                    path=self.adapter.source_path,
+                    hint="is the base folder complete, and the right model for this adapter?",
+                )
+            found.append((name, piece))
+        return found
+
+    def shape(self, param: str) -> tuple[int, ...]:
+        return self.fitted.param_shapes[param]
+
 
 def plan_merge(
-    base_tensors: Sequence[tuple[str, TensorEntry]],
-    config: Mapping[str, Any],
+    base: BaseModel,
     adapter: Adapter,
     *,
     dtype: str | None = None,
@@ -109,158 +203,189 @@ def plan_merge(
         raise FormatError(
             f"unsupported output dtype {dtype}", hint="use float32, float16 or bfloat16"
         )
-    where = adapter.source_path
-    entries = {entry.name: entry for _, entry in base_tensors}
-    embed_name = input_embedding_name(entries)
-    lm_head_name = output_embedding_name(entries)
-    tied = (
-        lm_head_name not in entries
-        and embed_name is not None
-        and bool(config.get("tie_word_embeddings", True))
-    )
-    shapes = {name: entry.shape for name, entry in entries.items()}
-    if tied:
-        shapes[lm_head_name] = entries[embed_name].shape
-
-    def resolve(name: str, what: str, module: str | None = None) -> str:
-        found = resolve_tensor_name(name, shapes)
-        if found is None:
-            raise FormatError(
-                f"the base model has no tensor {name} for this {what}",
-                path=where,
-                module=module,
-                hint="is this adapter for another base model?",
-            )
-        return found
-
-    tables = {
-        resolve(n, "saved base table"): key for n, key in ((k, k) for k in adapter.base_tables)
-    }
-    replacements = {resolve(k, "modules_to_save tensor"): k for k in adapter.modules_to_save}
-    for found, carried in ((tables, adapter.base_tables), (replacements, adapter.modules_to_save)):
-        for name, key in found.items():
-            check_full_copy(name, shapes[name], tuple(carried[key].shape), where, key)
-
-    targets: dict[str, ModuleTarget] = {}
-    open_square: list[tuple[LoraModule, str, tuple[int, ...]]] = []
-    votes: set[ModuleKind] = set()
-    for module in adapter.modules.values():
-        tensor = resolve(module.path + ".weight", "adapter module", module.path)
-        if tensor in replacements:
-            raise FormatError(
-                "is both a LoRA module and in modules_to_save", path=where, module=module.path
-            )
-        shape = (
-            tuple(adapter.base_tables[tables[tensor]].shape) if tensor in tables else shapes[tensor]
-        )
-        bias = None
-        if module.bias is not None:
-            bias = resolve(module.path + ".bias", "LoRA bias", module.path)
-            check_bias(module, shapes[bias], where)
-        if module.kind in (ModuleKind.LINEAR, ModuleKind.CONV1D):
-            kind = weight_kind(module, shape, where or "")
-            if kind is None:
-                open_square.append((module, tensor, shape))
-                continue
-            votes.add(kind)
-        else:
-            kind = module.kind
-            check_shape(module, shape, where or "")
-        targets[module.path] = ModuleTarget(module.path, tensor, kind, shape, bias)
-    square = square_kind(votes, config, [m for m, _, _ in open_square])
-    for module, tensor, shape in open_square:
-        bias = resolve(module.path + ".bias", "LoRA bias") if module.bias is not None else None
-        if bias is not None:
-            check_bias(module, shapes[bias], where)
-        targets[module.path] = ModuleTarget(module.path, tensor, square, shape, bias)
-    for target in targets.values():
-        module = adapter.modules[target.module]
-        if module.magnitude is not None and math.prod(module.magnitude.shape) != _out_features(
-            target
-        ):
-            raise ShapeMismatchError(
-                f"DoRA magnitude has {list(module.magnitude.shape)} entries, the layer has "
-                f"{_out_features(target)} outputs",
-                path=where,
-                module=module.path,
-            )
-
-    by_tensor = {t.tensor: t for t in targets.values()}
-    biases = {t.bias_tensor: t for t in targets.values() if t.bias_tensor}
-    changed = set(by_tensor) | set(replacements) | set(tables)
-    untie = tied and (embed_name in changed or lm_head_name in changed)
-
-    def out_dtype(code: str, name: str) -> str:
-        if dtype is None or code not in FLOAT_CODES:
-            return code
-        return dtype
-
-    def plan_for(name: str, source: str) -> TensorPlan:
-        base = entries[source]
-        code = out_dtype(base.dtype, name)
-        if name in replacements:
-            key = replacements[name]
-            full = adapter.modules_to_save[key]
-            return TensorPlan(name, code, tuple(full.shape), Action.REPLACE, adapter_tensor=key)
-        if name in by_tensor:
-            target = by_tensor[name]
-            if base.dtype not in FLOAT_CODES:
-                raise FormatError(
-                    f"base tensor {source} is stored as {base.dtype}; loramerge merges into "
-                    "float16, bfloat16 or float32 weights",
-                    path=where,
-                    module=target.module,
-                    hint="dequantize the base model first",
-                )
-            table = tables.get(name) or (tables.get(source) if source != name else None)
-            return TensorPlan(
-                name,
-                code,
-                target.shape,
-                Action.MERGE,
-                source=source,
-                module=target.module,
-                kind=target.kind,
-                adapter_tensor=table,
-            )
-        if name in biases:
-            return TensorPlan(
-                name, code, base.shape, Action.BIAS, source=source, module=biases[name].module
-            )
-        table = tables.get(name) or (tables.get(source) if source != name else None)
-        if table is not None:
-            full = adapter.base_tables[table]
-            return TensorPlan(name, code, tuple(full.shape), Action.REPLACE, adapter_tensor=table)
-        action = Action.COPY if code == base.dtype else Action.CAST
-        return TensorPlan(name, code, base.shape, action, source=source)
-
-    shards: dict[str, list[TensorPlan]] = {}
-    for shard, entry in base_tensors:
-        shards.setdefault(shard, []).append(plan_for(entry.name, entry.name))
-        if untie and entry.name == embed_name:
-            shards[shard].append(plan_for(lm_head_name, embed_name))
+    refuse_unmergeable(adapter)
+    fitted = fit_adapter(adapter, base)
+    stored = _Stored(base, fitted)
+    changes = collect_changes(fitted)
+    resolve_ties(changes, fitted.tied)
+    planner = _TensorPlanner(stored, changes, fitted, dtype)
+    shards = planner.shards(base)
     updates: dict[str, Any] = {}
     if dtype is not None:
         updates["torch_dtype"] = updates["dtype"] = DTYPE_NAMES[dtype]
-    if untie:
-        updates["tie_word_embeddings"] = False
-    if embed_name is not None:
-        vocab = next((t.shape[0] for s in shards.values() for t in s if t.name == embed_name), None)
-        if vocab is not None and vocab != entries[embed_name].shape[0]:
-            updates["vocab_size"] = vocab
+    if changes.untie:
+        updates.update(untie_updates(base.config))
+        check_untied(fitted.architecture, apply_config_updates(dict(base.config), updates))
+    if planner.vocab is not None:
+        updates["vocab_size"] = planner.vocab
     shard_plans = [ShardPlan(name, tuple(plans)) for name, plans in shards.items()]
     if max_shard_bytes is not None:
         shard_plans = reshard(
             [t for s in shard_plans for t in s.tensors], max_shard_bytes, single_file_name
         )
-    ordered_targets = tuple(targets[path] for path in adapter.modules)
-    return MergePlan(tuple(shard_plans), ordered_targets, updates, untie)
+    return MergePlan(
+        tuple(shard_plans), fitted.adapter, updates, changes.untie, tuple(fitted.notes)
+    )
 
 
-def _out_features(target: ModuleTarget) -> int:
-    if target.kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING):
-        return target.shape[1]
-    return target.shape[0]
+def refuse_unmergeable(adapter: Adapter) -> None:
+    if adapter.merge_refusal is not None:
+        raise FormatError(
+            f"cannot be merged: {adapter.merge_refusal}",
+            path=adapter.source_path,
+            hint="keep it as an adapter (loramerge convert keeps this setting)",
+        )
+    if adapter.base_init is not None:
+        raise FormatError(
+            f"was initialised with {adapter.base_init}, so its factors apply to a residual of the "
+            "base that must be rebuilt first",
+            path=adapter.source_path,
+        )
+
+
+class _TensorPlanner:
+    """Stored tensor -> TensorPlan, in the base's order, with untied heads added."""
+
+    def __init__(self, stored: _Stored, changes: ChangeSet, fitted: Fitted, dtype: str | None):
+        self.stored = stored
+        self.changes = changes
+        self.adapter = fitted.adapter
+        self.dtype = dtype
+        self.vocab: int | None = None
+        self.by_file: dict[str, tuple[str, StoredPiece]] = {}
+        self.added: dict[str, list[tuple[str, StoredPiece, str]]] = {}
+        self._index()
+
+    def _index(self) -> None:
+        tied = self.changes.tied
+        for param, change in self.changes.changes.items():
+            if not change.touched() or (param in tied and not self._held(param)):
+                continue  # a tied member the files do not hold: written only when untied
+            for name, piece in self.stored.located(param):
+                self.by_file[name] = (param, piece)
+        if not self.changes.untie:
+            return
+        # every tied member the files do not hold is written after the tensor it copies
+        for target, source in tied.items():
+            if self._held(target):
+                for name, piece in self.stored.located(target):
+                    self.by_file.setdefault(name, (target, piece))
+                continue
+            located = self.stored.located(source)
+            if len(located) != 1:
+                raise FormatError(f"tied parameter {source} is stored in pieces")
+            source_file, _ = located[0]
+            self.by_file.setdefault(source_file, (source, located[0][1]))
+            for piece in self.stored.pieces(target):
+                name = self._new_name(piece.name, source_file)
+                self.added.setdefault(source_file, []).append((target, piece, name))
+
+    def _held(self, param: str) -> bool:
+        return all(self.stored.file_name(p.name) is not None for p in self.stored.pieces(param))
+
+    def _new_name(self, name: str, beside: str) -> str:
+        """A written name follows the files' convention for the base-model prefix."""
+        prefix = self.stored.prefix + "." if self.stored.prefix else ""
+        if prefix and name.startswith(prefix) and not beside.startswith(prefix):
+            return name[len(prefix) :]
+        return name
+
+    def shards(self, base: BaseModel) -> dict[str, list[TensorPlan]]:
+        shards: dict[str, list[TensorPlan]] = {}
+        for shard, entry in base.tensors():
+            plans = shards.setdefault(shard, [])
+            plans.append(self._plan(entry.name, entry, self.by_file.get(entry.name)))
+            for param, piece, name in self.added.get(entry.name, []):
+                plans.append(self._plan(name, entry, (param, piece)))
+        return shards
+
+    def _out_dtype(self, code: str) -> str:
+        return code if self.dtype is None or code not in FLOAT_CODES else self.dtype
+
+    def _plan(
+        self, name: str, entry: TensorEntry, found: tuple[str, StoredPiece] | None
+    ) -> TensorPlan:
+        code = self._out_dtype(entry.dtype)
+        if found is None:
+            action = Action.COPY if code == entry.dtype else Action.CAST
+            return TensorPlan(name, code, entry.shape, action, source=entry.name)
+        param, piece = found
+        change = self.changes.changes.get(param, ParamChange())
+        full = self._full_tensor(change, param, piece, entry)
+        if change.replacement is not None:
+            shape = tuple(full.shape)
+            return TensorPlan(
+                name, code, shape, Action.REPLACE, adapter_tensor=change.replacement
+            )
+        self._require_float(entry, change)
+        table = change.table
+        shape = tuple(full.shape) if full is not None else tuple(entry.shape)
+        common = {"source": entry.name, "adapter_tensor": table, "token_rows": change.rows}
+        if change.update is not None:
+            target = change.update
+            module = self.adapter.modules[target.module]
+            product = (module.lora_B.shape[0], math.prod(module.lora_A.shape[1:]))
+            update = update_slice(target, piece, product)
+            self._check_dora(module, update, name)
+            return TensorPlan(
+                name, code, shape, Action.MERGE, module=target.module, kind=target.kind,
+                update=update, **common,
+            )  # fmt: skip
+        if change.lora_bias is not None:
+            module = self.adapter.modules[change.lora_bias]
+            check_bias(module, tuple(entry.shape), self.adapter.source_path)
+            return TensorPlan(
+                name, code, shape, Action.BIAS, module=change.lora_bias, **common
+            )
+        if change.rows is not None:
+            return TensorPlan(name, code, shape, Action.ROWS, **common)
+        if table is not None:
+            return TensorPlan(name, code, shape, Action.REPLACE, adapter_tensor=table)
+        action = Action.COPY if code == entry.dtype else Action.CAST
+        return TensorPlan(name, code, shape, action, source=entry.name)
+
+    def _full_tensor(self, change: ParamChange, param: str, piece: StoredPiece, entry: TensorEntry):
+        """The adapter's full tensor that stands for this parameter, checked against the base."""
+        key, carried = None, None
+        if change.replacement is not None:
+            key = change.replacement
+            carried = getattr(self.adapter, change.replacement_source)[key]
+        elif change.table is not None:
+            key, carried = change.table, self.adapter.base_tables[change.table]
+        if carried is None:
+            return None
+        if not piece.is_whole(self.stored.shape(param)):
+            raise FormatError(
+                f"carries a full copy of {param}, which the base stores in pieces",
+                path=self.adapter.source_path,
+                module=key,
+            )
+        where = self.adapter.source_path
+        check_full_copy(entry.name, tuple(entry.shape), tuple(carried.shape), where, key)
+        if tuple(carried.shape) != tuple(entry.shape) and len(entry.shape) == 2:
+            self.vocab = carried.shape[0]
+        return carried
+
+    def _require_float(self, entry: TensorEntry, change: ParamChange) -> None:
+        if entry.dtype not in FLOAT_CODES and (change.update or change.lora_bias or change.rows):
+            raise FormatError(
+                f"base tensor {entry.name} is stored as {entry.dtype}; loramerge merges into "
+                "float16, bfloat16 or float32 weights",
+                path=self.adapter.source_path,
+                hint="dequantize the base model first",
+            )
+
+    def _check_dora(self, module: Any, update: UpdateSlice, name: str) -> None:
+        if module.magnitude is None:
+            return
+        outputs = update.rows[1] - update.rows[0]
+        if math.prod(module.magnitude.shape) != outputs or update.expert is not None:
+            raise ShapeMismatchError(
+                f"DoRA magnitude has {list(module.magnitude.shape)} entries, the layer has "
+                f"{outputs} outputs",
+                path=self.adapter.source_path,
+                module=module.path,
+            )
 
 
 def reshard(tensors: list[TensorPlan], max_bytes: int, single_file_name: str) -> list[ShardPlan]:

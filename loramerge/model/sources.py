@@ -10,7 +10,7 @@ from contextlib import ExitStack
 
 import torch
 
-from loramerge.adapter import Adapter
+from loramerge.adapter import Adapter, LazyTensor
 from loramerge.io.buffers import BufferPool
 from loramerge.io.direct_io import BLOCK
 from loramerge.io.safetensors_header import itemsize
@@ -18,7 +18,7 @@ from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
-from loramerge.ops.update import MIN_PRODUCT_SPAN, TRANSPOSED
+from loramerge.ops.update import MIN_PRODUCT_SPAN
 
 TILE_BYTES = 8 << 20  # float32 bytes of one tile of rows: bounds memory, large enough for BLAS
 # tiles at least as wide as the products the update computes, so that none needs a wider one
@@ -80,7 +80,7 @@ def read_schedule(plan: MergePlan, adapter: Adapter, copies_read: bool = False) 
                 continue
             merged = tensor.action is Action.MERGE
             passes = 1
-            if merged and tensor.kind in TRANSPOSED:
+            if merged and tensor.update is not None and tensor.update.transposed:
                 passes += adapter.modules[tensor.module or ""].magnitude is not None
             for _ in range(passes):
                 schedule.extend((source, a, b, merged) for a, b in tiles(tensor.shape))
@@ -154,15 +154,31 @@ class Sources:
 
     def _rows(self, plan: TensorPlan, start: int, stop: int, widen: bool) -> Rows:
         if plan.adapter_tensor is not None:
-            tables = self._adapter.base_tables
-            full = tables.get(plan.adapter_tensor)
-            if full is None:
-                full = self._adapter.modules_to_save[plan.adapter_tensor]
-            return full.load()[start:stop], None
+            return self._adapter_tensor(plan.adapter_tensor).load()[start:stop], None
         key = (plan.source or plan.name, start, stop, widen)
         if self.prefetcher is not None:
             return self.prefetcher.take(key)
         return self.prepare(key, self.read(key))
+
+    def _adapter_tensor(self, key: str) -> LazyTensor:
+        for carried in (
+            self._adapter.base_tables,
+            self._adapter.modules_to_save,
+            self._adapter.saved_biases,
+        ):
+            if key in carried:
+                return carried[key]
+        raise KeyError(key)
+
+    def write_token_rows(self, plan: TensorPlan, tile: torch.Tensor, start: int, stop: int) -> None:
+        """Write the adapter's trained token rows that fall in rows start:stop over `tile`."""
+        if plan.token_rows is None:
+            return
+        rows = self._adapter.token_rows[plan.token_rows]
+        values = rows.values.load()
+        for position, index in enumerate(rows.indices):
+            if start <= index < stop:
+                tile[index - start] = values[position].to(tile.dtype)
 
     def give(self, *tensors: torch.Tensor) -> None:
         """Tiles the caller is done with: their buffers may hold the next ones."""

@@ -21,7 +21,6 @@ from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
 from loramerge.model.sources import Sources, read_schedule, tile_buffer_bytes, tiles
 from loramerge.ops.update import (
-    TRANSPOSED,
     add_update_in_place,
     dora_rescale,
     output_norms_squared,
@@ -85,7 +84,6 @@ class _Output:
 def stream_plan(
     plan: MergePlan,
     base: BaseModel,
-    adapter: Adapter,
     out_dir: Path,
     progress: Progress | None = None,
     *,
@@ -112,7 +110,7 @@ def stream_plan(
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 2)))
     try:
         direct = direct and direct_writes_work(out_dir)
-        _stream(plan, base, adapter, out_dir, progress, pipelined, direct, result, metadata)
+        _stream(plan, base, out_dir, progress, pipelined, direct, result, metadata)
     finally:
         torch.set_num_threads(threads)
         if collecting:
@@ -123,7 +121,6 @@ def stream_plan(
 def _stream(
     plan: MergePlan,
     base: BaseModel,
-    adapter: Adapter,
     out_dir: Path,
     progress: Progress | None,
     pipelined: bool,
@@ -131,6 +128,7 @@ def _stream(
     result: StreamResult,
     metadata: dict[str, str],
 ) -> None:
+    adapter = plan.adapter
     with ExitStack() as stack:
         sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base), direct)
         if pipelined:
@@ -170,6 +168,12 @@ def _write_tensor(
         for start, stop in tiles(plan.shape):
             rows = sources.rows(plan, start, stop)
             output.call(_write_rows, writer, sources, rows, out_dtype)
+    elif plan.action is Action.ROWS:
+        for start, stop in tiles(plan.shape):
+            stored = sources.rows(plan, start, stop)
+            values = stored.to(out_dtype)  # the very tile when the dtype is unchanged
+            sources.write_token_rows(plan, values, start, stop)
+            output.call(_write_rows, writer, sources, values, out_dtype)
     elif plan.action is Action.BIAS:
         module = adapter.modules[plan.module or ""]
         stored = sources.rows(plan, 0, plan.shape[0])
@@ -196,16 +200,22 @@ def merged_tiles(
     Both may live in the sources' pool: a caller done with a tile may give them back.
     """
     module = adapter.modules[plan.module or ""]
-    kind = plan.kind
-    assert kind is not None
-    lora_b, lora_a, scale = prescaled_factors(*module.factors(keep=False), module.scale)
-    row_shape = tuple(plan.shape[1:]) if len(plan.shape) > 2 else ()
+    update = plan.update
+    assert update is not None
+    lora_b, lora_a = module.factors(keep=False, expert=update.expert)
+    if update.rows != (0, lora_b.shape[0]):
+        lora_b = lora_b[update.rows[0] : update.rows[1]]
+    if update.columns != (0, lora_a.shape[1]):
+        lora_a = lora_a[:, update.columns[0] : update.columns[1]]
+    lora_b, lora_a, scale = prescaled_factors(lora_b, lora_a, module.scale)
+    transposed, row_shape = update.transposed, update.row_shape
 
     def merged(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         base_rows, wide = sources.rows_and_float32(plan, start, stop)
-        if not add_update_in_place(wide, lora_b, lora_a, scale, kind, start, stop):
+        sources.write_token_rows(plan, wide, start, stop)
+        if not add_update_in_place(wide, lora_b, lora_a, scale, transposed, start, stop):
             update = update_rows(
-                lora_b, lora_a, scale, kind, start, stop, row_shape, sources.pool.take_like
+                lora_b, lora_a, scale, transposed, start, stop, row_shape, sources.pool.take_like
             )
             # float32(base) + update, in place (addition commutes, so PEFT's bits are kept)
             wide.add_(update)
@@ -214,22 +224,22 @@ def merged_tiles(
 
     magnitude = module.magnitude.float().reshape(-1) if module.magnitude is not None else None
     norms = None
-    if magnitude is not None and kind in TRANSPOSED:
+    if magnitude is not None and transposed:
         # DoRA normalises each output, a column of a transposed table: one pass to sum squares
         squares = torch.zeros(magnitude.numel(), dtype=torch.float64)
         for start, stop in tiles(plan.shape):
             base_rows, values = merged(start, stop)
-            squares += output_norms_squared(values, kind)
+            squares += output_norms_squared(values, transposed)
             sources.give(base_rows, values)
         norms = squares.sqrt()
     for start, stop in tiles(plan.shape):
         base_rows, values = merged(start, stop)
         if magnitude is not None:
             if norms is None:
-                tile_norms = output_norms_squared(values, kind).sqrt()
-                rescaled = dora_rescale(values, magnitude[start:stop], tile_norms, kind)
+                tile_norms = output_norms_squared(values, transposed).sqrt()
+                rescaled = dora_rescale(values, magnitude[start:stop], tile_norms, transposed)
             else:
-                rescaled = dora_rescale(values, magnitude, norms, kind)
+                rescaled = dora_rescale(values, magnitude, norms, transposed)
             sources.give(values)
             values = rescaled
         yield base_rows, values

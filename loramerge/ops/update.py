@@ -12,11 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-from loramerge.adapter import ModuleKind
-
-TRANSPOSED = frozenset({ModuleKind.CONV1D, ModuleKind.EMBEDDING})
-
-
 Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
@@ -46,7 +41,7 @@ def update_rows(
     lora_b: torch.Tensor,
     lora_a: torch.Tensor,
     scale: float,
-    kind: ModuleKind,
+    transposed: bool,
     start: int,
     stop: int,
     row_shape: tuple[int, ...] = (),
@@ -60,7 +55,7 @@ def update_rows(
     the product's tensor. The product is formed as (B @ A) then scaled, PEFT's order of
     operations.
     """
-    if kind in TRANSPOSED:
+    if transposed:
         low, high = product_span(start, stop, lora_a.shape[1])
         product = empty((lora_b.shape[0], high - low), torch.float32)
         torch.mm(lora_b, lora_a[:, low:high], out=product)
@@ -79,7 +74,7 @@ def add_update_in_place(
     lora_b: torch.Tensor,
     lora_a: torch.Tensor,
     scale: float,
-    kind: ModuleKind,
+    transposed: bool,
     start: int,
     stop: int,
 ) -> bool:
@@ -95,7 +90,7 @@ def add_update_in_place(
     unit scales qualify (a scale rounds the product a second time first), and only row layouts
     (the transposed product may sum in another order).
     """
-    if scale != 1.0 or kind in TRANSPOSED:
+    if scale != 1.0 or transposed:
         return False
     if product_span(start, stop, lora_b.shape[0]) != (start, stop):
         return False  # too few rows for the kernel of the whole product
@@ -168,14 +163,14 @@ def _scaled(product: torch.Tensor, scale: float) -> torch.Tensor:
     return product if scale == 1.0 else product.mul_(scale)
 
 
-def output_norms_squared(merged_rows: torch.Tensor, kind: ModuleKind) -> torch.Tensor:
+def output_norms_squared(merged_rows: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Per-output squared L2 norms of a tile of the merged weight, in float64.
 
     For row layouts each row is one output; for transposed layouts the tile contributes a
     partial sum to every output (column), to be added up over all tiles.
     """
     tile = merged_rows.to(torch.float64)
-    if kind in TRANSPOSED:
+    if transposed:
         return (tile * tile).sum(dim=0)
     return (tile * tile).reshape(tile.shape[0], -1).sum(dim=1)
 
@@ -184,11 +179,11 @@ def dora_rescale(
     merged_rows: torch.Tensor,
     magnitude: torch.Tensor,
     norms: torch.Tensor,
-    kind: ModuleKind,
+    transposed: bool,
 ) -> torch.Tensor:
     """W' = (m / ||V||) * V per output, for a tile of V; `magnitude` and `norms` cover the
     tile's outputs (row layouts) or all outputs (transposed layouts)."""
     factor = (magnitude.to(torch.float64) / norms).to(torch.float32)
-    if kind in TRANSPOSED:
+    if transposed:
         return merged_rows * factor.reshape(1, -1)
     return merged_rows * factor.reshape(-1, *([1] * (merged_rows.dim() - 1)))

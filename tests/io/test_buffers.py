@@ -82,8 +82,8 @@ def test_merging_and_inspecting_give_every_tile_back(
     monkeypatch.setattr(sources, "MIN_TILE_ROWS", 1)
     adapter = read_adapter(ADAPTERS / adapter_name)
     base = open_base(BASES / base_name)
-    plan = plan_merge(base.tensors(), base.config, adapter)
-    stream_plan(plan, base, adapter, tmp_path, pipelined=pipelined)
+    plan = plan_merge(base, adapter)
+    stream_plan(plan, base, tmp_path, pipelined=pipelined)
     inspect_adapter(adapter, BASES / base_name)
     assert len(pools) == 2
     assert [pool.lent for pool in pools] == [0, 0]
@@ -105,7 +105,7 @@ def test_checking_and_merging_do_not_keep_the_adapter_in_memory(tmp_path):
     adapter = read_adapter(ADAPTERS / "llama-lora")
     check_adapter(adapter)
     base = open_base(BASES / "llama")
-    stream_plan(plan_merge(base.tensors(), base.config, adapter), base, adapter, tmp_path)
+    stream_plan(plan_merge(base, adapter), base, tmp_path)
     factors = [t for m in adapter.modules.values() for t in (m.lora_A, m.lora_B)]
     assert factors and all(t._value is None for t in factors)
     assert factors[0].load().shape == factors[0].shape  # read again on demand

@@ -230,11 +230,13 @@ def test_as_lora_reproduces_the_folded_model_and_loads_with_peft(cli, tmp_path):
     assert {r for path, r in ranks.items() if "v_proj" in path} == {10}
     assert {r for path, r in ranks.items() if "q_proj" in path} == {8}
     assert {r for path, r in ranks.items() if "o_proj" in path} == {6}
+    from peft.utils.other import get_pattern_key  # PEFT's own pattern matching
+
     for path, r in ranks.items():
-        key = next((k for k in config["rank_pattern"] if path.endswith(k)), None)
-        assert (config["rank_pattern"][key] if key else config["r"]) == r
-        key = next((k for k in config["alpha_pattern"] if path.endswith(k)), None)
-        assert (config["alpha_pattern"][key] if key else config["lora_alpha"]) == r
+        key = get_pattern_key(config["rank_pattern"].keys(), path)
+        assert config["rank_pattern"].get(key, config["r"]) == r
+        key = get_pattern_key(config["alpha_pattern"].keys(), path)
+        assert config["alpha_pattern"].get(key, config["lora_alpha"]) == r
 
     ids = token_ids(BASE)
     model = PeftModel.from_pretrained(load_causal_lm(BASE), adapter).eval()

@@ -17,9 +17,9 @@ def _stream(adapter_name, base_name, out, pipelined, direct=True):
 
     adapter = read_adapter(ADAPTERS / adapter_name)
     base = open_base(BASES / base_name)
-    plan = plan_merge(base.tensors(), base.config, adapter)
+    plan = plan_merge(base, adapter)
     with atomic_output(out) as temp:
-        stream_plan(plan, base, adapter, temp, pipelined=pipelined, direct=direct)
+        stream_plan(plan, base, temp, pipelined=pipelined, direct=direct)
         write_folder_files(base, plan, temp)
     return tree_hashes(out)
 

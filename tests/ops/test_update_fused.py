@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramerge.adapter import ModuleKind
 from loramerge.ops.update import add_update_in_place, update_rows
 
 
@@ -29,12 +28,12 @@ def test_the_fused_add_keeps_the_bits_of_product_then_add(rank, magnitude, rows,
     lora_b, lora_a, base = _factors(rows, columns, rank, magnitude, seed=rank + rows)
     for start, stop in [(0, rows), (rows // 3, rows)]:
         separate = base[start:stop] + update_rows(
-            lora_b, lora_a, 1.0, ModuleKind.LINEAR, start, stop
+            lora_b, lora_a, 1.0, False, start, stop
         )
         tile = base[start:stop].clone()
-        if not add_update_in_place(tile, lora_b, lora_a, 1.0, ModuleKind.LINEAR, start, stop):
+        if not add_update_in_place(tile, lora_b, lora_a, 1.0, False, start, stop):
             assert torch.equal(tile, base[start:stop]), "declined, so untouched"
-            tile += update_rows(lora_b, lora_a, 1.0, ModuleKind.LINEAR, start, stop)
+            tile += update_rows(lora_b, lora_a, 1.0, False, start, stop)
         assert torch.equal(tile.view(torch.int32), separate.view(torch.int32))
 
 
@@ -42,31 +41,30 @@ def test_the_common_tile_shapes_are_fused_here():
     """Where the speed comes from: rank 16 on a tile of a Llama projection (a platform whose
     kernels round differently would be correct but slower, and fail here)."""
     lora_b, lora_a, base = _factors(1024, 2048, 16, 0.05, seed=0)
-    assert add_update_in_place(base, lora_b, lora_a, 1.0, ModuleKind.LINEAR, 0, 1024)
+    assert add_update_in_place(base, lora_b, lora_a, 1.0, False, 0, 1024)
 
 
 def test_fused_add_handles_conv2d_rows():
     lora_b, lora_a, _ = _factors(96, 16 * 3 * 3, 8, 0.1, seed=5)
     base = torch.randn(96, 16, 3, 3)
     separate = base[8:96] + update_rows(
-        lora_b, lora_a, 1.0, ModuleKind.CONV, 8, 96, row_shape=(16, 3, 3)
+        lora_b, lora_a, 1.0, False, 8, 96, row_shape=(16, 3, 3)
     )
     fused = base[8:96].clone()
-    assert add_update_in_place(fused, lora_b, lora_a, 1.0, ModuleKind.CONV, 8, 96)
+    assert add_update_in_place(fused, lora_b, lora_a, 1.0, False, 8, 96)
     assert torch.equal(fused, separate)
 
 
 @pytest.mark.parametrize(
-    ("scale", "kind"),
+    ("scale", "transposed"),
     [
-        (0.5, ModuleKind.LINEAR),  # the product would be rounded twice, then added
-        (3.0, ModuleKind.LINEAR),
-        (1.0, ModuleKind.CONV1D),  # transposed layouts sum in another order
-        (1.0, ModuleKind.EMBEDDING),
+        (0.5, False),  # the product would be rounded twice, then added
+        (3.0, False),
+        (1.0, True),  # transposed layouts (Conv1D, embeddings) sum in another order
     ],
 )
-def test_fusing_is_declined_where_the_arithmetic_differs(scale, kind):
+def test_fusing_is_declined_where_the_arithmetic_differs(scale, transposed):
     lora_b, lora_a, base = _factors(16, 16, 8, 0.1, seed=3)
     tile = base.clone()
-    assert not add_update_in_place(tile, lora_b, lora_a, scale, kind, 0, 16)
+    assert not add_update_in_place(tile, lora_b, lora_a, scale, transposed, 0, 16)
     assert torch.equal(tile, base)

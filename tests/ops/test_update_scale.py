@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramerge.adapter import ModuleKind
 from loramerge.ops.update import prescaled_factors, update_rows
 
 
@@ -26,9 +25,9 @@ def test_power_of_two_scale_moved_into_a_keeps_every_bit(scale, magnitude, rank)
     assert rest == 1.0 and torch.equal(a, lora_a * scale), "the scale was moved"
     expected = _peft_order(lora_b, lora_a, scale)
     for start, stop in [(0, 96), (0, 8), (40, 96)]:
-        rows = update_rows(b, a, rest, ModuleKind.LINEAR, start, stop)
+        rows = update_rows(b, a, rest, False, start, stop)
         assert torch.equal(rows, expected[start:stop])
-    columns = update_rows(b.T.contiguous().T, a, rest, ModuleKind.CONV1D, 0, 80)
+    columns = update_rows(b.T.contiguous().T, a, rest, True, 0, 80)
     assert torch.equal(columns, expected.T)
 
 
