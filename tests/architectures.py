@@ -228,6 +228,11 @@ ARCHS: list[Arch] = [
               hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
               num_labels=3),
          "VideoMAEForVideoClassification", "AutoModelForVideoClassification", inputs="video"),
+    Arch("vivit", "vision", "VivitConfig",
+         dict(image_size=16, num_frames=4, tubelet_size=[2, 8, 8], num_channels=3,
+              hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+              num_labels=3),
+         "VivitForVideoClassification", "AutoModelForVideoClassification", inputs="video"),
     # speech
     Arch("wav2vec2", "speech", "Wav2Vec2Config",
          dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
@@ -235,6 +240,12 @@ ARCHS: list[Arch] = [
               num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
               apply_spec_augment=False),
          "Wav2Vec2ForCTC", "AutoModelForCTC", inputs="audio"),
+    Arch("hubert", "speech", "HubertConfig",
+         dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+              intermediate_size=48, conv_dim=(16, 16), conv_stride=(4, 2), conv_kernel=(8, 4),
+              num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+              apply_spec_augment=False, feat_extract_norm="layer", conv_bias=True),
+         "HubertForCTC", "AutoModelForCTC", inputs="audio"),
 ]
 ARCH = {a.name: a for a in ARCHS}
 
@@ -274,7 +285,13 @@ ALL_LINEAR = dict(R, target_modules="all-linear")
 # architectures whose plain case targets something other than all-linear
 PLAIN_TARGETS = {
     "resnet": dict(R, target_modules=["convolution"]),  # Conv2d everywhere, head excluded
-    "deepseek-v3": dict(R, target_modules="all-linear"),
+    # PEFT's all-linear wraps PhiMoE's router (an nn.Linear whose forward returns a tuple) and
+    # then fails in forward: attention only
+    "phimoe": dict(R, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    # PEFT's all-linear asks get_input_embeddings(), which Wav2Vec2 does not implement
+    "hubert": dict(R, target_modules=["q_proj", "v_proj", "feature_projection.projection"]),
+    "wav2vec2": dict(R, target_modules=["q_proj", "k_proj", "v_proj", "out_proj",
+                                        "intermediate_dense", "output_dense"]),
 }
 BF16_PLAIN = {"llama", "gpt2", "qwen2", "vit", "t5", "mixtral", "wav2vec2", "bert-cls"}
 
@@ -319,7 +336,7 @@ OPTION_CASES: list[Case] = [
     Case("bert-mlm", "head", dict(R, target_modules=["query", "cls.predictions.decoder"]),
          notes="cls.predictions.decoder is tied to the word embeddings"),
     # GPT-2 Conv1D: square attn.c_proj next to the Linear lm_head
-    Case("gpt2", "cproj-head", dict(R, target_modules=["attn.c_proj", "lm_head"]), bf16=True),
+    Case("gpt2", "cproj-head", dict(R, target_modules=["attn.c_proj", "lm_head"])),
     Case("gpt2-square", "head", dict(R, target_modules=["lm_head"])),
     Case("gpt2-square", "cproj-head", dict(R, target_modules=["attn.c_proj", "lm_head"])),
     Case("llama-square", "head", dict(R, target_modules=["lm_head"])),
@@ -338,6 +355,7 @@ OPTION_CASES: list[Case] = [
     Case("gpt2", "dora", dict(ALL_LINEAR, use_dora=True)),
     Case("bert-cls", "dora", dict(R, target_modules=["query", "value", "dense"], use_dora=True)),
     Case("llama-tied", "dora-embed", dict(R, target_modules=["embed_tokens"], use_dora=True)),
+    Case("gpt2", "dora-embed", dict(R, target_modules=["wte", "c_fc"], use_dora=True)),
     # rsLoRA with per-module ranks and alphas
     Case("llama", "rslora-patterns",
          dict(ALL_LINEAR, use_rslora=True, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
@@ -354,7 +372,11 @@ OPTION_CASES: list[Case] = [
     Case("qwen2", "bias-lora-only", dict(ALL_LINEAR, bias="lora_only")),
     Case("bert-cls", "bias-lora-only", dict(R, target_modules=["query", "value"],
                                             bias="lora_only")),
-    Case("qwen2", "lora-bias", dict(ALL_LINEAR, lora_bias=True), bf16=True),
+    Case("qwen2", "lora-bias", dict(R, target_modules=["q_proj", "k_proj", "v_proj"],
+                                    lora_bias=True), bf16=True),
+    Case("llama", "lora-bias", dict(ALL_LINEAR, lora_bias=True), merge="exact-or-refuse",
+         needles=("bias",), notes="Llama's layers have no bias: the merged model cannot hold "
+         "the LoRA bias unless its config turns biases on"),
     Case("bert-cls", "lora-bias", dict(R, target_modules=["query", "value"], lora_bias=True)),
     # modules_to_save: nested heads and whole heads
     Case("roberta-cls", "modules-to-save",
@@ -381,9 +403,13 @@ OPTION_CASES: list[Case] = [
     # convolutions: nn.Conv1d (wav2vec2 feature extractor, Whisper), Conv2d, Conv3d
     Case("wav2vec2", "conv1d", dict(R, target_modules=["conv_layers.0.conv", "conv_layers.1.conv",
                                                        "q_proj"]), bf16=True),
-    Case("whisper", "conv1d", dict(R, target_modules=["conv1", "conv2", "q_proj"])),
+    # (not Whisper's conv1/conv2: its encoder reads conv.stride, which PEFT's wrapper hides)
+    Case("hubert", "conv1d", dict(R, target_modules=["conv_layers.0.conv", "k_proj"])),
     Case("vit", "conv2d", dict(R, target_modules=["projection", "q_proj"])),
+    Case("resnet", "conv2d", dict(R, target_modules=["convolution"], use_dora=True,
+                                  modules_to_save=["classifier"])),
     Case("videomae", "conv3d", dict(R, target_modules=["projection", "query"])),
+    Case("vivit", "conv3d", dict(R, target_modules=["projection", "query"])),
     # initialisations that change the base: saved as is, and converted by PEFT
     Case("llama", "pissa", dict(ALL_LINEAR, init_lora_weights="pissa")),
     Case("gpt2", "pissa", dict(ALL_LINEAR, init_lora_weights="pissa")),
@@ -394,9 +420,14 @@ OPTION_CASES: list[Case] = [
     Case("llama", "pissa-niter", dict(ALL_LINEAR, init_lora_weights="pissa_niter_2"),
          merge="refuse", needles=("pissa", "random", "niter"), seeded_load=True,
          notes="fast SVD: PEFT's load draws random numbers, the residual base is not reproducible"),
+    Case("qwen2", "pissa-niter", dict(R, target_modules=["q_proj", "o_proj"],
+                                      init_lora_weights="pissa_niter_1"),
+         merge="refuse", needles=("pissa", "random", "niter"), seeded_load=True),
     Case("llama", "olora", dict(ALL_LINEAR, init_lora_weights="olora")),
     Case("qwen2", "olora", dict(ALL_LINEAR, init_lora_weights="olora")),
     Case("llama", "olora-converted", dict(ALL_LINEAR, init_lora_weights="olora"),
+         pissa_convert=True),
+    Case("qwen2", "olora-converted", dict(ALL_LINEAR, init_lora_weights="olora"),
          pissa_convert=True),
     # aLoRA: active only from the invocation tokens on, cannot be merged
     Case("llama", "alora", dict(R, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
