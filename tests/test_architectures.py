@@ -127,6 +127,12 @@ KNOWN: dict[tuple[str, str], str] = {
     ("llama-tied-head", "convert-base"): _TIED_HEAD_BASE.format(head="lm_head"),
     ("bart-head", "merge"): _TIED_HEAD_MERGE.format(head="lm_head"),
     ("bart-head", "convert-base"): _TIED_HEAD_BASE.format(head="lm_head"),
+    ("gpt-neox-head", "merge"): REFUSED + ("LoRA on GPT-NeoX's lm_head, stored on disk as "
+                                           "embed_out.weight: 'the base model has no tensor "
+                                           "lm_head.weight for this saved base table'"),
+    ("gpt-neox-head", "convert-base"): REFUSED + ("convert --base, GPT-NeoX lm_head (on disk "
+                                                  "embed_out): 'the base model has no tensor for "
+                                                  "module lm_head'"),
     ("t5-head", "merge"): _TIED_HEAD_MERGE.format(head="lm_head"),
     ("t5-head", "convert-base"): _TIED_HEAD_BASE.format(head="lm_head"),
     ("whisper-head", "merge"): _TIED_HEAD_MERGE.format(head="proj_out"),
