@@ -29,6 +29,7 @@ import torch
 from architectures import (
     ARCH,
     ARCHS,
+    CASE,
     CASES,
     Case,
     build_adapter,
@@ -66,9 +67,9 @@ _CONV1D_HEAD = SILENT + ("GPT-2 Conv1D attn.c_proj next to the Linear lm_head: t
                          "of them is applied in the wrong orientation (logits off)")
 _SQUARE_HEAD = SILENT + ("Linear lm_head of a GPT-2 whose vocab equals its hidden size: the update "
                          "is transposed as if it were a Conv1D")
-_UNTIE_WRONG_HEAD = SILENT + ("untying writes lm_head.weight, but this architecture's head is "
-                              "{head}: the merged model loads with the head still tied to the "
-                              "changed embedding")
+_UNTIE_WRONG_HEAD = SILENT + ("untying writes a stray lm_head.weight and sets "
+                              "tie_word_embeddings false, but this architecture's head is {head}: "
+                              "the merged model loads with {head} missing (randomly initialised)")
 _BIAS_MERGE = REFUSED + ("bias='{bias}': PEFT saves the trained base biases as "
                          "<module>.base_layer.bias; 'the base model has no tensor "
                          "...base_layer.bias for this modules_to_save tensor'")
@@ -81,8 +82,9 @@ _ROUTER_MERGE = REFUSED + ("router LoRA (target_parameters on {param}): the in-m
 _ROUTER_CONVERT = SILENT + ("router LoRA: convert rewrites target_parameters {param} as a "
                             "target module; PEFT cannot load the result")
 _CONVND = REFUSED + "nn.Conv{n}d LoRA (A {a}, B {b}): 'are not LoRA factors'"
-_CONV2D_DORA_MTS = SILENT + ("Conv2d DoRA with modules_to_save=['classifier'] (ResNet): PEFT "
-                             "cannot load the converted adapter (KeyError on a convolution weight)")
+_CONV2D_DORA_MTS = SILENT + ("modules_to_save=['classifier'] on ResNet (saved as classifier.1): "
+                             "convert writes modules_to_save ['1'], PEFT then wraps every module "
+                             "named 1 and cannot load (KeyError on a convolution weight)")
 _INIT_UNCONVERTED = SILENT + ("init_lora_weights='{init}' saved unconverted: PEFT rebuilds the "
                               "residual base at load; loramerge uses the original base")
 _INIT_CONVERT = SILENT + ("init_lora_weights='{init}' saved unconverted: convert drops the field "
@@ -205,6 +207,7 @@ KNOWN: dict[tuple[str, str], str] = {
     **_case_kinds(["llama-kasa", "qwen2-kasa"], ("merge", "convert-base"), _KASA_MERGE),
     **_case_kinds(["llama-kasa", "qwen2-kasa"], ("convert",), _KASA_CONVERT),
 }
+KNOWN = {key: why for key, why in KNOWN.items() if key[1] != "bf16" or CASE[key[0]].bf16}
 # cases whose PEFT forward does not differ from the base (documented, not a test failure)
 INERT = {"t5-embed": "PEFT's forward never calls T5's `shared` module"}
 
