@@ -41,7 +41,9 @@ from safetensors import safe_open
 
 TOLERANCE = 1e-5  # max |got - ref| <= TOLERANCE * max |ref|
 
-pytestmark = pytest.mark.filterwarnings("ignore")  # PEFT and transformers warn about tiny models
+# PEFT and transformers warn about tiny models; loramerge's own deprecations stay errors (the last
+# filter given wins)
+pytestmark = pytest.mark.filterwarnings("ignore", "error::DeprecationWarning:loramerge.*")
 
 
 # ---------------------------------------------------------------------------------------------
