@@ -92,12 +92,15 @@ def merge(
                 for name, s in result.modules.items()
             },
             "warnings": result.warnings,
+            "notes": list(result.plan.notes),
         }
         if json_output:
             print_json(summary)
             return
         for message in result.warnings:
             warn(message, quiet)
+        for message in result.plan.notes:
+            note(message, quiet)
         stdout.print(
             f"wrote {result.out} ({len(summary['shards'])} shard(s), "
             f"{result.bytes_written / 1e6:.1f} MB in {seconds:.2f} s): "
@@ -122,7 +125,13 @@ def _print_plan(plan, json_output: bool) -> None:
         for t in s.tensors
     ]
     if json_output:
-        print_json({"tensors": rows, "config_updates": dict(plan.config_updates)})
+        print_json(
+            {
+                "tensors": rows,
+                "config_updates": dict(plan.config_updates),
+                "notes": list(plan.notes),
+            }
+        )
         return
     from rich.table import Table
 

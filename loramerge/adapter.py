@@ -131,6 +131,13 @@ class LoraModule:
         """(B, A) as float32 matrices: conv factors are flattened, embeddings as stored; for
         a stack of experts, those of `expert`, which must then be given.
         `keep=False` does not keep factors that were not loaded yet (see LazyTensor.read)."""
+        if self.kind is ModuleKind.PARAMETER and self.parameter is None:
+            raise FormatError(
+                "wraps a parameter (target_parameters) that only the base's architecture names, "
+                "with the number of experts it stacks",
+                module=self.path,
+                hint="give the base model (--base)",
+            )
         lora_b = self.lora_B.float(keep)
         lora_a = self.lora_A.float(keep)
         if self.experts > 1:

@@ -324,7 +324,7 @@ def module_base_lacks(root: Path) -> Case:
             ].clone()
 
     _edit_tensors(folder / WEIGHTS, edit)
-    return Case(folder, BASES / "llama", (str(folder), missing, "has no tensor"), needs_base=True)
+    return Case(folder, BASES / "llama", (str(folder), missing, "has no module"), needs_base=True)
 
 
 def lora_bias_wrong_length(root: Path) -> Case:

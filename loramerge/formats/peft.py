@@ -13,11 +13,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, TokenRows, match_pattern
 from loramerge.errors import FormatError
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
-from loramerge.formats.peft_config import base_init, config_for, merge_refusal
+from loramerge.formats.peft_config import KASA, base_init, config_for, merge_refusal
 from loramerge.io.json_files import read_json
 from loramerge.io.safetensors_writer import save_tensors
 
@@ -25,7 +27,14 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 WRAPPED = ".base_layer"
-_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_PARTS = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "lora_diag",
+)
 _KEY = re.compile(
     r"^(?P<path>.+?)\.(?P<part>" + "|".join(_PARTS) + r")(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?"
     r"(?:\.(?P<param>weight|bias))?$"
@@ -71,6 +80,20 @@ class _Settings:
         self.use_rslora = bool(config.get("use_rslora", False))
         self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
         self.wraps_parameters = bool(config.get("target_parameters"))
+        self.target_modules = config.get("target_modules")
+
+    def is_layer(self, module_path: str) -> bool:
+        """Whether PEFT wrapped this module as a layer (target_modules), as opposed to a
+        parameter wrapper (target_parameters): PEFT never does both to one module."""
+        targets = self.target_modules
+        if isinstance(targets, str):
+            return targets == "all-linear" or re.fullmatch(targets, module_path) is not None
+        if not isinstance(targets, list):
+            return False
+        return any(
+            isinstance(t, str) and (module_path == t or module_path.endswith("." + t))
+            for t in targets
+        )
 
     def rank(self, key: str, module: str) -> int:
         found = match_pattern(self.rank_pattern, key)
@@ -96,6 +119,7 @@ def read(folder: Path) -> Adapter:
             hint="only LoRA-family adapters (peft_type LORA) can be converted or merged",
         )
     settings = _Settings(config, config_path)
+    blocks = _BlockDiagonal(config.get("use_bdlora"), config_path)
     path = weights_file(folder)
     tensors, metadata = lazy_weights(path)
     parts: dict[str, dict[str, LazyTensor]] = {}
@@ -110,7 +134,8 @@ def read(folder: Path) -> Adapter:
         if match["param"] == "bias":
             part = "lora_B.bias" if part == "lora_B" else part + ".bias"
         parts.setdefault(match["path"], {})[part] = tensor
-    modules = {p: _module(p, found, path, settings) for p, found in parts.items()}
+    modules = {p: _module(p, blocks.expand(p, found), path, settings) for p, found in parts.items()}
+    source_config = {k: v for k, v in config.items() if k != "use_bdlora"}  # expanded here
     adapter = Adapter(
         modules=modules,
         base_model=_text(config.get("base_model_name_or_path")),
@@ -120,7 +145,7 @@ def read(folder: Path) -> Adapter:
         metadata=metadata,
         base_init=base_init(config),
         merge_refusal=merge_refusal(config),
-        source_config=config,
+        source_config=source_config,
     )
     _sort_other_tensors(adapter, other, config, config_path)
     if not modules and not adapter.modules_to_save and not adapter.token_rows:
@@ -160,6 +185,47 @@ def _sort_other_tensors(
             adapter.modules_to_save[name] = tensor
 
 
+class _BlockDiagonal:
+    """BD-LoRA: PEFT stores a block-diagonal factor as its blocks stacked, (rows, cols / n);
+    the full factor is block_diag of its n row chunks, which makes an ordinary LoRA."""
+
+    def __init__(self, value: Any, config_path: Path) -> None:
+        self.blocks = 0
+        if not value:
+            return
+        if not isinstance(value, dict) or not isinstance(value.get("nblocks", 1), int):
+            raise FormatError("use_bdlora must be a BD-LoRA config object", path=config_path)
+        self.blocks = max(1, int(value.get("nblocks", 1)))
+        self.on_a = [p for p in value.get("target_modules_bd_a") or [] if isinstance(p, str)]
+        self.on_b = [p for p in value.get("target_modules_bd_b") or [] if isinstance(p, str)]
+        self.path = config_path
+
+    def expand(self, module: str, found: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+        if self.blocks == 0:
+            return found
+        # PEFT matches the patterns as substrings of the module's name
+        part = "lora_A" if any(p in module for p in self.on_a) else None
+        if part is None and any(p in module for p in self.on_b):
+            part = "lora_B"
+        if part is None or part not in found:
+            return found
+        stored = found[part]
+        if len(stored.shape) != 2 or stored.shape[0] % self.blocks:
+            raise FormatError(
+                f"block-diagonal {part} {list(stored.shape)} does not split into "
+                f"{self.blocks} blocks",
+                path=self.path,
+                module=module,
+            )
+        shape = (stored.shape[0], stored.shape[1] * self.blocks)
+        blocks = self.blocks
+
+        def load() -> torch.Tensor:
+            return torch.block_diag(*torch.chunk(stored.load(), blocks, dim=0))
+
+        return {**found, part: LazyTensor(shape, stored.dtype, load)}
+
+
 def _token_indices(value: Any, module: str, config_path: Path) -> list[int]:
     """The token indices PEFT trained for `module` (a list: the input embedding; a dict: per
     module name, matched as PEFT matches it)."""
@@ -186,6 +252,8 @@ def _module(
     if missing:
         raise FormatError(f"has no {missing[0]} tensor", path=path, module=module_path)
     lora_a, lora_b = found[a_key], found[b_key]
+    if "lora_diag" in found:
+        lora_b = _scaled_columns(lora_b, found["lora_diag"], path, module_path)
     rows = lora_a.shape[0] if lora_a.shape else 0
     dims = (2,) if embedding else (2, 3, 4, 5)
     if len(lora_a.shape) not in dims or len(lora_b.shape) != len(lora_a.shape) or rows == 0:
@@ -200,7 +268,9 @@ def _module(
             path=path,
             module=module_path,
         )
-    wrapped = settings.wraps_parameters and WRAPPED in module_path
+    wrapped = settings.wraps_parameters and (
+        WRAPPED in module_path or not settings.is_layer(module_path)
+    )
     if embedding:
         kind = ModuleKind.EMBEDDING
     elif len(lora_a.shape) > 2:
@@ -223,6 +293,23 @@ def _module(
         # architecture says how many (loramerge.model.fit)
         check_rank(module, settings.rank(module_path, module_path), settings.path)
     return module
+
+
+def _scaled_columns(
+    lora_b: LazyTensor, diag: LazyTensor, path: Path, module: str
+) -> LazyTensor:
+    """KaSA's B diag(d), formed as PEFT forms it (B * d, elementwise in B's dtype)."""
+    if len(lora_b.shape) != 2 or tuple(diag.shape) != (lora_b.shape[1],):
+        raise FormatError(
+            f"lora_diag {list(diag.shape)} does not fit lora_B {list(lora_b.shape)}",
+            path=path,
+            module=module,
+        )
+
+    def load() -> torch.Tensor:
+        return lora_b.load() * diag.load().to(lora_b.dtype)
+
+    return LazyTensor(lora_b.shape, lora_b.dtype, load)
 
 
 def check_rank(module: LoraModule, expected: int, config_path: Path) -> None:
@@ -268,6 +355,9 @@ def state_dict_for(adapter: Adapter) -> dict[str, Any]:
             tensors[f"{stem}.lora_magnitude_vector"] = module.magnitude.load()
         if module.bias is not None:
             tensors[f"{stem}.lora_B.bias"] = module.bias.load()
+        if adapter.base_init == KASA:
+            # B already holds KaSA's diagonal (B diag(d)): PEFT scales it by ones
+            tensors[f"{stem}.lora_diag"] = torch.ones(module.r, dtype=module.lora_B.dtype)
     for name, tensor in adapter.modules_to_save.items():
         tensors[PREFIX + name] = tensor.load()
     for name, tensor in adapter.base_tables.items():

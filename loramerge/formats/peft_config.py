@@ -27,7 +27,7 @@ PASSIVE_FIELDS = frozenset(
         "megatron_core", "modules_to_save", "peft_type", "peft_version", "r", "rank_pattern",
         "revision", "runtime_config", "target_modules", "target_parameters", "task_type",
         "trainable_token_indices", "use_dora", "use_rslora", "velora_config",
-        "qalora_group_size",
+        "qalora_group_size", "use_bdlora", "kasa_config",
     }
 )  # fmt: skip
 
@@ -40,9 +40,6 @@ VARIANT_REASONS = {
     "use_qalora": "it is a QA-LoRA adapter: its A acts on group-pooled inputs",
     "monteclora_config": "it is a MonteCLoRA adapter, whose update is sampled",
     "arrow_config": "it is an Arrow adapter, which routes between LoRAs per token",
-    "use_bdlora": "it is a BD-LoRA adapter, whose block-diagonal factors loramerge does not read",
-    "kasa_config": "it is a KaSA adapter: PEFT truncates the base weight's smallest singular "
-    "values and scales B A by a trained diagonal, which loramerge does not rebuild",
     "megatron_config": "it was trained on Megatron parallel layers, whose weights are sharded "
     "differently from the base files",
 }
@@ -50,8 +47,10 @@ VARIANT_REASONS = {
 # init_lora_weights values that leave the base untouched (the factors alone are the update)
 PLAIN_INITS = frozenset({"true", "false", "gaussian", "eva", "orthogonal", "mica"})
 # deterministic initialisations that change the base: PEFT rebuilds the residual base from the
-# original weights at load time, and so can loramerge (docs/rules.md section 1)
+# original weights at load time, and so can loramerge (docs/rules.md section 1); KaSA likewise
+# drops the base's smallest singular components
 REBUILT_INITS = frozenset({"pissa", "olora"})
+KASA = "kasa"
 
 
 def init_method(config: dict[str, Any]) -> str:
@@ -85,7 +84,10 @@ def merge_refusal(config: dict[str, Any]) -> str | None:
 
 
 def base_init(config: dict[str, Any]) -> str | None:
-    """'pissa' or 'olora' when the factors apply to a residual base PEFT rebuilds at load."""
+    """'pissa', 'olora' or 'kasa' when the factors apply to a residual base PEFT rebuilds from
+    the original base at load time."""
+    if config.get("kasa_config"):
+        return KASA
     init = init_method(config)
     return init if init in REBUILT_INITS else None
 
@@ -142,6 +144,12 @@ def config_for(adapter: Adapter, layers: dict[str, str] | None = None) -> dict[s
             "use_rslora": rslora == {True},
         }
     )
+    if any(m.kind is ModuleKind.PARAMETER and m.parameter is None for m in modules):
+        # which parameter each wrapper holds, and how many experts (hence the rank), is known
+        # only with the base's architecture: the modules are unchanged, their config is too
+        for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+            if key in adapter.source_config:
+                config[key] = adapter.source_config[key]
     config.setdefault("bias", "none")
     config.setdefault("lora_dropout", 0.0)
     if adapter.token_rows:
@@ -150,8 +158,10 @@ def config_for(adapter: Adapter, layers: dict[str, str] | None = None) -> dict[s
         }
     if not adapter.saved_biases:
         config["bias"] = "none"
-    if adapter.base_init is None and init_method(config) in REBUILT_INITS:
-        config["init_lora_weights"] = True
+    if adapter.base_init is None:
+        if init_method(config) in REBUILT_INITS:
+            config["init_lora_weights"] = True
+        config.pop("kasa_config", None)
     return config
 
 

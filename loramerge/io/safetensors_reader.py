@@ -3,6 +3,7 @@ whose header was validated."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from loramerge.io.safetensors_header import (
     TensorEntry,
     data_error,
     header_from_fd,
+    itemsize,
     open_readonly,
     torch_dtype,
 )
@@ -101,17 +103,28 @@ class SafetensorsReader:
             done += chunk
         return buffer
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """A tensor, or the slice rows[0]:rows[1] along its first axis, as a fresh CPU tensor."""
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, row_elements: int | None = None
+    ) -> torch.Tensor:
+        """A tensor, or the slice rows[0]:rows[1] along its first axis, as a fresh CPU tensor.
+        With `row_elements`, the tensor is read as rows of that many elements (its leading
+        dimensions flattened), e.g. the rows of a stack of matrices one after the other."""
         entry = self.entry(name)
         shape = list(entry.shape)
         offset, length = self.absolute_offset(entry), entry.nbytes
+        row_bytes = entry.row_bytes
+        if row_elements is not None and shape:
+            count = math.prod(shape)
+            if row_elements < 1 or count % row_elements:
+                raise IndexError(f"{name!r} of shape {entry.shape} has no rows of {row_elements}")
+            shape = [count // row_elements, row_elements]
+            row_bytes = row_elements * itemsize(entry.dtype)
         if rows is not None and shape:
             start, stop = rows
             if not shape or not 0 <= start <= stop <= shape[0]:
                 raise IndexError(f"rows {rows} outside tensor {name!r} of shape {entry.shape}")
-            offset += start * entry.row_bytes
-            length = (stop - start) * entry.row_bytes
+            offset += start * row_bytes
+            length = (stop - start) * row_bytes
             shape[0] = stop - start
         return bytes_to_tensor(self.read_bytes(offset, length), entry.dtype, tuple(shape))
 

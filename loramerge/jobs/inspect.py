@@ -14,7 +14,7 @@ from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, plan_merge
-from loramerge.model.sources import Sources, tile_buffer_bytes
+from loramerge.model.sources import sources_for
 from loramerge.model.stream import ERASED_SHARE, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.rank_truncation import RankSize, dylora_rank_profile
@@ -99,7 +99,7 @@ def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: Adapte
     adapter = plan.adapter
     by_path = {m.path: m for m in report.modules}
     with ExitStack() as stack:
-        sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base))
+        sources = sources_for(plan, base, stack)
         for shard in plan.shards:
             for tensor in shard.tensors:
                 if tensor.action is not Action.MERGE:

@@ -11,6 +11,7 @@ from loramerge.adapter import Adapter
 from loramerge.errors import OptionError, OutputError
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.safetensors_header import read_header
+from loramerge.model.base_init import rebuild_for_original_base
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import DTYPE_CODES, MergePlan, plan_merge
 from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
@@ -50,6 +51,7 @@ def merge_adapter(
     """Write the fully merged model of `adapter` on `base_ref` into the folder `out`."""
     out = Path(out)
     base = open_base(base_ref)
+    adapter = rebuild_for_original_base(adapter, base)
     plan = plan_merge(
         base,
         adapter,
@@ -115,8 +117,9 @@ def preview_merge(
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
 ) -> MergePlan:
-    """The plan `merge_adapter` would follow, from headers alone (nothing is written)."""
+    """The plan `merge_adapter` would follow (nothing is written)."""
     base = open_base(base_ref)
+    adapter = rebuild_for_original_base(adapter, base)
     return plan_merge(
         base,
         adapter,

@@ -82,7 +82,6 @@ def _kind_of(module: Any) -> ModuleKind | None:
 def _model_class(config: dict[str, Any]) -> tuple[Any, Any] | NoArchitecture:
     """(transformers config object, model class) for a config.json, without remote code."""
     import transformers
-    from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
@@ -99,9 +98,9 @@ def _model_class(config: dict[str, Any]) -> tuple[Any, Any] | NoArchitecture:
     model_class = getattr(transformers, str(names[0]), None)
     if model_class is None:
         return NoArchitecture(f"transformers has no model class {names[0]}")
-    settings = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
+    settings = {k: v for k, v in config.items() if k != "auto_map"}
     try:
-        hf_config = AutoConfig.for_model(model_type, **settings)
+        hf_config = CONFIG_MAPPING[model_type].from_dict(settings)
     except Exception as exc:  # a config transformers refuses: report it, fall back
         return NoArchitecture(f"transformers cannot read config.json ({type(exc).__name__}: {exc})")
     return hf_config, model_class
@@ -148,6 +147,35 @@ def build_architecture(config: dict[str, Any]) -> Architecture | NoArchitecture:
         tied={k: v for k, v in tied.items() if k in parameters and v in parameters},
         layout=layout,
     )
+
+
+def side_effects(config: dict[str, Any], updates: dict[str, Any]) -> set[str]:
+    """Settings of the model's transformers config that change when `updates` (dotted keys for
+    sub-configs) are applied to config.json, other than the updated keys themselves: some
+    configs give a field another meaning (T5 reads `tie_word_embeddings` as whether to scale its
+    decoder outputs, and always ties)."""
+    from loramerge.model.param_changes import apply_config_updates
+
+    def settings(values: dict[str, Any]) -> dict[str, Any]:
+        found = _model_class(values)
+        if isinstance(found, NoArchitecture):
+            return {}
+        return _flatten(found[0].to_dict())
+
+    before = settings(config)
+    after = settings(apply_config_updates(config, updates))
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    return changed - set(updates) - {"transformers_version"}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def architecture_of(config: dict[str, Any]) -> Architecture | NoArchitecture:

@@ -144,6 +144,7 @@ def _kind(module: LoraModule, found: ModuleKind | None, adapter: Adapter) -> Mod
     """The kind the architecture gives, if the adapter's factors can be of that kind."""
     fits = {
         ModuleKind.LINEAR: (ModuleKind.LINEAR, ModuleKind.CONV1D),
+        ModuleKind.CONV1D: (ModuleKind.LINEAR, ModuleKind.CONV1D),
         ModuleKind.EMBEDDING: (ModuleKind.EMBEDDING,),
         ModuleKind.CONV: (ModuleKind.CONV,),
     }.get(module.kind, ())
@@ -278,11 +279,29 @@ def _pattern_values(adapter: Adapter, key: str, alpha: float) -> tuple[float, in
 
 
 def rename_to_base(adapter: Adapter, base_ref: str | Path) -> Adapter:
-    """The adapter with module paths as the base names them and kinds resolved, after the same
-    checks a merge makes: an adapter converted against a base must fit that base."""
-    from loramerge.model.plan import plan_merge
+    """The adapter with module paths as the base names them and kinds resolved: every module,
+    and every full tensor it carries, must fit the base (what a merge adds to these checks,
+    such as a bias for a LoRA bias to land on, an adapter file does not need)."""
+    if adapter.source_config.get("layer_replication"):
+        # its modules are those of the model PEFT builds by replicating layers: kept as named
+        return adapter
+    from loramerge.model.base_init import rebuild_for_original_base
 
     base = open_base(base_ref)
+    adapter = rebuild_for_original_base(adapter, base)
     fitted = fit_adapter(adapter, base)
-    plan_merge(base, fitted.adapter)
+    carried = [
+        *fitted.adapter.modules_to_save,
+        *fitted.adapter.saved_biases,
+        *fitted.adapter.base_tables,
+        *(module + ".weight" for module in fitted.adapter.token_rows),
+    ]
+    for name in carried:
+        if fitted.param_name(name) is None:
+            raise FormatError(
+                f"the base model has no parameter {name} for the tensor the adapter carries",
+                path=adapter.source_path,
+                module=name,
+                hint="is this adapter for another base model?",
+            )
     return fitted.adapter

@@ -158,18 +158,11 @@ def apply_config_updates(config: dict[str, Any], updates: Mapping[str, Any]) -> 
     return result
 
 
-def check_untied(architecture: Architecture | None, config: dict[str, Any]) -> None:
-    """After untying, transformers must tie nothing of what the merge wrote apart: asked of
-    the architecture built from the updated config."""
-    if architecture is None:
-        return
+def remaining_ties(architecture: Architecture, config: dict[str, Any]) -> dict[str, str]:
+    """The ties transformers still makes under the updated config (asked of the architecture
+    built from it): transformers leaves a pair apart when the files store both tensors with
+    different values, so the merge writes every member of every tied group."""
     from loramerge.model.architecture import architecture_of
 
     rebuilt = architecture_of(config)
-    if isinstance(rebuilt, Architecture) and rebuilt.tied:
-        names = ", ".join(f"{t} -> {s}" for t, s in sorted(rebuilt.tied.items()))
-        raise FormatError(
-            f"the merge changes one side of tied weights, and setting tie_word_embeddings false "
-            f"does not untie {architecture.model_class} ({names})",
-            hint="merge an adapter that changes both sides alike, or keep it as an adapter",
-        )
+    return dict(rebuilt.tied) if isinstance(rebuilt, Architecture) else {}

@@ -16,19 +16,21 @@ from typing import Any
 from loramerge.adapter import Adapter, ModuleKind
 from loramerge.errors import FormatError, ShapeMismatchError
 from loramerge.io.safetensors_header import FLOAT_CODES, TensorEntry, itemsize
+from loramerge.model.architecture import side_effects
 from loramerge.model.fit import Fitted, Target, fit_adapter
 from loramerge.model.folder import BaseModel
 from loramerge.model.param_changes import (
     ChangeSet,
     ParamChange,
     apply_config_updates,
-    check_untied,
     collect_changes,
+    remaining_ties,
     resolve_ties,
     untie_updates,
 )
 from loramerge.model.shapes import check_bias, check_full_copy
-from loramerge.model.stored_layout import StoredPiece, UnmappedLayout, whole_piece
+from loramerge.model.stored_layout import StoredPiece, UnmappedLayout
+from loramerge.model.stored_tensors import StoredTensors
 
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
@@ -54,6 +56,9 @@ class UpdateSlice:
     columns: tuple[int, int]
     transposed: bool = False
     row_shape: tuple[int, ...] = ()  # conv: the shape of one stored row, e.g. (in, kh, kw)
+    # a whole stack of experts stored as one (E x ...) tensor: every expert's update in turn,
+    # the stored rows being those of the experts one after the other
+    stacked: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,14 @@ class TensorPlan:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        """The shape the tensor is streamed as, row tile by row tile: a stack of experts as
+        the rows of all its experts (its leading dimensions flattened)."""
+        if self.update is not None and self.update.stacked:
+            return (math.prod(self.shape[:-1]), self.shape[-1])
+        return self.shape
 
 
 @dataclass(frozen=True)
@@ -126,68 +139,21 @@ def update_slice(target: Target, piece: StoredPiece, rank_shape: tuple[int, int]
         row_shape = tuple(target.shape[1:]) if target.kind is ModuleKind.CONV else ()
         return UpdateSlice(None, (0, out_features), (0, in_features), transposed, row_shape)
     index = piece.index
-    expert = None
+    expert, stacked = None, 0
     if len(target.shape) == 3:
-        if not isinstance(index[0], int):
-            raise UnmappedLayout("a stack of experts stored as one tensor")
-        expert, index = index[0], index[1:]
+        if isinstance(index[0], int):
+            expert = index[0]
+        elif index[0] == (0, target.shape[0]) and not piece.transposed:
+            stacked = target.shape[0]
+        else:
+            raise UnmappedLayout("a part of a stack of experts")
+        index = index[1:]
     first, second = index
     assert isinstance(first, tuple) and isinstance(second, tuple)
     held_transposed = target.experts_transposed and len(target.shape) == 3
     rows, columns = (second, first) if held_transposed else (first, second)
-    return UpdateSlice(expert, rows, columns, held_transposed != piece.transposed)
-
-
-class _Stored:
-    """In-memory parameters -> tensors in the base's files."""
-
-    def __init__(self, base: BaseModel, fitted: Fitted) -> None:
-        self.entries = {entry.name: entry for _, entry in base.tensors()}
-        self.fitted = fitted
-        self.architecture = fitted.architecture
-        self.prefix = fitted.prefix
-        self.adapter = fitted.adapter
-
-    def file_name(self, name: str) -> str | None:
-        """The files' name for a stored name, the base-model prefix added or dropped as
-        transformers does when it loads."""
-        if name in self.entries:
-            return name
-        prefix = self.prefix + "." if self.prefix else ""
-        if prefix and name.startswith(prefix) and name[len(prefix) :] in self.entries:
-            return name[len(prefix) :]
-        if prefix and prefix + name in self.entries:
-            return prefix + name
-        return None
-
-    def pieces(self, param: str) -> list[StoredPiece]:
-        if self.architecture is None:
-            return [whole_piece(param, self.fitted.param_shapes[param])]
-        try:
-            return self.architecture.stored_pieces(param)
-        except UnmappedLayout as exc:
-            raise FormatError(
-                f"transformers stores {param} through {exc}, which loramerge does not map",
-                path=self.adapter.source_path,
-                hint="merge an adapter that does not change this parameter",
-            ) from None
-
-    def located(self, param: str) -> list[tuple[str, StoredPiece]]:
-        """(file name, piece) for a parameter the files hold."""
-        found = []
-        for piece in self.pieces(param):
-            name = self.file_name(piece.name)
-            if name is None:
-                raise FormatError(
-                    f"the base's files have no tensor {piece.name} (parameter {param})",
-                    path=self.adapter.source_path,
-                    hint="is the base folder complete, and the right model for this adapter?",
-                )
-            found.append((name, piece))
-        return found
-
-    def shape(self, param: str) -> tuple[int, ...]:
-        return self.fitted.param_shapes[param]
+    transposed = held_transposed != piece.transposed
+    return UpdateSlice(expert, rows, columns, transposed, stacked=stacked)
 
 
 def plan_merge(
@@ -205,7 +171,7 @@ def plan_merge(
         )
     refuse_unmergeable(adapter)
     fitted = fit_adapter(adapter, base)
-    stored = _Stored(base, fitted)
+    stored = StoredTensors(base, fitted)
     changes = collect_changes(fitted)
     resolve_ties(changes, fitted.tied)
     planner = _TensorPlanner(stored, changes, fitted, dtype)
@@ -213,9 +179,9 @@ def plan_merge(
     updates: dict[str, Any] = {}
     if dtype is not None:
         updates["torch_dtype"] = updates["dtype"] = DTYPE_NAMES[dtype]
+    notes = list(fitted.notes)
     if changes.untie:
-        updates.update(untie_updates(base.config))
-        check_untied(fitted.architecture, apply_config_updates(dict(base.config), updates))
+        notes += _untie(base, fitted, updates)
     if planner.vocab is not None:
         updates["vocab_size"] = planner.vocab
     shard_plans = [ShardPlan(name, tuple(plans)) for name, plans in shards.items()]
@@ -223,9 +189,33 @@ def plan_merge(
         shard_plans = reshard(
             [t for s in shard_plans for t in s.tensors], max_shard_bytes, single_file_name
         )
-    return MergePlan(
-        tuple(shard_plans), fitted.adapter, updates, changes.untie, tuple(fitted.notes)
+    return MergePlan(tuple(shard_plans), fitted.adapter, updates, changes.untie, tuple(notes))
+
+
+def _untie(base: BaseModel, fitted: Fitted, updates: dict[str, Any]) -> list[str]:
+    """Config updates so that transformers does not tie again what the merge wrote apart, where
+    the config can say so without changing anything else; notes otherwise."""
+    flag = untie_updates(base.config)
+    architecture = fitted.architecture
+    if architecture is None:
+        updates.update(flag)
+        return []
+    effects = side_effects(dict(base.config), flag)
+    if not effects:
+        updates.update(flag)
+    kept = remaining_ties(architecture, apply_config_updates(dict(base.config), updates))
+    if not kept:
+        return []
+    why = (
+        f"its config reads tie_word_embeddings as more than tying ({', '.join(sorted(effects))})"
+        if effects
+        else "tie_word_embeddings does not control all of its ties"
     )
+    return [
+        f"{architecture.model_class} keeps tying {', '.join(sorted(kept))} ({why}): every tied "
+        "tensor is stored in the merged folder, and transformers loads tensors stored with "
+        "different values apart"
+    ]
 
 
 def refuse_unmergeable(adapter: Adapter) -> None:
@@ -246,7 +236,9 @@ def refuse_unmergeable(adapter: Adapter) -> None:
 class _TensorPlanner:
     """Stored tensor -> TensorPlan, in the base's order, with untied heads added."""
 
-    def __init__(self, stored: _Stored, changes: ChangeSet, fitted: Fitted, dtype: str | None):
+    def __init__(
+        self, stored: StoredTensors, changes: ChangeSet, fitted: Fitted, dtype: str | None
+    ) -> None:
         self.stored = stored
         self.changes = changes
         self.adapter = fitted.adapter
@@ -325,7 +317,14 @@ class _TensorPlanner:
             target = change.update
             module = self.adapter.modules[target.module]
             product = (module.lora_B.shape[0], math.prod(module.lora_A.shape[1:]))
-            update = update_slice(target, piece, product)
+            try:
+                update = update_slice(target, piece, product)
+            except UnmappedLayout as exc:
+                raise FormatError(
+                    f"transformers stores {param} as {exc}, which loramerge does not map",
+                    path=self.adapter.source_path,
+                    module=target.module,
+                ) from None
             self._check_dora(module, update, name)
             return TensorPlan(
                 name, code, shape, Action.MERGE, module=target.module, kind=target.kind,

@@ -55,10 +55,11 @@ def tile_buffer_bytes(plan: MergePlan, base: BaseModel) -> tuple[int, int]:
     stored_bytes = widened_bytes = BLOCK
     for shard in plan.shards:
         for tensor in shard.tensors:
-            row_elements = math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1
+            shape = tensor.tile_shape
+            row_elements = math.prod(shape[1:]) if len(shape) > 1 else 1
             source = located.get(tensor.source or tensor.name)
             stored = itemsize(source[1].dtype if source else tensor.dtype)
-            for start, stop in tiles(tensor.shape):
+            for start, stop in tiles(shape):
                 elements = (stop - start) * row_elements
                 stored_bytes = max(stored_bytes, elements * stored + 2 * BLOCK)
                 widened_bytes = max(widened_bytes, elements * 4)
@@ -83,7 +84,7 @@ def read_schedule(plan: MergePlan, adapter: Adapter, copies_read: bool = False) 
             if merged and tensor.update is not None and tensor.update.transposed:
                 passes += adapter.modules[tensor.module or ""].magnitude is not None
             for _ in range(passes):
-                schedule.extend((source, a, b, merged) for a, b in tiles(tensor.shape))
+                schedule.extend((source, a, b, merged) for a, b in tiles(tensor.tile_shape))
     return schedule
 
 
@@ -112,6 +113,8 @@ class Sources:
         self._lock = threading.Lock()
         self.pool = BufferPool(*buffer_bytes)
         self.prefetcher: Prefetcher | None = None
+        # tensors read as rows of this many elements rather than along their first dimension
+        self.row_elements: dict[str, int] = {}
 
     @property
     def direct(self) -> bool:
@@ -132,7 +135,7 @@ class Sources:
         """One tile as stored."""
         name, start, stop, _ = key
         reader, name = self.reader(name)
-        return reader.read(name, (start, stop))
+        return reader.read(name, (start, stop), self.row_elements.get(name))
 
     def prepare(self, key: ReadKey, stored: torch.Tensor) -> Rows:
         """A tile read by `read`, with its float32 copy when the key asks for one."""
@@ -184,3 +187,15 @@ class Sources:
         """Tiles the caller is done with: their buffers may hold the next ones."""
         for tensor in tensors:
             self.pool.give(tensor)
+
+
+def sources_for(
+    plan: MergePlan, base: BaseModel, stack: ExitStack, direct: bool = False
+) -> Sources:
+    """The sources a plan's tensors are read from, with buffers sized for its tiles."""
+    sources = Sources(base, plan.adapter, stack, tile_buffer_bytes(plan, base), direct)
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            if tensor.tile_shape != tensor.shape:
+                sources.row_elements[tensor.source or tensor.name] = tensor.tile_shape[1]
+    return sources

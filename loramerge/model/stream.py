@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy
 import torch
 
-from loramerge.adapter import Adapter
+from loramerge.adapter import Adapter, LoraModule
 from loramerge.io.direct_io import direct_writes_work
 from loramerge.io.safetensors_header import torch_dtype
 from loramerge.io.safetensors_writer import OutputTensor, StreamingWriter
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
-from loramerge.model.plan import Action, MergePlan, TensorPlan
-from loramerge.model.sources import Sources, read_schedule, tile_buffer_bytes, tiles
+from loramerge.model.plan import Action, MergePlan, TensorPlan, UpdateSlice
+from loramerge.model.sources import Sources, read_schedule, sources_for, tiles
 from loramerge.ops.update import (
     add_update_in_place,
     dora_rescale,
@@ -130,7 +130,7 @@ def _stream(
 ) -> None:
     adapter = plan.adapter
     with ExitStack() as stack:
-        sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base), direct)
+        sources = sources_for(plan, base, stack, direct)
         if pipelined:
             schedule = read_schedule(plan, adapter, copies_read=direct)
             sources.prefetcher = Prefetcher(schedule, sources.read, sources.prepare)
@@ -165,11 +165,11 @@ def _write_tensor(
         output.call(writer.copy_range, reader.fd, reader.absolute_offset(entry), entry.nbytes)
     elif plan.action in (Action.COPY, Action.CAST, Action.REPLACE):
         # a copy through memory: `to` returns the very tensor when the dtype is unchanged
-        for start, stop in tiles(plan.shape):
+        for start, stop in tiles(plan.tile_shape):
             rows = sources.rows(plan, start, stop)
             output.call(_write_rows, writer, sources, rows, out_dtype)
     elif plan.action is Action.ROWS:
-        for start, stop in tiles(plan.shape):
+        for start, stop in tiles(plan.tile_shape):
             stored = sources.rows(plan, start, stop)
             values = stored.to(out_dtype)  # the very tile when the dtype is unchanged
             sources.write_token_rows(plan, values, start, stop)
@@ -202,24 +202,33 @@ def merged_tiles(
     module = adapter.modules[plan.module or ""]
     update = plan.update
     assert update is not None
-    lora_b, lora_a = module.factors(keep=False, expert=update.expert)
-    if update.rows != (0, lora_b.shape[0]):
-        lora_b = lora_b[update.rows[0] : update.rows[1]]
-    if update.columns != (0, lora_a.shape[1]):
-        lora_a = lora_a[:, update.columns[0] : update.columns[1]]
-    lora_b, lora_a, scale = prescaled_factors(lora_b, lora_a, module.scale)
+    experts = range(update.stacked) if update.stacked else [update.expert]
+    factors = [_sliced_factors(module, update, expert) for expert in experts]
     transposed, row_shape = update.transposed, update.row_shape
+    per_expert = _stored_rows(update)
+
+    def add(wide: torch.Tensor, factor: tuple, start: int, stop: int) -> None:
+        lora_b, lora_a, scale = factor
+        if add_update_in_place(wide, lora_b, lora_a, scale, transposed, start, stop):
+            return
+        delta = update_rows(
+            lora_b, lora_a, scale, transposed, start, stop, row_shape, sources.pool.take_like
+        )
+        # float32(base) + update, in place (addition commutes, so PEFT's bits are kept)
+        wide.add_(delta)
+        sources.give(delta)
 
     def merged(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         base_rows, wide = sources.rows_and_float32(plan, start, stop)
         sources.write_token_rows(plan, wide, start, stop)
-        if not add_update_in_place(wide, lora_b, lora_a, scale, transposed, start, stop):
-            update = update_rows(
-                lora_b, lora_a, scale, transposed, start, stop, row_shape, sources.pool.take_like
-            )
-            # float32(base) + update, in place (addition commutes, so PEFT's bits are kept)
-            wide.add_(update)
-            sources.give(update)
+        if not update.stacked:
+            add(wide, factors[0], start, stop)
+            return base_rows, wide
+        # the tile's rows, expert by expert: each segment gets its own expert's update rows
+        for expert in range(start // per_expert, -(-stop // per_expert)):
+            low, high = max(start, expert * per_expert), min(stop, (expert + 1) * per_expert)
+            segment = wide[low - start : high - start]
+            add(segment, factors[expert], low - expert * per_expert, high - expert * per_expert)
         return base_rows, wide
 
     magnitude = module.magnitude.float().reshape(-1) if module.magnitude is not None else None
@@ -227,12 +236,12 @@ def merged_tiles(
     if magnitude is not None and transposed:
         # DoRA normalises each output, a column of a transposed table: one pass to sum squares
         squares = torch.zeros(magnitude.numel(), dtype=torch.float64)
-        for start, stop in tiles(plan.shape):
+        for start, stop in tiles(plan.tile_shape):
             base_rows, values = merged(start, stop)
             squares += output_norms_squared(values, transposed)
             sources.give(base_rows, values)
         norms = squares.sqrt()
-    for start, stop in tiles(plan.shape):
+    for start, stop in tiles(plan.tile_shape):
         base_rows, values = merged(start, stop)
         if magnitude is not None:
             if norms is None:
@@ -243,6 +252,23 @@ def merged_tiles(
             sources.give(values)
             values = rescaled
         yield base_rows, values
+
+
+def _sliced_factors(module: LoraModule, update: UpdateSlice, expert: int | None) -> tuple:
+    """(B, A, s) for the part of the update the stored tensor holds (one expert's, a range of
+    rows or columns), with a power-of-two scale moved into A where that keeps every bit."""
+    lora_b, lora_a = module.factors(keep=False, expert=expert)
+    if update.rows != (0, lora_b.shape[0]):
+        lora_b = lora_b[update.rows[0] : update.rows[1]]
+    if update.columns != (0, lora_a.shape[1]):
+        lora_a = lora_a[:, update.columns[0] : update.columns[1]]
+    return prescaled_factors(lora_b, lora_a, module.scale)
+
+
+def _stored_rows(update: UpdateSlice) -> int:
+    """Stored rows of one expert's matrix (its product columns when stored transposed)."""
+    low, high = update.columns if update.transposed else update.rows
+    return high - low
 
 
 def _write_merge(
