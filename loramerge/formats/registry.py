@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loramerge.adapter import Adapter
 from loramerge.errors import OptionError, UnknownFormatError
-from loramerge.formats import dylora, gguf, kohya, peft
+from loramerge.formats import dylora, gguf, kohya, lycoris, peft
 from loramerge.io.safetensors_header import read_header
 
 
@@ -48,6 +48,12 @@ INPUT_FORMATS: list[InputFormat] = [
     ),
     InputFormat("dylora", "DyLoRA official (loralib)", dylora.sniff_official, dylora.read_official),
     InputFormat("kohya-dylora", "kohya DyLoRA .safetensors", dylora.sniff_kohya, dylora.read_kohya),
+    InputFormat(
+        "lycoris",
+        "LyCORIS .safetensors (LoCon, LoHa, LoKr, full, DyLoRA)",
+        lycoris.sniff,
+        lycoris.read,
+    ),
     InputFormat("gguf", "llama.cpp LoRA GGUF file", gguf.sniff, lambda p, o: gguf.read(p)),
 ]
 

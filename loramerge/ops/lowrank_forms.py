@@ -49,7 +49,13 @@ def kronecker_factors(
     _check_pair(b1, a1, "first")
     _check_pair(b2, a2, "second")
     b1, a1, b2, a2 = (t.to(torch.float64) for t in (b1, a1, b2, a2))
-    return torch.kron(b1, b2), torch.kron(a1, a2)
+    return _kron(b1, b2), _kron(a1, a2)
+
+
+def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """kron(x, y) of two matrices (torch.kron fails on some strides of size-1 axes)."""
+    rows, columns = x.shape[0] * y.shape[0], x.shape[1] * y.shape[1]
+    return (x[:, None, :, None] * y[None, :, None, :]).reshape(rows, columns)
 
 
 def tucker_down(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -56,3 +56,11 @@ def test_shapes_that_do_not_meet_are_refused():
         kronecker_factors(_rand(7, 3), _rand(2, 5), _rand(6, 2), _rand(2, 5))
     with pytest.raises(ShapeMismatchError):
         tucker_down(_rand(3, 4, 3, 3), _rand(3, 6))
+
+
+def test_kronecker_takes_transposed_columns():
+    """torch.kron itself fails on a transposed (n x 1) factor; the factors must not."""
+    b2, a2 = _rand(1, 4, seed=1).T, _rand(1, 18, seed=2)
+    b1, a1 = _rand(2, 2, seed=3).T, _rand(2, 2, seed=4).T
+    b, a = kronecker_factors(b1, a1, b2, a2)
+    torch.testing.assert_close(b @ a, torch.kron((b1 @ a1).contiguous(), (b2 @ a2).contiguous()))
