@@ -49,8 +49,8 @@ def layer_inputs() -> dict[str, torch.Tensor]:
 def kohya_index() -> dict[str, tuple[str, str]]:
     """kohya module name -> (component, module path), both CLIP text-encoder forms."""
     index = {}
-    for where in geometry():
-        component, path = where.split(".", 1)
+    for stored in geometry():
+        component, path = stored.split(".", 1)
         for prefix, owner in KOHYA_PREFIXES.items():
             if owner == component:
                 index[f"{prefix}_{path.replace('.', '_')}"] = (component, path)
@@ -70,17 +70,25 @@ def find(adapter: Adapter, component: str | None, path: str) -> LoraModule:
     return found[0]
 
 
+def where(component: str, path: str) -> str:
+    """'<component>.<path>' as the fixture pipeline stores it: text-encoder paths written under
+    transformers >= 5 lack the `text_model.` level the stored weights have."""
+    if f"{component}.{path}" not in geometry() and f"{component}.text_model.{path}" in geometry():
+        path = "text_model." + path
+    return f"{component}.{path}"
+
+
 def merged_weight(module: LoraModule, component: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W', b') in float64 by loramerge's model of the module (rules.md section 1)."""
-    where = f"{component}.{module.path}"
-    weight = base_weights()[f"{where}.weight"].to(torch.float64)
-    bias = base_weights().get(f"{where}.bias")
+    where_ = where(component, module.path)
+    weight = base_weights()[f"{where_}.weight"].to(torch.float64)
+    bias = base_weights().get(f"{where_}.bias")
     lora_b, lora_a = (t.to(torch.float64) for t in module.factors())
     delta = (module.scale * (lora_b @ lora_a)).reshape(weight.shape)
-    assert module.kind is (ModuleKind.CONV if weight.ndim == 4 else ModuleKind.LINEAR), where
+    assert module.kind is (ModuleKind.CONV if weight.ndim == 4 else ModuleKind.LINEAR), where_
     assert tuple(module.lora_A.shape[1:]) == (
         tuple(weight.shape[1:]) if weight.ndim == 4 else (weight.shape[1],)
-    ), where
+    ), where_
     merged = weight + delta
     if module.magnitude is not None:
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
@@ -95,10 +103,10 @@ def merged_weight(module: LoraModule, component: str) -> tuple[torch.Tensor, tor
 
 def output(module: LoraModule, component: str) -> torch.Tensor:
     """The module's output on its fixed reference input, with the adapter applied."""
-    where = f"{component}.{module.path}"
+    where_ = where(component, module.path)
     weight, bias = merged_weight(module, component)
-    geo = geometry()[where]
-    x = layer_inputs()[f"in.{where}"].to(torch.float64)
+    geo = geometry()[where_]
+    x = layer_inputs()[f"in.{where_}"].to(torch.float64)
     if geo["kind"] == "linear":
         return F.linear(x, weight, bias)
     return F.conv2d(

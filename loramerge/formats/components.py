@@ -4,9 +4,11 @@ how their modules are keyed, split into one adapter per model, and picked one at
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from loramerge.adapter import Adapter, LoraModule
 from loramerge.errors import OptionError
+from loramerge.formats import peft
 from loramerge.formats.sd_names import COMPONENT_ORDER
 
 # Adapter.modules keys: the module path when all modules belong to one model (a merge looks
@@ -72,3 +74,33 @@ def describe(parts: dict[str | None, Adapter]) -> str:
     return ", ".join(
         f"{name or 'one model'} ({len(part.modules)} modules)" for name, part in parts.items()
     )
+
+
+def for_component(adapter: Adapter, component: str | None) -> Adapter:
+    """`--component`: the modules of one component of a multi-model adapter, or a one-model
+    adapter declared to be that component's (a diffusers file names it for each module)."""
+    if component is None:
+        return adapter
+    if component not in COMPONENT_ORDER:
+        raise OptionError(
+            f"unknown component {component!r}; choose one of {', '.join(COMPONENT_ORDER)}"
+        )
+    if components(adapter) == [None]:
+        return replace(
+            adapter,
+            modules={k: replace(m, component=component) for k, m in adapter.modules.items()},
+        )
+    return select(adapter, component)
+
+
+def write_peft(adapter: Adapter, folder: Path) -> None:
+    """A PEFT adapter folder, or for a multi-model adapter one per component in subfolders
+    named like the pipeline's (`unet/`, `text_encoder/`): a PEFT adapter wraps one model."""
+    parts = split(adapter)
+    if len(parts) == 1:
+        peft.write(next(iter(parts.values())), folder)
+        return
+    for component, part in parts.items():
+        sub = folder / str(component)
+        sub.mkdir()
+        peft.write(part, sub)

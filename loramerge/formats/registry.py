@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loramerge.adapter import Adapter
 from loramerge.errors import OptionError, UnknownFormatError
-from loramerge.formats import dylora, gguf, kohya, lycoris, peft
+from loramerge.formats import components, diffusers_lora, dylora, gguf, kohya, lycoris, peft
 from loramerge.io.safetensors_header import read_header
 
 
@@ -55,13 +55,30 @@ INPUT_FORMATS: list[InputFormat] = [
         lycoris.read,
     ),
     InputFormat("gguf", "llama.cpp LoRA GGUF file", gguf.sniff, lambda p, o: gguf.read(p)),
+    InputFormat(
+        "diffusers",
+        "diffusers LoRA (pytorch_lora_weights.safetensors, or its folder)",
+        diffusers_lora.sniff,
+        diffusers_lora.read,
+    ),
 ]
 
 OUTPUT_FORMATS: list[OutputFormat] = [
-    OutputFormat("peft", "PEFT adapter folder", True, peft.write),
+    OutputFormat(
+        "peft",
+        "PEFT adapter folder (one per component for a pipeline)",
+        True,
+        components.write_peft,
+    ),
     OutputFormat("kohya", "kohya .safetensors file", False, kohya.write),
     OutputFormat(
         "gguf", "llama.cpp LoRA GGUF file (needs --base)", False, gguf.write, True, "llama.cpp"
+    ),
+    OutputFormat(
+        "diffusers",
+        "diffusers LoRA folder (pytorch_lora_weights.safetensors)",
+        True,
+        diffusers_lora.write,
     ),
 ]
 
