@@ -58,6 +58,14 @@ MaxShardSize = Annotated[
         "(default: keep the base's shards).",
     ),
 ]
+Component = Annotated[
+    str | None,
+    typer.Option(
+        "--component",
+        help="The pipeline model to take from an adapter for several (unet, text_encoder, "
+        "text_encoder_2, ...), or the one a single-model adapter is for.",
+    ),
+]
 AllowNonfinite = Annotated[
     bool,
     typer.Option("--allow-nonfinite", help="Accept NaN or Inf values in the adapter."),

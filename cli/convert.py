@@ -9,6 +9,7 @@ import typer
 from loramerge_cli.common import (
     AllowNonfinite,
     BaseOption,
+    Component,
     Debug,
     Engine,
     Force,
@@ -31,20 +32,21 @@ def convert(
         str | None,
         typer.Option(
             "--to",
-            help="Output format: peft, kohya or gguf (llama.cpp; needs --base). Default: the "
-            "engine's format with --engine, else required.",
+            help="Output format: peft, kohya, diffusers or gguf (llama.cpp; needs --base). "
+            "Default: the engine's format with --engine, else required.",
         ),
     ] = None,
     engine: Engine = None,
     base: BaseOption = None,
     fmt: InputFormatOption = None,
+    component: Component = None,
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Rewrite ADAPTER as a PEFT folder or a kohya file, module for module.
+    """Rewrite ADAPTER as a PEFT folder, a kohya file or a diffusers LoRA, module for module.
 
     With --base, module names are matched against the base model's tensors exactly (kohya
     names lose their dots; without a base they are reconstructed from common layer names).
@@ -57,13 +59,15 @@ def convert(
     Example: loramerge convert ADAPTER --engine vllm -o for-vllm
 
     Example: loramerge convert ADAPTER --to gguf --base BASE -o adapter.gguf
+
+    Example: loramerge convert sdxl-lora.safetensors --to peft --component unet -o unet-peft
     """
     with user_errors(debug):
         from loramerge.errors import OptionError
         from loramerge.jobs.convert import convert_adapter
 
         if to is None and engine is None:
-            raise OptionError("pass --to (peft, kohya or gguf) or --engine")
+            raise OptionError("pass --to (peft, kohya, diffusers or gguf) or --engine")
         if to is None:
             from loramerge.engines.profiles import engine_profile
 
@@ -77,6 +81,7 @@ def convert(
             force=force,
             allow_nonfinite=allow_nonfinite,
             engine=engine,
+            component=component,
         )
         if json_output:
             print_json(result)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from loramerge_cli.common import (
     BaseOption,
+    Component,
     Debug,
     DyloraAlpha,
     InputFormatOption,
@@ -22,11 +23,12 @@ from loramerge_cli.common import (
 
 def inspect(
     path: Annotated[
-        Path, typer.Argument(help="Adapter to describe: a PEFT folder or a kohya file.")
+        Path, typer.Argument(help="Adapter to describe: a folder or file of any input format.")
     ],
     base: BaseOption = None,
     fmt: InputFormatOption = None,
     alpha: DyloraAlpha = None,
+    component: Component = None,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -45,7 +47,7 @@ def inspect(
 
         adapter = read_adapter(path, fmt, ReadOptions(alpha=alpha))
         check_adapter(adapter)
-        report = inspect_adapter(adapter, base)
+        report = inspect_adapter(adapter, base, component)
         if json_output:
             print_json(report.to_json())
             return
@@ -69,6 +71,7 @@ def _render(report, with_base: bool) -> None:
         ("dtypes", ", ".join(report.dtypes)),
         ("parameters", f"{report.parameter_count:,}"),
         ("modules_to_save", ", ".join(report.modules_to_save) or "none"),
+        *((f"read: {key}", value) for key, value in report.read.items()),
     ):
         summary.add_row(f"[bold]{key}[/]", str(value))
     stdout.print(summary)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from loramerge_cli.common import (
     AllowNonfinite,
+    Component,
     Debug,
     Force,
     InputFormatOption,
@@ -28,7 +29,7 @@ from loramerge_cli.common import (
 
 def merge(
     adapter: Annotated[
-        Path, typer.Argument(help="Adapter to merge: a PEFT folder or a kohya file.")
+        Path, typer.Argument(help="Adapter to merge: a folder or file of any input format.")
     ],
     base: Annotated[
         str, typer.Option("--base", "-b", help="Base model folder or cached hub repo id.")
@@ -37,6 +38,7 @@ def merge(
     dtype: OutDtype = None,
     max_shard_size: MaxShardSize = None,
     fmt: InputFormatOption = None,
+    component: Component = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would be written and write nothing.")
     ] = False,
@@ -64,7 +66,9 @@ def merge(
         check_adapter(loaded, allow_nonfinite)
         dtype_name = dtype
         if dry_run:
-            plan = preview_merge(loaded, base, dtype=dtype_name, max_shard_bytes=shard_bytes)
+            plan = preview_merge(
+                loaded, base, dtype=dtype_name, max_shard_bytes=shard_bytes, component=component
+            )
             _print_plan(plan, json_output)
             return
         started = time.perf_counter()
@@ -77,6 +81,7 @@ def merge(
                 force=force,
                 max_shard_bytes=shard_bytes,
                 progress=progress,
+                component=component,
             )
         seconds = time.perf_counter() - started
         counts = result.plan.counts()

@@ -10,8 +10,12 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter
+from loramerge.formats.components import components, for_component, select
+from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.formats.dylora import is_dylora, unit_of
+from loramerge.formats.kohya import READ_PREFIX
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
+from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, plan_merge
 from loramerge.model.sources import Sources, tile_buffer_bytes
@@ -30,6 +34,8 @@ class ModuleReport:
     dtype: str
     update_norm: float
     dora: bool = False
+    component: str | None = None  # the pipeline model of a multi-model adapter
+    merge_only: bool = False  # its exact LoRA form is no smaller than the dense update
     base_tensor: str | None = None
     base_dtype: str | None = None
     base_norm: float | None = None
@@ -49,6 +55,8 @@ class AdapterReport:
     dtypes: list[str]
     parameter_count: int
     modules_to_save: list[str]
+    # what the reader read: tool, algorithm, scale rule, components, names (Adapter.metadata)
+    read: dict[str, str] = field(default_factory=dict)
     modules: list[ModuleReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dylora_ranks: list[RankSize] = field(default_factory=list)  # DyLoRA: update size per rank b
@@ -57,13 +65,23 @@ class AdapterReport:
         return asdict(self)
 
 
-def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> AdapterReport:
+def inspect_adapter(
+    adapter: Adapter, base_ref: str | Path | None = None, component: str | None = None
+) -> AdapterReport:
+    """`component` narrows a multi-model adapter to one model (needed with a base)."""
+    adapter = for_component(adapter, component)
+    if base_ref is not None:
+        if len(components(adapter)) > 1:
+            adapter = select(adapter, None)  # refuses, naming the components
+        base_ref = component_root(base_ref, components(adapter)[0])
+        adapter = fold_lycoris_dora(adapter, base_ref, "measuring it against the base")
+    merge_only = merge_only_modules(adapter)
     modules = []
-    for module in adapter.modules.values():
+    for key, module in adapter.modules.items():
         lora_b, lora_a = module.factors()
         modules.append(
             ModuleReport(
-                path=module.path,
+                path=key,
                 kind=module.kind.value,
                 r=module.r,
                 alpha=module.alpha,
@@ -71,6 +89,8 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
                 dtype=dtype_code(module.lora_A.dtype),
                 update_norm=update_frobenius_norm(lora_b, lora_a, module.scale),
                 dora=module.magnitude is not None,
+                component=module.component,
+                merge_only=key in merge_only,
             )
         )
     report = AdapterReport(
@@ -84,8 +104,18 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
         dtypes=sorted({m.dtype for m in modules}),
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
+        read={
+            k.removeprefix(READ_PREFIX): v
+            for k, v in adapter.metadata.items()
+            if k.startswith(READ_PREFIX)
+        },
         modules=modules,
     )
+    if merge_only:
+        report.warnings.append(
+            f"{len(merge_only)} modules have no low-rank form and can only be merged, e.g. "
+            f"{next(iter(merge_only))}: {next(iter(merge_only.values()))}"
+        )
     if is_dylora(adapter):
         report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))
     if base_ref is not None:

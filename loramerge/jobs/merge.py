@@ -11,6 +11,7 @@ from loramerge.adapter import Adapter
 from loramerge.errors import OptionError, OutputError
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.safetensors_header import read_header
+from loramerge.jobs.pipeline_base import one_model
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import DTYPE_CODES, MergePlan, plan_merge
 from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
@@ -46,10 +47,15 @@ def merge_adapter(
     max_shard_bytes: int | None = None,
     progress: Progress | None = None,
     extra_inputs: list[Path] | None = None,
+    component: str | None = None,
 ) -> MergeResult:
-    """Write the fully merged model of `adapter` on `base_ref` into the folder `out`."""
+    """Write the fully merged model of `adapter` on `base_ref` into the folder `out`.
+
+    A pipeline adapter (kohya, LyCORIS, diffusers) merges one model at a time: `component`, or
+    the one the base folder is named after (`<pipeline>/unet`)."""
     out = Path(out)
-    base = open_base(base_ref)
+    adapter, root = one_model(adapter, base_ref, component, "merging it")
+    base = open_base(root)
     plan = plan_merge(
         base.tensors(),
         base.config,
@@ -117,9 +123,11 @@ def preview_merge(
     *,
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
+    component: str | None = None,
 ) -> MergePlan:
     """The plan `merge_adapter` would follow, from headers alone (nothing is written)."""
-    base = open_base(base_ref)
+    adapter, root = one_model(adapter, base_ref, component, "planning its merge")
+    base = open_base(root)
     return plan_merge(
         base.tensors(),
         base.config,

@@ -209,3 +209,34 @@ def test_dora_fold_changes_magnitudes_by_at_most_eps():
         before, after = module.magnitude.float(), folded.modules[key].magnitude.float()
         assert float(((before - after) / before).abs().max()) < 1e-5
     assert json.loads(adapter.metadata[lycoris.DORA_KEY])
+
+
+@pytest.mark.parametrize("name", ["full", "lokr-full", "loha-dora", "locon-tucker"])
+def test_merging_into_the_unet_folder_equals_the_lycoris_forward(tmp_path, name):
+    """Merge-only forms merge exactly: the merged UNet's layers give LyCORIS's outputs."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from sd_fixtures import SD_BASE, geometry, layer_inputs
+
+    from loramerge.jobs.merge import merge_adapter
+
+    path = LYCORIS / f"{name}.safetensors"
+    out = tmp_path / "unet"
+    merge_adapter(read_adapter(path), SD_BASE / "unet", out, dtype="float32")
+    merged = load_file(out / "diffusion_pytorch_model.safetensors")
+    ref = reference(path)
+    checked = 0
+    for kohya_name in kohya_module_names(path):
+        component, module_path = kohya_index()[kohya_name]
+        if component != "unet":
+            continue
+        geo = geometry()[f"unet.{module_path}"]
+        x = layer_inputs()[f"in.unet.{module_path}"]
+        weight, bias = merged[f"{module_path}.weight"], merged.get(f"{module_path}.bias")
+        if geo["kind"] == "linear":
+            got = F.linear(x, weight, bias)
+        else:
+            got = F.conv2d(x, weight, bias, stride=geo["stride"], padding=geo["padding"])
+        assert relative_error(got.to(torch.float64), ref[f"out.{kohya_name}"]) < TOLERANCE
+        checked += 1
+    assert checked == 19
