@@ -231,8 +231,9 @@ def _check_svd_rank(rank: int, adapter: Adapter) -> None:
 
 
 def _default_output(adapter: Adapter) -> str:
-    """kohya inputs stay kohya files; everything else (official DyLoRA too) becomes PEFT."""
-    return "kohya" if adapter.source_format.startswith("kohya") else "peft"
+    """kohya and LyCORIS inputs become kohya files; everything else (official DyLoRA too)
+    becomes PEFT."""
+    return "kohya" if adapter.source_format.startswith(("kohya", "lycoris")) else "peft"
 
 
 def _output_name(rank: int | None, target: str) -> str:
