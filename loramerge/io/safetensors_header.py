@@ -80,10 +80,6 @@ class SafetensorsHeader:
     entries: dict[str, TensorEntry]
     metadata: dict[str, str]
 
-    @property
-    def data_bytes(self) -> int:
-        return sum(entry.nbytes for entry in self.entries.values())
-
 
 def data_error(path: Path, message: str) -> FormatError:
     return FormatError(

@@ -65,9 +65,6 @@ class SafetensorsReader:
     def fd(self) -> int:
         return self._fd
 
-    def names(self) -> list[str]:
-        return list(self.header.entries)
-
     def entry(self, name: str) -> TensorEntry:
         try:
             return self.header.entries[name]
