@@ -23,9 +23,16 @@ from loramerge.engines.profiles import ENGINE_NAMES
 from loramerge.formats.registry import INPUT_FORMAT_NAMES
 from loramerge.io.dtypes import OUTPUT_DTYPES
 
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # Rich would exit 1 here; a reader that went away is no error (loramerge_cli.errors)
+        raise BrokenPipeError
+
+
 # Tables piped to a file or another program are not cut to 80 columns.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = _Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+stderr = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def choices(names: Sequence[str]) -> str:

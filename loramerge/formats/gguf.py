@@ -14,6 +14,7 @@ import torch
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, common_alpha
 from loramerge.errors import FormatError, OptionError, opt
+from loramerge.io.atomic import short_write_cause
 
 if TYPE_CHECKING:
     from loramerge.formats.registry import ReadOptions
@@ -199,14 +200,17 @@ def write(adapter: Adapter, path: Path, base_config: Mapping[str, Any]) -> None:
             writer.add_tensor_info(
                 entry.name + suffix, shape, np.dtype(np.float32), 4 * shape[0] * shape[1]
             )
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for entry in entries:
-        fold = 1.0 if alpha is not None else entry.module.scale
-        for tensor in entry.tensors(fold):
-            writer.write_tensor_data(tensor.numpy())
-    writer.close()
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for entry in entries:
+            fold = 1.0 if alpha is not None else entry.module.scale
+            for tensor in entry.tensors(fold):
+                writer.write_tensor_data(tensor.numpy())
+        writer.close()
+    except OSError as exc:
+        raise short_write_cause(exc, path) from exc
 
 
 def sniff(path: Path) -> bool:

@@ -171,6 +171,26 @@ def _put_in_place(temp: Path, out: Path) -> None:
     remove_path(parent / f".{out.name}{OLD_MARK}{os.getpid()}")
 
 
+def short_write_cause(exc: OSError, path: Path) -> OSError:
+    """The cause of a short write that a writer reported without one (numpy's tofile says only
+    "N requested and M written"): one more byte appended to `path` fails the same way and
+    tells why (a full disk, a size limit). `exc` itself when it has its cause, or the probe
+    succeeds."""
+    if exc.errno is not None:
+        return exc
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as cause:
+        return cause
+    try:
+        os.write(fd, b"\0")
+    except OSError as cause:
+        return cause
+    finally:
+        os.close(fd)
+    return exc
+
+
 def _output_error(exc: OSError, out: Path) -> OutputError:
     """One message for a failed write that names OUT and the cause; nothing is left behind."""
     reason = exc.strerror or str(exc)

@@ -21,7 +21,7 @@ from loramerge.jobs.adapter_output import check_adapter_output, choose_output, w
 from loramerge.jobs.defaults import ROUNDINGS
 from loramerge.jobs.fold_report import LinkReport, base_model_warnings, knot_warnings, link_reports
 from loramerge.jobs.merge import MergeResult, merge_adapter
-from loramerge.jobs.options import exclusive, needs, require_choice, require_rank
+from loramerge.jobs.options import check_choice, check_rank, exclusive, needs
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
@@ -97,14 +97,14 @@ class FoldOptions:
 
     def check(self, base: str | Path | None) -> None:
         """Every check that needs no input: values in range, options that fit together."""
-        require_choice(self.rounding, ROUNDINGS, "rounding")
+        check_choice(self.rounding, ROUNDINGS, "rounding")
         output_code(self.dtype)
         needs("engine", self.engine is not None, "as_lora", self.as_lora, "it rewrites an adapter")
         exclusive("rounding", self.rounding != "once", "as_lora", self.as_lora)
         exclusive("max_shard_size", self.max_shard_bytes is not None, "as_lora", self.as_lora)
         needs("rank", self.rank is not None, "as_lora", self.as_lora, "it compresses the adapter")
         if self.rank is not None:
-            require_rank(self.rank)
+            check_rank(self.rank)
         if base is None and not self.as_lora:
             raise UsageError(
                 f"is needed to fold a chain into a model (or write one adapter: {opt('as_lora')})",
@@ -237,7 +237,7 @@ def fold_to_model(
     one streamed merge per link, each knot rounded to the output dtype, as tying each knot with
     PEFT's merge_and_unload in that dtype does.
     """
-    require_choice(rounding, ROUNDINGS, "rounding")
+    check_choice(rounding, ROUNDINGS, "rounding")
     output_code(dtype)
     out = Path(out)
     base = open_base(base_ref)

@@ -14,21 +14,21 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def require_rank(value: Any, option: str = "rank") -> int:
+def check_rank(value: Any, option: str = "rank") -> int:
     """A rank: a whole number of at least 1."""
     if not _is_integer(value) or value < 1:
         raise UsageError("must be a whole number of at least 1", option=option, value=value)
     return value
 
 
-def require_count(value: Any, option: str, least: int = 1) -> int:
+def check_count(value: Any, option: str, least: int = 1) -> int:
     """A count (tokens, sequences, batches): a whole number of at least `least`."""
     if not _is_integer(value) or value < least:
         raise UsageError(f"must be a whole number of at least {least}", option=option, value=value)
     return value
 
 
-def require_share(value: Any, option: str) -> float:
+def check_share(value: Any, option: str) -> float:
     """A share of a whole: a number in (0, 1]."""
     if (
         isinstance(value, bool)
@@ -40,7 +40,7 @@ def require_share(value: Any, option: str) -> float:
     return float(value)
 
 
-def require_tolerance(value: Any, option: str) -> float:
+def check_tolerance(value: Any, option: str) -> float:
     """A tolerance: a finite number of at least 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise UsageError("must be a number of at least 0", option=option, value=value)
@@ -49,7 +49,7 @@ def require_tolerance(value: Any, option: str) -> float:
     return float(value)
 
 
-def require_choice(value: str, choices: Sequence[str], option: str) -> str:
+def check_choice(value: str, choices: Sequence[str], option: str) -> str:
     """One of `choices` (the names of a registry or table)."""
     if value not in choices:
         raise UsageError(f"choose one of {', '.join(choices)}", option=option, value=value)

@@ -29,7 +29,7 @@ from loramerge.io.safetensors_header import TensorEntry
 from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.jobs.adapter_output import check_adapter_output, choose_output, write_adapter
 from loramerge.jobs.merge import merge_adapter
-from loramerge.jobs.options import exclusive, needs, require_choice, require_rank
+from loramerge.jobs.options import check_choice, check_rank, exclusive, needs
 from loramerge.jobs.reslora_stats import CheckResult, TextOptions, check_batches, prepare_text
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.reslora_fit import check_against_base
@@ -68,11 +68,11 @@ class ResLoraOptions:
     def check(self) -> None:
         """Every check that needs no checkpoint: choices, ranges, options that fit together."""
         if self.norms is not None:
-            require_choice(self.norms, NORMS, "norms")
-        require_choice(self.ms_rule, MS_RULES, "ms_rule")
+            check_choice(self.norms, NORMS, "norms")
+        check_choice(self.ms_rule, MS_RULES, "ms_rule")
         exclusive("rank", self.rank is not None, "uniform_rank", self.uniform_rank)
         if self.rank is not None:
-            require_rank(self.rank)
+            check_rank(self.rank)
         norms = self.norm_source
         if norms == "inputs" and self.stats is None:
             raise UsageError(

@@ -13,7 +13,7 @@ from loramerge.formats import reslora_checkpoint as reslora_format
 from loramerge.formats.reslora_stats import STATS_FORMAT, STATS_VERSION, stats_json
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.jobs.defaults import BATCH_SIZE, SEQ_LEN
-from loramerge.jobs.options import require_count
+from loramerge.jobs.options import check_count
 from loramerge.model.folder import open_base
 from loramerge.model.hf_runtime import load_model, text_batches
 from loramerge.model.lora_forward import PlainForward
@@ -35,10 +35,10 @@ class TextOptions:
     max_batches: int | None = None
 
     def check(self) -> None:
-        require_count(self.seq_len, "seq_len", least=2)
-        require_count(self.batch_size, "batch_size")
+        check_count(self.seq_len, "seq_len", least=2)
+        check_count(self.batch_size, "batch_size")
         if self.max_batches is not None:
-            require_count(self.max_batches, "max_batches")
+            check_count(self.max_batches, "max_batches")
 
 
 def prepare_text(base_ref: str | Path, text: TextOptions) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from loramerge.io.dtypes import output_code
 from loramerge.jobs.adapter_output import AdapterOutput, choose_output, write_adapter
 from loramerge.jobs.defaults import TRUNCATE_METHODS
 from loramerge.jobs.merge import merge_adapter
-from loramerge.jobs.options import exclusive, needs, require_choice, require_rank, require_share
+from loramerge.jobs.options import check_choice, check_rank, check_share, exclusive, needs
 from loramerge.model.fit import rename_to_base
 from loramerge.model.stream import Progress
 from loramerge.ops.rank_truncation import ModuleRow, check_prefix_rank, reduce_svd, truncate_prefix
@@ -71,9 +71,9 @@ class TruncateOptions:
     def check(self, base: str | Path | None) -> None:
         """Every check that needs no input: values in range, options that fit together."""
         for rank in self.ranks:
-            require_rank(rank)
+            check_rank(rank)
         if self.method is not None:
-            require_choice(self.method, METHODS, "method")
+            check_choice(self.method, METHODS, "method")
         exclusive("rank", bool(self.ranks), "energy", self.energy is not None)
         if not self.ranks and self.energy is None:
             raise UsageError(
@@ -81,10 +81,10 @@ class TruncateOptions:
                 option="rank",
             )
         if self.energy is not None:
-            require_share(self.energy, "energy")
+            check_share(self.energy, "energy")
         needs("max_rank", self.max_rank is not None, "energy", self.energy is not None)
         if self.max_rank is not None:
-            require_rank(self.max_rank, "max_rank")
+            check_rank(self.max_rank, "max_rank")
         if self.energy is not None and self.method in ("prefix", "dylora"):
             raise UsageError(
                 f"chooses ranks by SVD energy; it works with {opt('method')} svd only",

@@ -16,7 +16,7 @@ from loramerge.errors import FormatError, MismatchError, OptionError, UsageError
 from loramerge.formats.registry import ReadOptions
 from loramerge.io.hub import resolve
 from loramerge.jobs.defaults import VERIFY_ATOL, VERIFY_MAX_TOKENS, VERIFY_RTOL
-from loramerge.jobs.options import needs, require_tolerance
+from loramerge.jobs.options import check_tolerance, needs
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import base_config_of, open_base, resolve_base
 from loramerge.model.hf_runtime import load_model, quiet_transformers
@@ -142,8 +142,8 @@ def verify(
     forward hooks, a merged folder as is) and pass when max |logits difference| <= atol +
     rtol * max |logits|.
     """
-    require_tolerance(atol, "atol")
-    require_tolerance(rtol, "rtol")
+    check_tolerance(atol, "atol")
+    check_tolerance(rtol, "rtol")
     needs("text", text is not None, "base", base is not None, "the text runs through the base")
     source = resolve(source, what="adapter or model folder")
     candidate = resolve(candidate, what="adapter or model folder")

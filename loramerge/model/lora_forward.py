@@ -88,10 +88,22 @@ class PlainForward(Hooks):
             self._handles.append(layer.register_forward_hook(_hook(layer, module)))
 
 
+def layer_kind(layer) -> ModuleKind:
+    """How an update lands on this layer, from its class (docs/rules.md section 1): the model
+    decides, not the adapter's claim."""
+    if isinstance(layer, torch.nn.Embedding):
+        return ModuleKind.EMBEDDING
+    if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return ModuleKind.CONV
+    if type(layer).__name__ == "Conv1D":  # transformers' GPT-2 layer, weight stored in x out
+        return ModuleKind.CONV1D
+    return ModuleKind.LINEAR
+
+
 def _hook(layer, module: LoraModule):
     """The forward hook adding one module's update to its layer's output."""
     B, A = module.factors()
-    scale, kind = module.scale, module.kind
+    scale, kind = module.scale, layer_kind(layer)
     bias = module.bias.float() * scale if module.bias is not None else None
 
     def update(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +119,7 @@ def _hook(layer, module: LoraModule):
             term = term + (_per_channel(bias, layer) if kind is ModuleKind.CONV else bias)
         if module.magnitude is None:
             return output + term
-        return _dora(layer, module, output, term)
+        return _dora(layer, kind, module, output, term)
 
     return hook
 
@@ -123,11 +135,13 @@ def _per_channel(values: torch.Tensor, layer) -> torch.Tensor:
     return values.reshape(-1, *([1] * (layer.weight.dim() - 2)))
 
 
-def _dora(layer, module: LoraModule, output: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+def _dora(
+    layer, kind: ModuleKind, module: LoraModule, output: torch.Tensor, term: torch.Tensor
+) -> torch.Tensor:
     """DoRA: (m / ||W + s B A||_row) * (the output without bias + the update) + bias."""
     B, A = module.factors()
     weight = layer.weight.detach().float()
-    if module.kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING):
+    if kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING):
         weight = weight.T  # rows are outputs: the norm runs over the inputs
     merged = weight.reshape(weight.shape[0], -1) + module.scale * (B @ A)
     factor = module.magnitude.float().reshape(-1) / torch.linalg.vector_norm(merged, dim=1)
