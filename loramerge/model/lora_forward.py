@@ -146,7 +146,7 @@ def _dora(
     merged = weight.reshape(weight.shape[0], -1) + module.scale * (B @ A)
     factor = module.magnitude.float().reshape(-1) / torch.linalg.vector_norm(merged, dim=1)
     base_bias = getattr(layer, "bias", None)
-    if module.kind is ModuleKind.CONV:
+    if kind is ModuleKind.CONV:
         factor = _per_channel(factor, layer)
         base_bias = _per_channel(base_bias, layer) if base_bias is not None else None
     if base_bias is None:
