@@ -4,11 +4,9 @@ how their modules are keyed, split into one adapter per model, and picked one at
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from loramerge.adapter import Adapter, LoraModule
-from loramerge.errors import OptionError
-from loramerge.formats import peft
+from loramerge.errors import OptionError, UsageError, opt
 from loramerge.formats.sd_names import COMPONENT_ORDER
 
 # Adapter.modules keys: the module path when all modules belong to one model (a merge looks
@@ -58,14 +56,16 @@ def select(adapter: Adapter, component: str | None) -> Adapter:
             return next(iter(parts.values()))
         raise OptionError(
             f"adapts {len(parts)} models ({describe(parts)}); this needs one at a time",
-            path=adapter.source_path,
-            hint="pick one with --component",
+            file=adapter.source_path,
+            hint=f"pick one with {opt('component')}",
         )
     if component not in parts:
         raise OptionError(
-            f"has no modules for component {component!r}; it adapts {describe(parts)}",
-            path=adapter.source_path,
-            hint="pick one of those with --component",
+            f"has no modules for this component; it adapts {describe(parts)}",
+            file=adapter.source_path,
+            option="component",
+            value=component,
+            hint=f"pick one of those with {opt('component')}",
         )
     return parts[component]
 
@@ -82,8 +82,10 @@ def for_component(adapter: Adapter, component: str | None) -> Adapter:
     if component is None:
         return adapter
     if component not in COMPONENT_ORDER:
-        raise OptionError(
-            f"unknown component {component!r}; choose one of {', '.join(COMPONENT_ORDER)}"
+        raise UsageError(
+            f"is not a pipeline component; choose one of {', '.join(COMPONENT_ORDER)}",
+            option="component",
+            value=component,
         )
     if components(adapter) == [None]:
         return replace(
@@ -91,16 +93,3 @@ def for_component(adapter: Adapter, component: str | None) -> Adapter:
             modules={k: replace(m, component=component) for k, m in adapter.modules.items()},
         )
     return select(adapter, component)
-
-
-def write_peft(adapter: Adapter, folder: Path) -> None:
-    """A PEFT adapter folder, or for a multi-model adapter one per component in subfolders
-    named like the pipeline's (`unet/`, `text_encoder/`): a PEFT adapter wraps one model."""
-    parts = split(adapter)
-    if len(parts) == 1:
-        peft.write(next(iter(parts.values())), folder)
-        return
-    for component, part in parts.items():
-        sub = folder / str(component)
-        sub.mkdir()
-        peft.write(part, sub)

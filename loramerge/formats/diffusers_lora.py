@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
-from loramerge.errors import FormatError
+from loramerge.errors import FormatError, opt
 from loramerge.formats.common import lazy_safetensors, require_positive, require_rank
 from loramerge.formats.components import keyed
 from loramerge.formats.kohya import READ_PREFIX, header_of
@@ -89,14 +89,14 @@ def component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict[st
     try:
         flat = json.loads(text)
     except json.JSONDecodeError:
-        raise FormatError(f"{METADATA_KEY} is not valid JSON", path=path) from None
+        raise FormatError(f"{METADATA_KEY} is not valid JSON", file=path) from None
     if not isinstance(flat, dict):
-        raise FormatError(f"{METADATA_KEY} is not a JSON object", path=path)
+        raise FormatError(f"{METADATA_KEY} is not a JSON object", file=path)
     configs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         component, _, name = str(key).partition(".")
         if not name:
-            raise FormatError(f"{METADATA_KEY} entry {key!r} is not <component>.<field>", path=path)
+            raise FormatError(f"{METADATA_KEY} entry {key!r} is not <component>.<field>", file=path)
         configs.setdefault(component, {})[name] = value
     return configs
 
@@ -104,7 +104,7 @@ def component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict[st
 def read(path: Path, options: ReadOptions | None = None) -> Adapter:
     weights = weights_file(path)
     if weights is None:
-        raise FormatError(f"holds no {WEIGHT_NAME}", path=path)
+        raise FormatError(f"holds no {WEIGHT_NAME}", file=path)
     tensors, metadata = lazy_safetensors(weights)
     configs = component_configs(metadata, weights)
     grouped: dict[tuple[str, str], dict[str, LazyTensor]] = {}
@@ -115,12 +115,12 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
             raise FormatError(
                 f"tensor {key!r} is not a diffusers LoRA key (<component>.<path>.lora_A.weight, "
                 "...)",
-                path=weights,
+                file=weights,
             )
         component, module_path, part, layout = found
         parts = grouped.setdefault((component, module_path), {})
         if part in parts:
-            raise FormatError(f"holds two {part} tensors (in two layouts)", path=weights,
+            raise FormatError(f"holds two {part} tensors (in two layouts)", file=weights,
                               module=f"{component}.{module_path}")  # fmt: skip
         parts[part] = tensor
         if part in ("A", "B"):
@@ -130,7 +130,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
         for (component, module_path), parts in grouped.items()
     ]
     if not modules:
-        raise FormatError("holds no LoRA tensors", path=weights)
+        raise FormatError("holds no LoRA tensors", file=weights)
     return Adapter(
         modules=keyed(modules),
         source_format=SOURCE,
@@ -149,7 +149,7 @@ def _module(
     where = f"{component}.{module_path}"
     if "A" not in parts or "B" not in parts:
         missing = "lora_A (down)" if "A" not in parts else "lora_B (up)"
-        raise FormatError(f"has no {missing} tensor", path=path, module=where)
+        raise FormatError(f"has no {missing} tensor", file=path, module=where)
     lora_a, lora_b = parts["A"], parts["B"]
     r = lora_a.shape[0] if lora_a.shape else 0
     if (
@@ -161,7 +161,7 @@ def _module(
     ):
         raise FormatError(
             f"lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)} are not LoRA factors",
-            path=path,
+            file=path,
             module=where,
         )
     use_rslora = False
@@ -170,7 +170,7 @@ def _module(
         if require_rank(wanted, f"{component} r", path, where) != r:
             raise FormatError(
                 f"has rank {r}, but lora_adapter_metadata gives it rank {wanted}",
-                path=path,
+                file=path,
                 module=where,
             )
         raw = _pattern_value(config, "alpha_pattern", "lora_alpha", module_path, path)
@@ -179,13 +179,13 @@ def _module(
         if "alpha" in parts:
             raise FormatError(
                 "has an .alpha tensor and lora_adapter_metadata: diffusers refuses both",
-                path=path,
+                file=path,
                 module=where,
             )
     elif "alpha" in parts:
         value = parts["alpha"].load().reshape(-1)
         if value.numel() != 1:
-            raise FormatError("alpha must hold one number", path=path, module=where)
+            raise FormatError("alpha must hold one number", file=path, module=where)
         alpha = require_positive(float(value[0]), "alpha", path, where)
     else:
         alpha = float(r)  # diffusers without metadata or alphas: scale 1
@@ -193,12 +193,12 @@ def _module(
     if magnitude is not None and math.prod(magnitude.shape) != lora_b.shape[0]:
         raise FormatError(
             f"DoRA magnitude {list(magnitude.shape)} is not one value per output",
-            path=path,
+            file=path,
             module=where,
         )
     bias = parts.get("bias")
     if bias is not None and bias.shape != (lora_b.shape[0],):
-        raise FormatError(f"lora_B bias {list(bias.shape)} is not (out,)", path=path, module=where)
+        raise FormatError(f"lora_B bias {list(bias.shape)} is not (out,)", file=path, module=where)
     return LoraModule(
         path=module_path,
         lora_A=lora_a,
@@ -217,12 +217,12 @@ def _pattern_value(
 ) -> Any:
     patterns = config.get(patterns_key) or {}
     if not isinstance(patterns, dict):
-        raise FormatError(f"{patterns_key} in lora_adapter_metadata is not an object", path=path)
+        raise FormatError(f"{patterns_key} in lora_adapter_metadata is not an object", file=path)
     found = match_pattern(patterns, module_path)
     if found is not None:
         return patterns[found]
     if default_key not in config:
-        raise FormatError(f"lora_adapter_metadata has no {default_key}", path=path)
+        raise FormatError(f"lora_adapter_metadata has no {default_key}", file=path)
     return config[default_key]
 
 
@@ -305,16 +305,16 @@ def write(adapter: Adapter, folder: Path) -> None:
         what = refused[0] if refused else "modules_to_save or saved embedding tables"
         raise FormatError(
             f"diffusers LoRA files hold linear and conv LoRA only, not {what}",
-            path=adapter.source_path,
-            hint="write a PEFT adapter instead (--to peft)",
+            file=adapter.source_path,
+            hint=f"write a PEFT adapter instead ({opt('to')} peft)",
         )
     orphans = [m.path for m in adapter.modules.values() if m.component is None]
     if orphans:
         raise FormatError(
             f"diffusers LoRA files name each module's pipeline component, and this adapter's "
             f"modules have none (e.g. {orphans[0]})",
-            path=adapter.source_path,
-            hint="say which model it adapts with --component (unet, text_encoder, ...)",
+            file=adapter.source_path,
+            hint=f"say which model it adapts with {opt('component')} (unet, text_encoder, ...)",
         )
     by_component: dict[str, list[LoraModule]] = {}
     for module in adapter.modules.values():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
-from loramerge.errors import FormatError
+from loramerge.errors import FormatError, opt
 from loramerge.formats import sd_names
 from loramerge.formats.common import lazy_safetensors
 from loramerge.formats.components import keyed
@@ -191,7 +191,7 @@ def read_info(names: dict[str, tuple[str | None, str]], tool: str, scale: str) -
     if guessed:
         info[READ_PREFIX + "names"] = (
             f"{len(guessed)} of {len(names)} module paths guessed from common layer names "
-            "(exact against a base model with --base)"
+            "(exact against the base model)"
         )
     else:
         info[READ_PREFIX + "names"] = "module paths from the architecture's own names" + (
@@ -210,13 +210,13 @@ def read(path: Path) -> Adapter:
             if found and found["part"] in LYCORIS_PARTS:
                 raise FormatError(
                     f"tensor {key!r} belongs to a LyCORIS method, not plain LoRA",
-                    path=path,
-                    hint="read it as LyCORIS (--format lycoris)",
+                    file=path,
+                    hint=f"read it as LyCORIS ({opt('format')} lycoris)",
                 )
             continue
         grouped.setdefault(match["name"], {})[match["part"]] = tensor
     if not grouped:
-        raise FormatError("holds no kohya LoRA tensors", path=path)
+        raise FormatError("holds no kohya LoRA tensors", file=path)
     names = resolve_names(list(grouped), metadata)
     modules = [_module(path, name, parts, *names[name]) for name, parts in grouped.items()]
     trainer = metadata.get("ss_network_module", "")
@@ -242,7 +242,7 @@ def keyed_once(
     for name, where in names.items():
         if where in seen:
             raise FormatError(
-                f"names {seen[where]} and {name} are the same module {where[1]}", path=path
+                f"names {seen[where]} and {name} are the same module {where[1]}", file=path
             )
         seen[where] = name
     return keyed(modules)
@@ -263,7 +263,7 @@ def _module(
     down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
     if down is None or up is None:
         missing = "lora_down" if down is None else "lora_up"
-        raise FormatError(f"has no {missing} tensor", path=path, module=name)
+        raise FormatError(f"has no {missing} tensor", file=path, module=name)
     r = down.shape[0] if down.shape else 0
     if len(down.shape) == 4 and len(up.shape) == 2 and up.shape[1] == r:
         up = _as_conv_up(up)  # LyCORIS's DyLoRA saves a conv module's up as (out, r)
@@ -276,7 +276,7 @@ def _module(
     ):
         raise FormatError(
             f"lora_down {list(down.shape)} and lora_up {list(up.shape)} are not LoRA factors",
-            path=path,
+            file=path,
             module=name,
         )
     alpha = float(r)
@@ -284,12 +284,12 @@ def _module(
         if math.prod(parts["alpha"].shape) != 1:
             raise FormatError(
                 f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
-                path=path,
+                file=path,
                 module=name,
             )
         alpha = float(parts["alpha"].load().reshape(-1)[0].item())
     if not (math.isfinite(alpha) and alpha > 0):
-        raise FormatError(f"alpha must be a positive number, got {alpha}", path=path, module=name)
+        raise FormatError(f"alpha must be a positive number, got {alpha}", file=path, module=name)
     kind = ModuleKind.CONV if len(down.shape) == 4 else ModuleKind.LINEAR
     return LoraModule(
         path=module_path or kohya_to_path(name),
@@ -329,7 +329,7 @@ def output_names(adapter: Adapter, prefix: str) -> dict[str, str]:
                 if stem is None:
                     raise FormatError(
                         f"kohya files have no prefix for the component {module.component!r}",
-                        path=adapter.source_path,
+                        file=adapter.source_path,
                         module=module.path,
                         hint="write a diffusers or PEFT adapter instead",
                     )
@@ -339,7 +339,7 @@ def output_names(adapter: Adapter, prefix: str) -> dict[str, str]:
     if clashes:
         raise FormatError(
             f"two modules would share the kohya name {sorted(clashes)[0]}",
-            path=adapter.source_path,
+            file=adapter.source_path,
             hint="kohya names lose the dots of module paths; write a PEFT adapter instead",
         )
     return names
@@ -356,8 +356,8 @@ def tensors_for(adapter: Adapter, prefix: str) -> dict[str, object]:
         raise FormatError(
             f"kohya LoRA files cannot hold DoRA, LoRA bias, embedding LoRA or modules_to_save "
             f"({len(unmappable) + len(adapter.modules_to_save)} such entries, e.g. {what})",
-            path=adapter.source_path,
-            hint="write a PEFT adapter instead (--to peft)",
+            file=adapter.source_path,
+            hint=f"write a PEFT adapter instead ({opt('to')} peft)",
         )
     import torch
 

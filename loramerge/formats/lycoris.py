@@ -69,7 +69,7 @@ def network_args(metadata: dict[str, str], path: Path) -> dict[str, object]:
     try:
         args = json.loads(text)
     except json.JSONDecodeError:
-        raise FormatError(f"ss_network_args is not valid JSON: {text[:60]!r}", path=path) from None
+        raise FormatError(f"ss_network_args is not valid JSON: {text[:60]!r}", file=path) from None
     return args if isinstance(args, dict) else {}
 
 
@@ -89,11 +89,11 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
         match = kohya._ANY_KEY.match(key)
         if match is None:
             raise FormatError(
-                f"tensor {key!r} is not a LyCORIS module tensor (<lora_name>.<part>)", path=path
+                f"tensor {key!r} is not a LyCORIS module tensor (<lora_name>.<part>)", file=path
             )
         grouped.setdefault(match["name"], {})[match["part"]] = tensor
     if not grouped:
-        raise FormatError("holds no LyCORIS tensors", path=path)
+        raise FormatError("holds no LyCORIS tensors", file=path)
     names = kohya.resolve_names(list(grouped), metadata)
     if str(args.get("algo", "")).lower() == "dylora":
         return _read_dylora(path, grouped, names, metadata, args)
@@ -117,7 +117,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
         extra[DORA_KEY] = json.dumps([k for k, m in keyed.items() if m.magnitude is not None])
         info[kohya.READ_PREFIX + "dora"] = (
             "LyCORIS DoRA: W' = m V / (||V||_row + eps), eps = 1.19e-7; a PEFT DoRA has no eps, "
-            "so converting folds eps into m against the base (needs --base)"
+            "so converting folds eps into m against the base model (it needs one)"
         )
     plain = set(algorithms) == {"locon"} and not dora
     if plain:
@@ -159,19 +159,19 @@ def _algorithm(path: Path, name: str, parts: dict[str, LazyTensor]) -> str:
         if part in _REFUSED:
             raise FormatError(
                 f"is a LyCORIS {_REFUSED[part]} module, which has no LoRA form",
-                path=path,
+                file=path,
                 module=name,
             )
     found = [a for a, keys in _PARTS.items() if keys & set(parts)]
     if len(found) != 1:
         what = f"tensors of {' and '.join(found)}" if found else "no LoRA tensors"
-        raise FormatError(f"holds {what}: {sorted(parts)}", path=path, module=name)
+        raise FormatError(f"holds {what}: {sorted(parts)}", file=path, module=name)
     algorithm = found[0]
     strangers = set(parts) - _PARTS[algorithm] - _COMMON
     if strangers:
         raise FormatError(
             f"has tensors LyCORIS {algorithm} does not write: {sorted(strangers)}",
-            path=path,
+            file=path,
             module=name,
         )
     if algorithm == "locon" and "lora_mid.weight" in parts:
@@ -182,7 +182,7 @@ def _algorithm(path: Path, name: str, parts: dict[str, LazyTensor]) -> str:
 def _need(path: Path, name: str, parts: dict[str, LazyTensor], *keys: str) -> list[LazyTensor]:
     missing = [k for k in keys if k not in parts]
     if missing:
-        raise FormatError(f"has no {missing[0]} tensor", path=path, module=name)
+        raise FormatError(f"has no {missing[0]} tensor", file=path, module=name)
     return [parts[k] for k in keys]
 
 
@@ -193,14 +193,14 @@ def _alpha(path: Path, name: str, parts: dict[str, LazyTensor], r: int) -> float
     if math.prod(parts["alpha"].shape) != 1:
         raise FormatError(
             f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
-            path=path,
+            file=path,
             module=name,
         )
     alpha = float(parts["alpha"].load().reshape(-1)[0].item())
     if alpha == 0:
         return float(r)
     if not (math.isfinite(alpha) and alpha > 0):
-        raise FormatError(f"alpha must be a positive number, got {alpha}", path=path, module=name)
+        raise FormatError(f"alpha must be a positive number, got {alpha}", file=path, module=name)
     return alpha
 
 
@@ -217,7 +217,7 @@ def _magnitude(
             f"dora_scale {list(shape)} is not one magnitude per output ({out_features}): "
             "LyCORIS DoRA with wd_on_output=False normalises input columns, which no PEFT "
             "DoRA expresses",
-            path=path,
+            file=path,
             module=name,
         )
     return LazyTensor((out_features,), scale.dtype, lambda: scale.read().reshape(out_features))
@@ -265,7 +265,7 @@ def _flat_kernel(
                 raise FormatError(
                     f"is a 3x3 convolution of the UNet, but its factors have {width} columns, "
                     "not a multiple of 9",
-                    path=context.path,
+                    file=context.path,
                     module=name,
                 )
             return (3, 3)
@@ -278,7 +278,7 @@ def _flat_kernel(
                     "the file does not say whether the UNet's proj_in/proj_out are 1x1 "
                     "convolutions (SD 1.x) or linear layers (SD 2.x, SDXL): no module shows "
                     "it and ss_base_model_version is missing",
-                    path=context.path,
+                    file=context.path,
                     module=name,
                 )
             return (1, 1) if conv else ()
@@ -286,7 +286,7 @@ def _flat_kernel(
         raise FormatError(
             "is a convolution whose kernel size the file does not say (LyCORIS stores its "
             "factors flattened)",
-            path=context.path,
+            file=context.path,
             module=name,
         )
     return ()
@@ -305,7 +305,7 @@ def _kind_shapes(
 
 def _bad_shapes(context: _Context, name: str, parts: dict[str, LazyTensor]) -> FormatError:
     shapes = ", ".join(f"{k} {list(t.shape)}" for k, t in sorted(parts.items()))
-    return FormatError(f"has tensors of shapes that do not fit: {shapes}", path=context.path,
+    return FormatError(f"has tensors of shapes that do not fit: {shapes}", file=context.path,
                        module=name)  # fmt: skip
 
 
@@ -441,7 +441,7 @@ def _lokr_side(
     if up is None or down is None or len(up.shape) != 2 or len(down.shape) != 2:
         raise FormatError(
             f"has neither lokr_{which} nor both lokr_{which}_a and lokr_{which}_b",
-            path=context.path,
+            file=context.path,
             module=name,
         )
     if core is not None:  # Tucker (w2 only): t2 (r, r, kh, kw), w2_a (r, c), w2_b (r, d)
@@ -516,7 +516,7 @@ def _full(
     if "dora_scale" in parts:
         raise FormatError(
             "is a LyCORIS full module with DoRA, which loramerge does not read",
-            path=context.path,
+            file=context.path,
             module=name,
         )
     out_features, width, kernel = diff.shape[0], flat_width(diff.shape), tuple(diff.shape[2:])
@@ -569,7 +569,7 @@ def _read_dylora(
     if block < 1:
         raise FormatError(
             f"ss_network_args has an invalid DyLoRA block_size {args.get('block_size')!r}",
-            path=path,
+            file=path,
         )
     modules = []
     for name, parts in grouped.items():
@@ -577,7 +577,7 @@ def _read_dylora(
         if strangers:
             raise FormatError(
                 f"has tensors LyCORIS DyLoRA does not write: {sorted(strangers)}",
-                path=path,
+                file=path,
                 module=name,
             )
         down, up = _need(path, name, parts, "lora_down.weight", "lora_up.weight")
@@ -587,7 +587,7 @@ def _read_dylora(
         if plain.r % block:
             raise FormatError(
                 f"has rank {plain.r}, not a multiple of the DyLoRA block_size {block}",
-                path=path,
+                file=path,
                 module=name,
             )
         modules.append(replace(plain, alpha=_alpha(path, name, parts, plain.r) * block))
@@ -633,7 +633,7 @@ def fold_dora_epsilon(
         if weight.shape[0] != out_features:
             raise FormatError(
                 f"the base weight {list(weight.shape)} has not {out_features} outputs",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=key,
             )
         lora_b, lora_a = (t.to(torch.float64) for t in module.factors())

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from loramerge.adapter import Adapter, LoraModule
-from loramerge.errors import FormatError, OptionError
+from loramerge.errors import FormatError, OptionError, opt
 from loramerge.formats import components, lycoris
 from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.fit import rename_to_base
-from loramerge.model.folder import open_base, resolve_base
+from loramerge.model.folder import base_config_of, open_base, resolve_base
 from loramerge.model.names import resolve_tensor_name
 
 
@@ -28,10 +28,19 @@ def component_root(base: str | Path, component: str | None) -> Path:
     if (root / "model_index.json").is_file():
         raise FormatError(
             f"is a diffusers pipeline without a {component or 'model'} folder",
-            path=root,
+            file=root,
             hint="pass the folder of the model the adapter is for",
         )
     return root
+
+
+def model_config(base: str | Path) -> dict | None:
+    """The base's config.json, or None for a diffusers pipeline folder (which has one per
+    component)."""
+    root = resolve_base(base)
+    if (root / "model_index.json").is_file() and not (root / "config.json").is_file():
+        return None
+    return base_config_of(root)
 
 
 def fit_components(adapter: Adapter, base: str | Path) -> Adapter:
@@ -56,7 +65,7 @@ def base_weights(base: str | Path) -> Callable[[str, LoraModule], torch.Tensor]:
         if name is None:
             raise FormatError(
                 f"the base model has no tensor for module {module.path}",
-                path=root,
+                file=root,
                 module=key,
                 hint="is this adapter for another base model?",
             )
@@ -74,9 +83,9 @@ def refuse_merge_only(adapter: Adapter) -> None:
         raise OptionError(
             f"{len(found)} of {len(adapter.modules)} modules have no low-rank form, e.g. "
             f"{key}: {reason}",
-            path=adapter.source_path,
-            hint="`loramerge merge` applies them exactly; `loramerge truncate --rank K` (or "
-            "--energy) writes a LoRA of rank K and reports the error it costs",
+            file=adapter.source_path,
+            hint=f"`loramerge merge` applies them exactly; `loramerge truncate` with {opt('rank')} "
+            f"K (or {opt('energy')}) writes a LoRA of rank K and reports the error it costs",
         )
 
 
@@ -88,8 +97,8 @@ def fold_lycoris_dora(adapter: Adapter, base: str | Path | None, what: str) -> A
         raise OptionError(
             f"has LyCORIS DoRA modules: LyCORIS divides each output row by ||V|| + eps, PEFT "
             f"by ||V||; the magnitudes that make them equal depend on the base weights, so "
-            f"{what} needs --base",
-            path=adapter.source_path,
+            f"{what} needs {opt('base')}",
+            file=adapter.source_path,
         )
     return lycoris.fold_dora_epsilon(adapter, base_weights(base))
 

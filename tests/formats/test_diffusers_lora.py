@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_fixtures import FIXTURES, geometry, output, relative_error, where
 
-from loramerge.errors import FormatError, UnknownFormatError
+from loramerge.errors import FormatError, UnknownFormatError, option_ids
 from loramerge.formats import diffusers_lora
 from loramerge.formats.registry import detect, read_adapter
 from loramerge.io.safetensors_writer import save_tensors
@@ -53,7 +53,7 @@ def test_rank_and_alpha_patterns_and_rslora_come_from_the_metadata():
 def test_written_files_read_back_the_same(tmp_path, name):
     source = read_adapter(DIFFUSERS / name)
     out = tmp_path / "out"
-    convert_adapter(DIFFUSERS / name, "diffusers", out)
+    convert_adapter(DIFFUSERS / name, out, to="diffusers")
     again = read_adapter(out)
     assert sorted(again.modules) == sorted(source.modules)
     for key, module in source.modules.items():
@@ -70,8 +70,8 @@ def test_written_files_read_back_the_same(tmp_path, name):
 def test_kohya_to_diffusers_and_back_keeps_every_key(tmp_path):
     source = FIXTURES / "kohya-sd" / "sd1-lora.safetensors"
     middle, back = tmp_path / "diffusers", tmp_path / "back.safetensors"
-    convert_adapter(source, "diffusers", middle)
-    convert_adapter(middle, "kohya", back)
+    convert_adapter(source, middle, to="diffusers")
+    convert_adapter(middle, back, to="kohya")
     before, after = load_file(source), load_file(back)
     assert sorted(after) == sorted(before)
     for key, value in before.items():
@@ -80,7 +80,7 @@ def test_kohya_to_diffusers_and_back_keeps_every_key(tmp_path):
 
 def test_diffusers_to_kohya_uses_the_component_prefixes(tmp_path):
     out = tmp_path / "sdxl.safetensors"
-    convert_adapter(DIFFUSERS / "sdxl-converted-keys", "kohya", out)
+    convert_adapter(DIFFUSERS / "sdxl-converted-keys", out, to="kohya")
     prefixes = {k.split("_text_model")[0].split("_down_blocks")[0] for k in load_file(out)}
     names = {k.split(".")[0] for k in load_file(out)}
     assert any(n.startswith("lora_unet_down_blocks_") for n in names)
@@ -159,8 +159,9 @@ def test_a_file_with_kohya_and_diffusers_keys_is_refused_naming_both(tmp_path):
 
 
 def test_a_one_model_adapter_needs_its_component_for_diffusers(tmp_path):
-    with pytest.raises(FormatError, match="--component"):
-        convert_adapter(FIXTURES / "adapters" / "llama-lora", "diffusers", tmp_path / "x")
+    with pytest.raises(FormatError, match="pipeline component") as caught:
+        convert_adapter(FIXTURES / "adapters" / "llama-lora", tmp_path / "x", to="diffusers")
+    assert option_ids(caught.value.hint) == ["component"]
 
 
 def test_diffusers_folder_next_to_a_peft_config_is_refused(tmp_path):

@@ -24,7 +24,7 @@ from sd_fixtures import (
 from loramerge.formats.registry import detect, read_adapter
 from loramerge.io.safetensors_writer import save_tensors
 from loramerge.jobs.convert import convert_adapter
-from loramerge.jobs.truncate import truncate_adapter
+from loramerge.jobs.truncate import TruncateOptions, truncate_adapter
 
 KOHYA_SD = FIXTURES / "kohya-sd"
 FILES = ["sd1-lora", "sd1-dylora", "sdxl-te1te2-lora"]
@@ -93,7 +93,7 @@ def test_sdxl_ldm_names_map_to_diffusers_paths_and_back(tmp_path):
     assert any("input_blocks" in k for k in load_file(ldm))
     assert "LDM" in adapter.metadata["loramerge.read.names"]
     out = tmp_path / "again.safetensors"
-    convert_adapter(ldm, "kohya", out)
+    convert_adapter(ldm, out, to="kohya")
     assert_same_tensors(ldm, out)
 
 
@@ -117,14 +117,14 @@ def assert_same_tensors(source: Path, written: Path) -> None:
 )
 def test_kohya_to_kohya_keeps_every_key(tmp_path, source):
     out = tmp_path / "out.safetensors"
-    convert_adapter(source, "kohya", out)
+    convert_adapter(source, out, to="kohya")
     assert_same_tensors(source, out)
 
 
 def test_truncate_keeps_components_and_names(tmp_path):
     source = KOHYA_SD / "sdxl-te1te2-lora.safetensors"
     out = tmp_path / "rank1.safetensors"
-    truncate_adapter(source, out, ranks=[1])
+    truncate_adapter(source, out, TruncateOptions(ranks=(1,)))
     assert sorted(load_file(out)) == sorted(load_file(source))
 
 

@@ -244,10 +244,10 @@ def test_merging_into_the_unet_folder_equals_the_lycoris_forward(tmp_path, name)
 
 def test_truncating_a_merge_only_form_reports_its_error(tmp_path):
     """`truncate --rank` is the explicit way to a LoRA for forms with no low-rank one."""
-    from loramerge.jobs.truncate import truncate_adapter
+    from loramerge.jobs.truncate import TruncateOptions, truncate_adapter
 
     out = tmp_path / "rank2.safetensors"
-    result = truncate_adapter(LYCORIS / "lokr-full.safetensors", out, ranks=[2])
+    result = truncate_adapter(LYCORIS / "lokr-full.safetensors", out, TruncateOptions(ranks=(2,)))
     assert result.output == "kohya"
     rows = result.outputs[0].modules
     assert {row.rank_after for row in rows} == {2}
@@ -260,9 +260,9 @@ def test_truncating_a_merge_only_form_reports_its_error(tmp_path):
 def test_truncated_lycoris_dylora_is_a_plain_lora_at_the_trained_scale(tmp_path):
     path = LYCORIS / "dylora.safetensors"
     out = tmp_path / "rank2.safetensors"
-    from loramerge.jobs.truncate import truncate_adapter
+    from loramerge.jobs.truncate import TruncateOptions, truncate_adapter
 
-    truncate_adapter(path, out, ranks=[2])
+    truncate_adapter(path, out, TruncateOptions(ranks=(2,)))
     written = read_adapter(out)
     assert written.source_format == "kohya"  # no longer claims to be DyLoRA
     assert _worst_error(written, path, "out_blocks1") < TOLERANCE
