@@ -164,31 +164,7 @@ def _module(
             file=path,
             module=where,
         )
-    use_rslora = False
-    if config is not None:
-        wanted = _pattern_value(config, "rank_pattern", "r", module_path, path)
-        if require_rank(wanted, f"{component} r", path, where) != r:
-            raise FormatError(
-                f"has rank {r}, but lora_adapter_metadata gives it rank {wanted}",
-                file=path,
-                module=where,
-            )
-        raw = _pattern_value(config, "alpha_pattern", "lora_alpha", module_path, path)
-        alpha = require_positive(raw, f"{component} lora_alpha", path, where)
-        use_rslora = config.get("use_rslora") is True
-        if "alpha" in parts:
-            raise FormatError(
-                "has an .alpha tensor and lora_adapter_metadata: diffusers refuses both",
-                file=path,
-                module=where,
-            )
-    elif "alpha" in parts:
-        value = parts["alpha"].load().reshape(-1)
-        if value.numel() != 1:
-            raise FormatError("alpha must hold one number", file=path, module=where)
-        alpha = require_positive(float(value[0]), "alpha", path, where)
-    else:
-        alpha = float(r)  # diffusers without metadata or alphas: scale 1
+    alpha, use_rslora = _scale(path, where, module_path, r, parts, config)
     magnitude = parts.get("magnitude")
     if magnitude is not None and math.prod(magnitude.shape) != lora_b.shape[0]:
         raise FormatError(
@@ -210,6 +186,42 @@ def _module(
         bias=bias,
         component=component,
     )
+
+
+def _scale(
+    path: Path,
+    where: str,
+    module_path: str,
+    r: int,
+    parts: dict[str, LazyTensor],
+    config: dict[str, Any] | None,
+) -> tuple[float, bool]:
+    """(alpha, use_rslora): from the component's LoraConfig, else the module's .alpha tensor,
+    else alpha = r (scale 1), as diffusers loads it."""
+    component = where.split(".", 1)[0]
+    if config is not None:
+        wanted = _pattern_value(config, "rank_pattern", "r", module_path, path)
+        if require_rank(wanted, f"{component} r", path, where) != r:
+            raise FormatError(
+                f"has rank {r}, but lora_adapter_metadata gives it rank {wanted}",
+                file=path,
+                module=where,
+            )
+        if "alpha" in parts:
+            raise FormatError(
+                "has an .alpha tensor and lora_adapter_metadata: diffusers refuses both",
+                file=path,
+                module=where,
+            )
+        raw = _pattern_value(config, "alpha_pattern", "lora_alpha", module_path, path)
+        alpha = require_positive(raw, f"{component} lora_alpha", path, where)
+        return alpha, config.get("use_rslora") is True
+    if "alpha" in parts:
+        value = parts["alpha"].load().reshape(-1)
+        if value.numel() != 1:
+            raise FormatError("alpha must hold one number", file=path, module=where)
+        return require_positive(float(value[0]), "alpha", path, where), False
+    return float(r), False
 
 
 def _pattern_value(
