@@ -188,3 +188,81 @@ def llama_cpp_gguf_deltas(path: Path, heads: int, kv_heads: int) -> dict[str, to
             delta = llama_cpp_unpermute(delta, kv_heads)
         deltas[f"model.layers.{index}.{GGUF_LLAMA_NAMES[kind]}.weight"] = delta
     return deltas
+
+
+# --- the merged model a merge must write, evaluated from PEFT's layers -----------------------
+
+
+def _base_tensors(base: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    found = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        found.update(load_file(shard))
+    return found
+
+
+def merged_reference(adapter: Path, base: Path, factor: float = 1.0) -> dict[str, torch.Tensor]:
+    """Every tensor of the merged model, in float32, as PEFT defines it: the base's tensors
+    (upcast exactly), each LoRA layer's weight plus (B @ A) * s formed in float32 as PEFT merges
+    it (DoRA rescaled by m / ||W + dW|| per output, norms in float64), a lora_bias added as
+    bias + b * s, modules_to_save replaced by PEFT's trained copy, and, for a base with tied
+    embeddings whose input table changed, lm_head as the base's table (what PEFT's live forward
+    uses). `factor` multiplies every scale (the planted error)."""
+    import json
+
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    model = PeftModel.from_pretrained(load_causal_lm(base), adapter)
+    original = {name: value.float() for name, value in _base_tensors(base).items()}
+    reference = dict(original)
+    for name, layer in model.base_model.model.named_modules():
+        if isinstance(layer, ModulesToSaveWrapper):
+            reference[name + ".weight"] = layer.modules_to_save["default"].weight.detach().float()
+        if not isinstance(layer, LoraLayer) or "default" not in layer.scaling:
+            continue
+        weight = layer.get_base_layer().weight.detach().float()
+        if "default" in layer.lora_A:
+            lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        else:
+            lora_a, lora_b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+        scale = layer.scaling["default"] * factor
+        delta = (lora_b.detach() @ lora_a.detach()) * scale
+        # GPT-2 Conv1D and embedding tables are stored (in x out); PEFT knows which layer is which
+        transposed = getattr(layer, "fan_in_fan_out", False) or "default" not in layer.lora_A
+        merged = weight + (delta.T if transposed else delta)
+        magnitude = getattr(layer, "lora_magnitude_vector", None)
+        if magnitude and "default" in magnitude:
+            m = magnitude["default"].weight.detach().reshape(-1).double()
+            dim = 0 if transposed else 1
+            norms = merged.double().square().sum(dim=dim).sqrt()
+            factor_ = (m / norms).float()
+            merged = merged * (factor_.reshape(1, -1) if transposed else factor_.reshape(-1, 1))
+        reference[name + ".weight"] = merged
+        lora_bias = (
+            getattr(layer.lora_B["default"], "bias", None) if "default" in layer.lora_B else None
+        )
+        if lora_bias is not None:
+            bias = layer.get_base_layer().bias.detach().float()
+            reference[name + ".bias"] = bias + lora_bias.detach() * scale
+    config = json.loads((base / "config.json").read_text())
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in original:
+        table = model.base_model.model.get_input_embeddings()
+        embed = next(n for n, m in model.base_model.model.named_modules() if m is table)
+        embed = embed.removesuffix(".base_layer") + ".weight"
+        if not torch.equal(reference[embed], original[embed]):
+            reference["lm_head.weight"] = original[embed]
+    return reference
+
+
+def reference_logits(folder: Path, reference: dict[str, torch.Tensor], dtype, ids) -> torch.Tensor:
+    """Logits (float64) of the model `folder` describes (its config) holding the reference's
+    tensors rounded once to `dtype`: every parameter must come from the reference."""
+    model = load64(folder)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(reference[name].to(dtype).to(torch.float64))
+    return logits64(model, ids)
