@@ -15,6 +15,7 @@ written from a reading rule in the test that uses them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -65,15 +66,33 @@ class PeftOracle:
                 layer.scaling.update(scaling)
 
 
+@functools.lru_cache(maxsize=4)
+def _cached64(folder: Path):
+    model = load64(folder)
+    params = model.named_parameters(remove_duplicate=False)
+    return model, {name: p.detach().clone() for name, p in params}
+
+
 def logits_with_deltas(
     base: Path, deltas: Mapping[str, torch.Tensor], ids: torch.Tensor
 ) -> torch.Tensor:
-    """The base in float64 with a dense float64 update added to each named weight."""
-    model = load64(base)
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            model.get_parameter(name).add_(delta.to(torch.float64))
-    return logits64(model, ids)
+    """The base in float64 with a dense float64 update added to each named weight (the loaded
+    base is kept between calls and restored exactly after each)."""
+    model, original = _cached64(Path(base))
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                model.get_parameter(name).add_(delta.to(torch.float64))
+        return logits64(model, ids)
+    finally:
+        with torch.no_grad():
+            for name in deltas:
+                model.get_parameter(name).copy_(original[name])
+
+
+def base_logits(base: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The base model's own logits, in float64."""
+    return logits_with_deltas(base, {}, ids)
 
 
 def effect_tolerance(oracle: torch.Tensor, base_logits: torch.Tensor, rel: float = REL_TOL):
@@ -266,3 +285,15 @@ def reference_logits(folder: Path, reference: dict[str, torch.Tensor], dtype, id
         for name, param in params.items():
             param.copy_(reference[name].to(dtype).to(torch.float64))
     return logits64(model, ids)
+
+
+def reference_from_updates(
+    base: Path, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a merged model in float32 when each named weight gets (B @ A) * s, formed
+    in float32 in PEFT's order of operations (product, scale, add), the rest copied."""
+    reference = {name: value.float() for name, value in _base_tensors(base).items()}
+    for name, (lora_b, lora_a, scale) in updates.items():
+        delta = (lora_b.float().contiguous() @ lora_a.float().contiguous()) * scale
+        reference[name] = reference[name] + delta
+    return reference

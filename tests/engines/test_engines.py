@@ -19,9 +19,8 @@ from oracles import (
     PLANTED,
     PeftOracle,
     assert_logits_match,
+    base_logits,
     llama_cpp_gguf_deltas,
-    load64,
-    logits64,
     logits_with_deltas,
 )
 from safetensors import safe_open
@@ -181,7 +180,7 @@ def source_logits():
         if source not in found:
             ids = token_ids(LLAMA)
             oracle = PeftOracle(ADAPTERS / source, LLAMA)
-            base = logits64(load64(LLAMA), ids)
+            base = base_logits(LLAMA, ids)
             found[source] = (ids, oracle.logits(ids), oracle.logits(ids, 1 + PLANTED), base)
         return found[source]
 
@@ -313,7 +312,7 @@ def _assert_reads_like_peft(source: Path, out: Path, reading) -> None:
     ids = token_ids(LLAMA)
     oracle = PeftOracle(source, LLAMA)
     expected, planted = oracle.logits(ids), oracle.logits(ids, 1 + PLANTED)
-    base = logits64(load64(LLAMA), ids)
+    base = base_logits(LLAMA, ids)
     got = logits_with_deltas(LLAMA, reading(out), ids)
     assert_logits_match(got, expected, planted, base, f"{out.name} read by its engine's rule")
 
@@ -396,7 +395,7 @@ def test_other_writers_take_engine(cli, tmp_path, command):
     ids = token_ids(LLAMA)
     oracle = PeftOracle(plain, LLAMA)
     expected, planted = oracle.logits(ids), oracle.logits(ids, 1 + PLANTED)
-    base = logits64(load64(LLAMA), ids)
+    base = base_logits(LLAMA, ids)
     readings = {
         "vLLM's rule": logits_with_deltas(LLAMA, vllm_reading(engined), ids),
         "PEFT": PeftOracle(engined, LLAMA).logits(ids),

@@ -15,6 +15,7 @@ from oracles import (
     PLANTED,
     PeftOracle,
     assert_logits_match,
+    base_logits,
     load64,
     logits64,
     logits_with_deltas,
@@ -38,7 +39,7 @@ def _assert_means_the_source(source: Path, base: Path, readings: dict) -> None:
     ids = token_ids(base)
     oracle = PeftOracle(source, base)
     expected, planted = oracle.logits(ids), oracle.logits(ids, 1 + PLANTED)
-    plain = logits64(load64(base), ids)
+    plain = base_logits(base, ids)
     for what, reading in readings.items():
         assert_logits_match(reading(ids), expected, planted, plain, f"{source.name}: {what}")
 

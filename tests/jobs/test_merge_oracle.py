@@ -11,6 +11,7 @@ from oracles import (
     PLANTED,
     PeftOracle,
     assert_logits_match,
+    base_logits,
     effect_tolerance,
     load64,
     logits64,
@@ -53,7 +54,7 @@ def test_float32_merge_matches_peft_logits(cli, tmp_path, adapter, base):
     out = _merge(cli, adapter, base, tmp_path / "merged", "--dtype", "float32")
     ids = token_ids(BASES / base)
     live = PeftOracle(ADAPTERS / adapter, BASES / base).logits(ids)
-    plain = logits64(load64(BASES / base), ids)
+    plain = base_logits(BASES / base, ids)
     expected = reference_logits(out, merged_reference(ADAPTERS / adapter, BASES / base), F32, ids)
     planted = reference_logits(
         out, merged_reference(ADAPTERS / adapter, BASES / base, 1 + PLANTED), F32, ids
