@@ -40,16 +40,22 @@ def logits64(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 class PeftOracle:
-    """PEFT's own PeftModel on the base, the adapter applied live, everything in float64.
+    """PEFT's own PeftModel on the base, the adapter applied live, everything in float64; given
+    several adapters, all of them active at once (a COLA chain applied live).
 
     `logits(ids, factor)` multiplies every LoRA layer's scale by `factor` for one forward pass
     (the planted scale error the checks must be able to see)."""
 
-    def __init__(self, adapter: Path, base: Path) -> None:
+    def __init__(self, adapter: Path | list[Path], base: Path) -> None:
         from peft import PeftModel
 
+        adapters = adapter if isinstance(adapter, list) else [adapter]
         self.base = base
-        self.model = PeftModel.from_pretrained(load_causal_lm(base), adapter).eval().double()
+        model = PeftModel.from_pretrained(load_causal_lm(base), adapters[0], adapter_name="0")
+        for index, path in enumerate(adapters[1:], start=1):
+            model.load_adapter(path, adapter_name=str(index))
+        model.base_model.set_adapter([str(i) for i in range(len(adapters))])
+        self.model = model.eval().double()
 
     def logits(self, ids: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
         from peft.tuners.lora import LoraLayer
