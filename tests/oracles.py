@@ -303,3 +303,26 @@ def reference_from_updates(
         delta = (lora_b.float().contiguous() @ lora_a.float().contiguous()) * scale
         reference[name] = reference[name] + delta
     return reference
+
+
+# --- bf16 rounding, from float64 ------------------------------------------------------------
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int16) if tensor.element_size() == 2 else tensor.view(torch.int32)
+
+
+def round_bf16(exact: torch.Tensor) -> torch.Tensor:
+    """float64 -> bf16 rounded correctly (nearest, ties away from the rare double rounding that a
+    float64 -> float32 -> bf16 cast can do): the cast, then its neighbour if that is nearer."""
+    first = exact.to(torch.float32).to(torch.bfloat16)
+    step = torch.where((first.double() < exact) == (first.double() >= 0), 1, -1)
+    other = (bits(first).to(torch.int32) + step).to(torch.int16).view(torch.bfloat16)
+    nearer = (other.double() - exact).abs() < (first.double() - exact).abs()
+    return torch.where(nearer, other, first)
+
+
+def half_ulp_bf16(value: torch.Tensor) -> torch.Tensor:
+    """Half the spacing of bf16 numbers around each (non-zero) value, in float64."""
+    exponent = torch.floor(torch.log2(value.double().abs().clamp_min(2.0**-126)))
+    return 2.0 ** (exponent - 8)

@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import BASES, FIXTURES, assert_usage_error, token_ids
-from oracles import PLANTED, PeftOracle, assert_logits_match, base_logits, load64, logits64
+from oracles import (
+    PLANTED,
+    PeftOracle,
+    assert_logits_match,
+    base_logits,
+    half_ulp_bf16,
+    load64,
+    logits64,
+    round_bf16,
+)
+from oracles import bits as _bits
 from safetensors.torch import load_file, save_file
 
 CHAIN = FIXTURES / "cola"
@@ -75,26 +85,6 @@ def _assert_user_error(result, out: Path, *needles: str) -> str:
     return lines[0]
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(torch.int16) if tensor.element_size() == 2 else tensor.view(torch.int32)
-
-
-def _round_bf16(exact: torch.Tensor) -> torch.Tensor:
-    """float64 -> bf16 rounded correctly (nearest, ties away from the rare double rounding that a
-    float64 -> float32 -> bf16 cast can do): the cast, then its neighbour if that is nearer."""
-    first = exact.to(torch.float32).to(torch.bfloat16)
-    step = torch.where((first.double() < exact) == (first.double() >= 0), 1, -1)
-    other = (_bits(first).to(torch.int32) + step).to(torch.int16).view(torch.bfloat16)
-    nearer = (other.double() - exact).abs() < (first.double() - exact).abs()
-    return torch.where(nearer, other, first)
-
-
-def _half_ulp_bf16(value: torch.Tensor) -> torch.Tensor:
-    """Half the spacing of bf16 numbers around each (non-zero) value, in float64."""
-    exponent = torch.floor(torch.log2(value.double().abs().clamp_min(2.0**-126)))
-    return 2.0 ** (exponent - 8)
-
-
 def test_chain_fixture_has_three_links_on_one_base():
     manifest = json.loads((CHAIN / "cola_chain.json").read_text())
     assert [entry["path"] for entry in manifest["links"]] == ["link-1", "link-2", "link-3"]
@@ -130,17 +120,17 @@ def test_once_rounded_fold_is_the_float64_sum_rounded_once(cli, tmp_path):
         assert not torch.equal(_bits(got), _bits(original)), f"{name} must change"
         # against float64: correctly rounded, except where float32 accumulation error (bounded
         # by a few float32 epsilons of the terms' magnitudes) reaches across a rounding midpoint
-        correct = _round_bf16(exact)
+        correct = round_bf16(exact)
         off = _bits(got) != _bits(correct)
         mismatched += int(off.sum())
         total += got.numel()
         magnitude = original.double().abs() + sum(
             abs(s) * (b.double().abs() @ a.double().abs()) for b, a, s in terms
         )
-        bound = _half_ulp_bf16(got) + 8 * 2.0**-24 * magnitude
+        bound = half_ulp_bf16(got) + 8 * 2.0**-24 * magnitude
         error = (got.double() - exact).abs()
         assert bool((error <= bound).all()), name
-        assert bool((error[~off] <= _half_ulp_bf16(got)[~off]).all()), name
+        assert bool((error[~off] <= half_ulp_bf16(got)[~off]).all()), name
     assert mismatched <= total * 1e-4, f"{mismatched} of {total} not the correct rounding"
 
 
