@@ -50,11 +50,12 @@ class PeftOracle:
         from peft import PeftModel
 
         adapters = adapter if isinstance(adapter, list) else [adapter]
+        names = [f"link-{i}" for i in range(len(adapters))] if len(adapters) > 1 else ["default"]
         self.base = base
-        model = PeftModel.from_pretrained(load_causal_lm(base), adapters[0], adapter_name="0")
-        for index, path in enumerate(adapters[1:], start=1):
-            model.load_adapter(path, adapter_name=str(index))
-        model.base_model.set_adapter([str(i) for i in range(len(adapters))])
+        model = PeftModel.from_pretrained(load_causal_lm(base), adapters[0], adapter_name=names[0])
+        for name, path in zip(names[1:], adapters[1:], strict=True):
+            model.load_adapter(path, adapter_name=name)
+        model.base_model.set_adapter(names)
         self.model = model.eval().double()
 
     def logits(self, ids: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
