@@ -166,24 +166,21 @@ def test_logits_against_the_merged_folder(cli, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["mode"] == "logits" and report["passed"] is True
-    # the reported numbers are those of the same float32 forward passes done here: PEFT on the
-    # base for the source, transformers for the merged folder, on the text's first 128 tokens
+    assert report["logits"]["max_abs_diff"] < 1e-4 and report["logits"]["loss_diff"] < 1e-5
+    # what verify reports for the source is what PEFT computes (float32, as verify runs it) on
+    # the text's first 128 tokens
+    from peft import PeftModel
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(BASES / "llama")
     ids = tokenizer(TEXT.read_text(), return_tensors="pt")["input_ids"][:, :128]
-    from peft import PeftModel
-
     with torch.no_grad():
         live = PeftModel.from_pretrained(load_causal_lm(BASES / "llama"), ADAPTERS / "llama-lora")
         expected = live.eval()(input_ids=ids, labels=ids)
-        got = load_causal_lm(merged)(input_ids=ids, labels=ids)
     assert report["logits"]["tokens"] == 128
-    difference = float((got.logits - expected.logits).abs().max())
-    assert report["logits"]["max_abs_diff"] == pytest.approx(difference, rel=1e-6)
-    assert report["logits"]["loss_diff"] == pytest.approx(
-        abs(float(got.loss) - float(expected.loss)), rel=1e-6, abs=1e-9
-    )
+    top = float(expected.logits.abs().max())
+    assert report["logits"]["max_abs_logit"] == pytest.approx(top, rel=1e-5)
+    assert report["logits"]["loss_source"] == pytest.approx(float(expected.loss), abs=1e-5)
     # a different adapter's merge does not pass
     other = cli("verify", ADAPTERS / "llama-rslora-patterns", merged, *args)
     _one_error(other, "logits at token")
