@@ -460,7 +460,7 @@ def test_check_text_prints_the_loss_difference(cli, tmp_path):
 @pytest.mark.oracle
 def test_merged_bf16_folder_is_the_rules_update_rounded_once(cli, tmp_path):
     """The ms merge in bf16 (the default dtype) loads with transformers, and every merged weight
-    is W + dW_n (rules.md section 4, float64) rounded to bf16: correctly rounded except where
+    is W + dW_n (docs/rules.md section 4, float64) rounded to bf16: correctly rounded except where
     float32 accumulation reaches a rounding midpoint (within a few float32 epsilons, at most
     1 element in 10^3); every other tensor is the base's, bit for bit."""
     out = tmp_path / "merged"
