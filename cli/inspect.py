@@ -14,9 +14,8 @@ from loramerge_cli.common import (
     JsonOutput,
     Quiet,
     byte_progress,
-    print_json,
+    json_done,
     stdout,
-    warn_all,
 )
 
 
@@ -50,9 +49,7 @@ def inspect(
         report = run_inspect(
             path, base, fmt=fmt, alpha=alpha, progress=progress, component=component
         )
-    warn_all(report.warnings)
-    if json_output:
-        print_json(report.to_json())
+    if json_done(report, json_output):
         return
     if not quiet:
         _render(report, base is not None)

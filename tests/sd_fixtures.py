@@ -79,7 +79,7 @@ def where(component: str, path: str) -> str:
 
 
 def merged_weight(module: LoraModule, component: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W', b') in float64 by loramerge's model of the module (rules.md section 1)."""
+    """(W', b') in float64 by loramerge's model of the module (docs/rules.md section 1)."""
     where_ = where(component, module.path)
     weight = base_weights()[f"{where_}.weight"].to(torch.float64)
     bias = base_weights().get(f"{where_}.bias")

@@ -561,7 +561,7 @@ def _read_dylora(
     """LyCORIS DyLoRA: a plain lora_down/lora_up/alpha file whose forward with n blocks of
     `block_size` ranks scales the first n * block_size ranks by alpha / n. As a LoRA of rank r
     that is alpha' / r with alpha' = alpha * block_size, and truncating to b ranks keeps alpha'
-    (rules.md section 2 with alpha' for alpha)."""
+    (docs/rules.md section 2 with alpha' for alpha)."""
     try:
         block = int(str(args.get("block_size", 4)))  # LyCORIS's default block size
     except ValueError:

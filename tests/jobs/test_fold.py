@@ -163,7 +163,7 @@ def test_per_link_rounding_equals_sequential_peft_merges_in_bf16(cli, tmp_path):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         peft_model = PeftModel.from_pretrained(model, link)
         layer = peft_model.base_model.model.model.layers[0].self_attn.v_proj
-        # PEFT's own dtype handling, which rules.md section 5 describes
+        # PEFT's own dtype handling, which docs/rules.md section 5 describes
         assert layer.lora_A["default"].weight.dtype == torch.float32
         assert layer.base_layer.weight.dtype == torch.bfloat16
         model = peft_model.merge_and_unload()

@@ -1,4 +1,5 @@
-"""`loramerge reslora` against float64 evaluations of rules.md section 4, PEFT and transformers.
+"""`loramerge reslora` against float64 evaluations of docs/rules.md section 4, PEFT and
+transformers.
 
 The oracles here are written independently of loramerge: the checkpoints are read with
 torch.load, the expected deltas are formed as full float64 matrices from the rules' formulas,
@@ -76,7 +77,7 @@ def _product(pairs):
 
 
 def _expected(folder, estimator, stats=None):
-    """Every block's dW_n as a float64 matrix, straight from rules.md section 4."""
+    """Every block's dW_n as a float64 matrix, straight from docs/rules.md section 4."""
     config, chains, loras = _checkpoint(folder)
     s = config["lora_alpha"] / config["rank"]
     pre = config["pre_num"]
@@ -148,7 +149,8 @@ def _assert_deltas(got, expected):
 
 
 class _ResidualLinear(torch.nn.Module):
-    """A base linear plus the training-time ResLoRA term of rules.md section 4 (full matrices)."""
+    """A base linear plus the training-time ResLoRA term of docs/rules.md section 4 (full
+    matrices)."""
 
     def __init__(self, linear, shared, chain, n, flag, pre, s, loras, dtype=torch.float32):
         super().__init__()
@@ -458,7 +460,7 @@ def test_check_text_prints_the_loss_difference(cli, tmp_path):
 @pytest.mark.oracle
 def test_merged_bf16_folder_is_the_rules_update_rounded_once(cli, tmp_path):
     """The ms merge in bf16 (the default dtype) loads with transformers, and every merged weight
-    is W + dW_n (rules.md section 4, float64) rounded to bf16: correctly rounded except where
+    is W + dW_n (docs/rules.md section 4, float64) rounded to bf16: correctly rounded except where
     float32 accumulation reaches a rounding midpoint (within a few float32 epsilons, at most
     1 element in 10^3); every other tensor is the base's, bit for bit."""
     out = tmp_path / "merged"

@@ -13,7 +13,15 @@ import re
 
 import pytest
 import torch
-from helpers import ADAPTERS, BASES, FIXTURES, assert_usage_error, load_causal_lm, token_ids
+from helpers import (
+    ADAPTERS,
+    BASES,
+    FIXTURES,
+    assert_usage_error,
+    kohya_dylora_with_unit,
+    load_causal_lm,
+    token_ids,
+)
 from oracles import (
     PLANTED,
     PeftOracle,
@@ -291,12 +299,7 @@ def test_bad_ranks(cli, tmp_path):
     _user_error(cli("truncate", ADAPTERS / "llama-lora", "--rank", "9", "-o", folder), "r_max = 8")
     assert not out.exists() and not folder.exists()
     # a file trained with unit 2: rank 3 was never a trained prefix -> a warning, still written
-    with safe_open(KOHYA_DY, "pt") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    metadata["ss_network_args"] = json.dumps({"unit": "2"})
-    unit2 = tmp_path / "unit2.safetensors"
-    save_file(tensors, unit2, metadata=metadata)
+    unit2 = kohya_dylora_with_unit(tmp_path, 2)
     result = cli("truncate", unit2, "--rank", "3", "-o", tmp_path / "r3.safetensors")
     assert result.exit_code == 0, result.output
     assert "warning" in result.output and "not a multiple of the DyLoRA unit 2" in result.output
