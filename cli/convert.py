@@ -9,42 +9,59 @@ import typer
 from loramerge_cli.common import (
     AllowNonfinite,
     BaseOption,
+    Component,
     Debug,
     Engine,
     Force,
     InputFormatOption,
     JsonOutput,
     Quiet,
+    choices,
     print_engine_report,
     print_json,
-    stdout,
-    user_errors,
+    show,
 )
+
+from loramerge.formats.registry import OUTPUT_FORMAT_NAMES
 
 
 def convert(
-    adapter: Annotated[Path, typer.Argument(help="Adapter to convert.")],
+    adapter: Annotated[
+        str,
+        typer.Argument(
+            metavar="ADAPTER", help="Adapter to convert (a path or a cached hub repo id)."
+        ),
+    ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder (peft) or file (kohya, gguf).")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="OUT",
+            help="Output folder (peft, diffusers) or file (kohya: .safetensors, gguf: .gguf).",
+        ),
     ],
     to: Annotated[
         str | None,
         typer.Option(
             "--to",
-            help="Output format: peft, kohya or gguf (llama.cpp; needs --base). Default: the "
-            "engine's format with --engine, else required.",
+            metavar=choices(OUTPUT_FORMAT_NAMES),
+            help="Output format (gguf is llama.cpp's and needs --base). Default: the engine's "
+            "format with --engine, else required.",
         ),
     ] = None,
     engine: Engine = None,
     base: BaseOption = None,
     fmt: InputFormatOption = None,
+    component: Component = None,
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Rewrite ADAPTER as a PEFT folder or a kohya file, module for module.
+    """Rewrite ADAPTER as a PEFT folder, a kohya file, a diffusers LoRA or a llama.cpp GGUF,
+    module for module.
 
     With --base, module names are matched against the base model's tensors exactly (kohya
     names lose their dots; without a base they are reconstructed from common layer names).
@@ -57,29 +74,24 @@ def convert(
     Example: loramerge convert ADAPTER --engine vllm -o for-vllm
 
     Example: loramerge convert ADAPTER --to gguf --base BASE -o adapter.gguf
+
+    Example: loramerge convert sdxl-lora.safetensors --to peft --component unet -o unet-peft
     """
-    with user_errors(debug):
-        from loramerge.errors import OptionError
-        from loramerge.jobs.convert import convert_adapter
+    from loramerge.jobs.convert import convert_adapter
 
-        if to is None and engine is None:
-            raise OptionError("pass --to (peft, kohya or gguf) or --engine")
-        if to is None:
-            from loramerge.engines.profiles import engine_profile
-
-            to = engine_profile(engine).formats[0]
-        result = convert_adapter(
-            adapter,
-            to,
-            out,
-            base=base,
-            fmt=fmt,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-            engine=engine,
-        )
-        if json_output:
-            print_json(result)
-            return
-        stdout.print(f"wrote {result['out']} ({result['format']}, {result['modules']} modules)")
-        print_engine_report(result, quiet)
+    result = convert_adapter(
+        adapter,
+        out,
+        to=to,
+        engine=engine,
+        base=base,
+        fmt=fmt,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        component=component,
+    )
+    if json_output:
+        print_json(result)
+        return
+    show(f"wrote {result['out']} ({result['format']}, {result['modules']} modules)", quiet)
+    print_engine_report(result, quiet)

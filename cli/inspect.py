@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from loramerge_cli.common import (
     BaseOption,
+    Component,
     Debug,
     DyloraAlpha,
     InputFormatOption,
     JsonOutput,
     Quiet,
-    print_json,
+    byte_progress,
+    json_done,
     stdout,
-    user_errors,
-    warn,
 )
 
 
 def inspect(
     path: Annotated[
-        Path, typer.Argument(help="Adapter to describe: a PEFT folder or a kohya file.")
+        str,
+        typer.Argument(
+            metavar="ADAPTER",
+            help="Adapter to describe, in any format loramerge reads (a path or a cached hub "
+            "repo id).",
+        ),
     ],
     base: BaseOption = None,
     fmt: InputFormatOption = None,
     alpha: DyloraAlpha = None,
+    component: Component = None,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -38,20 +43,16 @@ def inspect(
 
     Example: loramerge inspect fixtures/adapters/llama-lora --base fixtures/bases/llama
     """
-    with user_errors(debug):
-        from loramerge.adapter_checks import check_adapter
-        from loramerge.formats.registry import ReadOptions, read_adapter
-        from loramerge.jobs.inspect import inspect_adapter
+    from loramerge.jobs.inspect import inspect as run_inspect
 
-        adapter = read_adapter(path, fmt, ReadOptions(alpha=alpha))
-        check_adapter(adapter)
-        report = inspect_adapter(adapter, base)
-        if json_output:
-            print_json(report.to_json())
-            return
+    with byte_progress("reading the base", quiet or json_output) as progress:
+        report = run_inspect(
+            path, base, fmt=fmt, alpha=alpha, progress=progress, component=component
+        )
+    if json_done(report, json_output):
+        return
+    if not quiet:
         _render(report, base is not None)
-        for message in report.warnings:
-            warn(message, quiet)
 
 
 def _render(report, with_base: bool) -> None:
@@ -69,6 +70,7 @@ def _render(report, with_base: bool) -> None:
         ("dtypes", ", ".join(report.dtypes)),
         ("parameters", f"{report.parameter_count:,}"),
         ("modules_to_save", ", ".join(report.modules_to_save) or "none"),
+        *((f"read: {key}", value) for key, value in report.read.items()),
     ):
         summary.add_row(f"[bold]{key}[/]", str(value))
     stdout.print(summary)

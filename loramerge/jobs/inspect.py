@@ -1,4 +1,5 @@
-"""What an adapter holds, and with a base, how large its updates are and what rounding keeps."""
+"""`inspect`: what an adapter holds, and with a base, how large its updates are and what
+rounding keeps."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter
+from loramerge.adapter_checks import read_checked
+from loramerge.errors import opt
+from loramerge.formats.components import components, for_component, select
+from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.formats.dylora import is_dylora, unit_of
+from loramerge.formats.kohya import READ_PREFIX
+from loramerge.formats.registry import ReadOptions
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
+from loramerge.jobs.merge import rounding_warning
+from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora
 from loramerge.model.folder import open_base
-from loramerge.model.plan import Action, plan_merge
-from loramerge.model.sources import sources_for
-from loramerge.model.stream import ERASED_SHARE, count_changed, merged_tiles
+from loramerge.model.plan import Action, TensorPlan, plan_merge
+from loramerge.model.sources import Sources, sources_for
+from loramerge.model.stream import ERASED_SHARE, Progress, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.rank_truncation import RankSize, dylora_rank_profile
 
@@ -30,6 +39,8 @@ class ModuleReport:
     dtype: str
     update_norm: float
     dora: bool = False
+    component: str | None = None  # the pipeline model of a multi-model adapter
+    merge_only: bool = False  # its exact LoRA form is no smaller than the dense update
     base_tensor: str | None = None
     base_dtype: str | None = None
     base_norm: float | None = None
@@ -49,6 +60,8 @@ class AdapterReport:
     dtypes: list[str]
     parameter_count: int
     modules_to_save: list[str]
+    # what the reader read: tool, algorithm, scale rule, components, names (Adapter.metadata)
+    read: dict[str, str] = field(default_factory=dict)
     modules: list[ModuleReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dylora_ranks: list[RankSize] = field(default_factory=list)  # DyLoRA: update size per rank b
@@ -57,13 +70,41 @@ class AdapterReport:
         return asdict(self)
 
 
-def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> AdapterReport:
+def inspect(
+    path: str | Path,
+    base: str | Path | None = None,
+    *,
+    fmt: str | None = None,
+    alpha: float | None = None,
+    progress: Progress | None = None,
+    component: str | None = None,
+) -> AdapterReport:
+    """The `inspect` command: read and check the adapter at `path`, describe it; with `base`,
+    measure every update against its weight (`progress` gets bytes of base weights read).
+    `component` narrows a pipeline adapter to one model (needed with a base)."""
+    adapter = read_checked(path, fmt, ReadOptions(alpha=alpha))
+    return inspect_adapter(adapter, base, progress, component)
+
+
+def inspect_adapter(
+    adapter: Adapter,
+    base_ref: str | Path | None = None,
+    progress: Progress | None = None,
+    component: str | None = None,
+) -> AdapterReport:
+    adapter = for_component(adapter, component)
+    if base_ref is not None:
+        if len(components(adapter)) > 1:
+            adapter = select(adapter, None)  # refuses, naming the components
+        base_ref = component_root(base_ref, components(adapter)[0])
+        adapter = fold_lycoris_dora(adapter, base_ref, "measuring it against the base")
+    merge_only = merge_only_modules(adapter)
     modules = []
-    for module in adapter.modules.values():
+    for key, module in adapter.modules.items():
         lora_b, lora_a = module.factors()
         modules.append(
             ModuleReport(
-                path=module.path,
+                path=key,
                 kind=module.kind.value,
                 r=module.r,
                 alpha=module.alpha,
@@ -71,6 +112,8 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
                 dtype=dtype_code(module.lora_A.dtype),
                 update_norm=update_frobenius_norm(lora_b, lora_a, module.scale),
                 dora=module.magnitude is not None,
+                component=module.component,
+                merge_only=key in merge_only,
             )
         )
     report = AdapterReport(
@@ -84,43 +127,61 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
         dtypes=sorted({m.dtype for m in modules}),
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
+        read={
+            k.removeprefix(READ_PREFIX): v
+            for k, v in adapter.metadata.items()
+            if k.startswith(READ_PREFIX)
+        },
         modules=modules,
     )
+    if merge_only:
+        key, reason = next(iter(merge_only.items()))
+        report.warnings.append(
+            f"{len(merge_only)} modules have no low-rank form and can only be merged, e.g. "
+            f"{key}: {reason}"
+        )
     if is_dylora(adapter):
         report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))
     if base_ref is not None:
-        _measure_against_base(adapter, base_ref, report)
+        _measure_against_base(adapter, base_ref, report, progress)
     return report
 
 
-def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: AdapterReport) -> None:
+def _measure_against_base(
+    adapter: Adapter, base_ref: str | Path, report: AdapterReport, progress: Progress | None
+) -> None:
     base = open_base(base_ref)
     plan = plan_merge(base, adapter)
     adapter = plan.adapter
     by_path = {m.path: m for m in report.modules}
+    merged = [t for shard in plan.shards for t in shard.tensors if t.action is Action.MERGE]
+    total, done = sum(t.nbytes for t in merged), 0
     with ExitStack() as stack:
         sources = sources_for(plan, base, stack)
-        for shard in plan.shards:
-            for tensor in shard.tensors:
-                if tensor.action is not Action.MERGE:
-                    continue
-                entry = by_path[tensor.module or ""]
-                entry.kind = (tensor.kind or adapter.modules[entry.path].kind).value
-                out_dtype = torch_dtype(tensor.dtype)
-                squares, changed, elements = 0.0, 0, 0
-                for base_rows, values in merged_tiles(tensor, sources, adapter):
-                    squares += float(base_rows.to(torch.float64).square().sum())
-                    changed += count_changed(values.to(out_dtype), base_rows.to(out_dtype))
-                    elements += values.numel()
-                    sources.give(base_rows, values)
-                entry.base_tensor = tensor.name
-                entry.base_dtype = tensor.dtype
-                entry.base_norm = squares**0.5
-                entry.relative_update = entry.update_norm / entry.base_norm if squares else None
-                entry.changed_share = changed / elements if elements else 0.0
-                if entry.changed_share < ERASED_SHARE:
-                    report.warnings.append(
-                        f"{entry.path}: rounding to {tensor.dtype} keeps only "
-                        f"{entry.changed_share:.0%} of the update's elements; merge with "
-                        "--dtype float32 to keep it"
-                    )
+        for tensor in merged:
+            entry = by_path[tensor.module or ""]
+            entry.kind = (tensor.kind or adapter.modules[entry.path].kind).value
+            _measure(entry, tensor, sources, adapter)
+            if entry.changed_share is not None and entry.changed_share < ERASED_SHARE:
+                kept = f"{entry.changed_share:.0%}"
+                remedy = f"merge with {opt('dtype')} float32 to keep it"
+                report.warnings.append(rounding_warning(entry.path, kept, tensor.dtype, remedy))
+            done += tensor.nbytes
+            if progress is not None:
+                progress(done, total)
+
+
+def _measure(entry: ModuleReport, tensor: TensorPlan, sources: Sources, adapter: Adapter) -> None:
+    """The base weight's norm and the share of elements the update changes after rounding."""
+    out_dtype = torch_dtype(tensor.dtype)
+    squares, changed, elements = 0.0, 0, 0
+    for base_rows, values in merged_tiles(tensor, sources, adapter):
+        squares += float(base_rows.to(torch.float64).square().sum())
+        changed += count_changed(values.to(out_dtype), base_rows.to(out_dtype))
+        elements += values.numel()
+        sources.give(base_rows, values)
+    entry.base_tensor = tensor.name
+    entry.base_dtype = tensor.dtype
+    entry.base_norm = squares**0.5
+    entry.relative_update = entry.update_norm / entry.base_norm if squares else None
+    entry.changed_share = changed / elements if elements else 0.0

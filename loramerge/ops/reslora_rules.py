@@ -1,4 +1,5 @@
-"""ResLoRA merge rules (rules.md section 4): one chain of blocks in, one plain LoRA per block out.
+"""ResLoRA merge rules (docs/rules.md section 4): one chain of blocks in, one plain LoRA per
+block out.
 
 Notation: a chain holds blocks n = 0..N-1 with factors (B_n, A_n), B_n (out x R), A_n (R x in),
 and one scale s = lora_alpha / r. Every function here is pure: it takes float tensors (float64 for
@@ -93,7 +94,9 @@ def official_norm(products: BaseProducts, B: torch.Tensor, A: torch.Tensor) -> f
     if products.w_b is None:
         raise ShapeMismatchError(
             "the official-code norm adds (B A)^T to W, which needs a square weight",
-            hint="use the default weight-based norms (drop --norms official)",
+            option="norms",
+            value="official",
+            hint="use the default weight-based norms",
         )
     cross = float((products.w_b * A.T).sum())
     update = float(((B.T @ B @ A) * A).sum())

@@ -1,0 +1,66 @@
+"""Exact LoRA forms of Hadamard, Kronecker, Tucker and dense updates, against float64 products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramerge.errors import ShapeMismatchError
+from loramerge.ops.lowrank_forms import (
+    exact_factors,
+    hadamard_factors,
+    kronecker_factors,
+    tucker_down,
+)
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_hadamard_is_a_lora_of_rank_r1_times_r2():
+    b1, a1, b2, a2 = _rand(7, 3, seed=1), _rand(3, 5, seed=2), _rand(7, 2, seed=3), _rand(2, 5)
+    b, a = hadamard_factors(b1, a1, b2, a2)
+    assert b.shape == (7, 6) and a.shape == (6, 5) and b.dtype == torch.float64
+    torch.testing.assert_close(b @ a, (b1 @ a1) * (b2 @ a2), rtol=1e-12, atol=1e-12)
+
+
+def test_kronecker_is_a_lora_of_rank_r1_times_r2():
+    b1, a1, b2, a2 = _rand(2, 1, seed=1), _rand(1, 3, seed=2), _rand(4, 2, seed=3), _rand(2, 5)
+    b, a = kronecker_factors(b1, a1, b2, a2)
+    assert b.shape == (8, 2) and a.shape == (2, 15)
+    torch.testing.assert_close(b @ a, torch.kron(b1 @ a1, b2 @ a2), rtol=1e-12, atol=1e-12)
+
+
+def test_tucker_down_gives_the_tucker_update_as_a_conv_lora():
+    core, down, up = _rand(3, 4, 3, 3, seed=1), _rand(4, 6, seed=2), _rand(5, 3, seed=3)
+    dense = torch.einsum("abyx,bi,oa->oiyx", core, down, up)
+    a = tucker_down(core, down)
+    assert a.shape == (3, 6, 3, 3)
+    torch.testing.assert_close((up @ a.reshape(3, -1)).reshape(5, 6, 3, 3), dense)
+
+
+def test_exact_factors_find_the_numerical_rank():
+    low = _rand(9, 2, seed=1) @ _rand(2, 6, seed=2)
+    b, a = exact_factors(low)
+    assert b.shape == (9, 2) and a.shape == (2, 6)
+    torch.testing.assert_close(b @ a, low, rtol=1e-12, atol=1e-12)
+    b, a = exact_factors(torch.zeros(3, 4))
+    assert b.shape == (3, 1) and float((b @ a).abs().max()) == 0.0
+
+
+def test_shapes_that_do_not_meet_are_refused():
+    with pytest.raises(ShapeMismatchError):
+        hadamard_factors(_rand(7, 3), _rand(3, 5), _rand(6, 2), _rand(2, 5))
+    with pytest.raises(ShapeMismatchError):
+        kronecker_factors(_rand(7, 3), _rand(2, 5), _rand(6, 2), _rand(2, 5))
+    with pytest.raises(ShapeMismatchError):
+        tucker_down(_rand(3, 4, 3, 3), _rand(3, 6))
+
+
+def test_kronecker_takes_transposed_columns():
+    """torch.kron itself fails on a transposed (n x 1) factor; the factors must not."""
+    b2, a2 = _rand(1, 4, seed=1).T, _rand(1, 18, seed=2)
+    b1, a1 = _rand(2, 2, seed=3).T, _rand(2, 2, seed=4).T
+    b, a = kronecker_factors(b1, a1, b2, a2)
+    torch.testing.assert_close(b @ a, torch.kron((b1 @ a1).contiguous(), (b2 @ a2).contiguous()))
