@@ -88,7 +88,7 @@ def _render(report, with_base: bool) -> None:
             str(m.r),
             f"{m.alpha:g}",
             f"{m.scale:.4g}",
-            f"{m.update_norm:.4g}",
+            "-" if m.update_norm is None else f"{m.update_norm:.4g}",
         ]
         if with_base:
             ratio = f"{m.relative_update:.3e}" if m.relative_update is not None else "-"

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from loramerge.errors import FormatError
+from loramerge.errors import FormatError, opt
 
 
 class ModuleKind(str, Enum):
@@ -136,7 +136,7 @@ class LoraModule:
                 "wraps a parameter (target_parameters) that only the base's architecture names, "
                 "with the number of experts it stacks",
                 module=self.path,
-                hint="give the base model (--base)",
+                hint=f"give the base model ({opt('base')})",
             )
         lora_b = self.lora_B.float(keep)
         lora_a = self.lora_A.float(keep)

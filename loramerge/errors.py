@@ -51,7 +51,6 @@ class LoramergeError(Exception):
 
     `file` names the file at fault, `module` the adapter module where it applies, `option` the
     option (by id) and `value` the value it was given, and `hint` says what the user can do.
-    `path=` is an older spelling of `file=`, still accepted.
     """
 
     def __init__(
@@ -63,11 +62,9 @@ class LoramergeError(Exception):
         option: str | None = None,
         value: Any = None,
         hint: str | None = None,
-        path: str | Path | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
-        file = file if file is not None else path
         self.file = str(file) if file is not None else None
         self.module = module
         self.option = option

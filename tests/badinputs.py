@@ -338,7 +338,7 @@ def lora_bias_wrong_length(root: Path) -> Case:
     return Case(
         folder,
         BASES / "gpt2",
-        (str(folder), module, "LoRA bias is [5]"),
+        (str(folder), module, "lora_B.bias [5]"),
         needs_base=True,
         good=ADAPTERS / "gpt2-lora",
     )

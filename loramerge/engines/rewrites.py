@@ -51,6 +51,33 @@ def refuse_dora_and_bias(adapter: Adapter, engine: str) -> None:
     )
 
 
+def refuse_peft_only(adapter: Adapter, engine: str) -> None:
+    """What only PEFT itself loads: LoRA on bare parameters (MoE experts, routers), trained
+    token rows and biases, activated LoRA, replicated layers, and factors that apply to a
+    residual base PEFT rebuilds at load time."""
+    modules = adapter.modules.values()
+    wrapped = [m.path for m in modules if m.kind is ModuleKind.PARAMETER]
+    refuse(adapter, engine, "LoRA on bare parameters (target_parameters)", wrapped, MERGE_HINT)
+    refuse(adapter, engine, "trained token rows", list(adapter.token_rows), MERGE_HINT)
+    biases = list(adapter.saved_biases)
+    refuse(adapter, engine, "trained base biases (bias=all/lora_only)", biases, MERGE_HINT)
+    config = adapter.source_config
+    for field, what in (
+        ("alora_invocation_tokens", "an activated LoRA (alora_invocation_tokens)"),
+        ("layer_replication", "layer_replication"),
+    ):
+        if config.get(field):
+            refuse(adapter, engine, what, [field], "keep it for PEFT (--engine peft)")
+    if adapter.base_init is not None:
+        refuse(
+            adapter,
+            engine,
+            f"factors initialised with {adapter.base_init}, which apply to a residual base",
+            [next(iter(adapter.modules), adapter.base_init)],
+            f"give the base ({opt('base')}): it is then rewritten for the original base",
+        )
+
+
 def refuse_modules_to_save(adapter: Adapter, engine: str, allowed: tuple[str, ...] = ()) -> None:
     refused = [
         name

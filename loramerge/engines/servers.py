@@ -23,6 +23,7 @@ from loramerge.engines.rewrites import (
     refuse_kinds,
     refuse_modules_to_save,
     refuse_names,
+    refuse_peft_only,
     stacked_groups,
 )
 from loramerge.errors import OptionError
@@ -40,6 +41,7 @@ def peft(adapter: Adapter, base: BaseFacts) -> Profiled:
 
 
 def vllm(adapter: Adapter, base: BaseFacts) -> Profiled:
+    refuse_peft_only(adapter, "vLLM")
     refuse_dora_and_bias(adapter, "vLLM")
     refuse_modules_to_save(adapter, "vLLM", VLLM_SAVED_HEADS)
     refuse_kinds(adapter, "vLLM", (ModuleKind.CONV,))
@@ -64,6 +66,7 @@ def vllm(adapter: Adapter, base: BaseFacts) -> Profiled:
 
 
 def _tgi_like(engine: str, label: str, adapter: Adapter, base: BaseFacts) -> Profiled:
+    refuse_peft_only(adapter, label)
     refuse_dora_and_bias(adapter, label)
     refuse_modules_to_save(adapter, label)
     refuse_names(adapter, label, TGI_MODULES)
@@ -83,6 +86,7 @@ def lorax(adapter: Adapter, base: BaseFacts) -> Profiled:
 
 
 def sglang(adapter: Adapter, base: BaseFacts) -> Profiled:
+    refuse_peft_only(adapter, "SGLang")
     refuse_dora_and_bias(adapter, "SGLang")
     refuse_modules_to_save(adapter, "SGLang")
     refuse_kinds(adapter, "SGLang", (ModuleKind.CONV,))
@@ -93,6 +97,7 @@ def sglang(adapter: Adapter, base: BaseFacts) -> Profiled:
 
 
 def llama_cpp(adapter: Adapter, base: BaseFacts) -> Profiled:
+    refuse_peft_only(adapter, "llama.cpp")
     refuse_dora_and_bias(adapter, "llama.cpp")
     refuse_modules_to_save(adapter, "llama.cpp")
     refuse_kinds(adapter, "llama.cpp", (ModuleKind.CONV, ModuleKind.CONV1D))

@@ -20,6 +20,7 @@ from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, Token
 from loramerge.errors import FormatError
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
 from loramerge.formats.peft_config import KASA, base_init, config_for, merge_refusal
+from loramerge.formats.peft_variants import BlockDiagonal, scaled_columns
 from loramerge.io.json_files import read_json
 from loramerge.io.safetensors_writer import save_tensors
 
@@ -63,7 +64,7 @@ def weights_file(folder: Path) -> Path:
             return folder / name
     raise FormatError(
         "has adapter_config.json but no adapter_model.safetensors or adapter_model.bin",
-        path=folder,
+        file=folder,
         hint="copy the adapter's weight file into the folder",
     )
 
@@ -115,11 +116,11 @@ def read(folder: Path) -> Adapter:
         raise FormatError(
             f"is a PEFT {peft_type} adapter (peft_type {peft_type}); loramerge reads PEFT LoRA "
             "adapters",
-            path=config_path,
+            file=config_path,
             hint="only LoRA-family adapters (peft_type LORA) can be converted or merged",
         )
     settings = _Settings(config, config_path)
-    blocks = _BlockDiagonal(config.get("use_bdlora"), config_path)
+    blocks = BlockDiagonal(config.get("use_bdlora"), config_path)
     path = weights_file(folder)
     tensors, metadata = lazy_weights(path)
     parts: dict[str, dict[str, LazyTensor]] = {}
@@ -149,7 +150,7 @@ def read(folder: Path) -> Adapter:
     )
     _sort_other_tensors(adapter, other, config, config_path)
     if not modules and not adapter.modules_to_save and not adapter.token_rows:
-        raise FormatError("holds no LoRA tensors", path=path, hint="is this the right file?")
+        raise FormatError("holds no LoRA tensors", file=path, hint="is this the right file?")
     return adapter
 
 
@@ -168,7 +169,7 @@ def _sort_other_tensors(
                 raise FormatError(
                     f"trainable token rows {list(tensor.shape)} do not match the "
                     f"{len(indices)} indices in trainable_token_indices",
-                    path=config_path,
+                    file=config_path,
                     module=module,
                 )
             adapter.token_rows[module] = TokenRows(tuple(indices), tensor)
@@ -185,47 +186,6 @@ def _sort_other_tensors(
             adapter.modules_to_save[name] = tensor
 
 
-class _BlockDiagonal:
-    """BD-LoRA: PEFT stores a block-diagonal factor as its blocks stacked, (rows, cols / n);
-    the full factor is block_diag of its n row chunks, which makes an ordinary LoRA."""
-
-    def __init__(self, value: Any, config_path: Path) -> None:
-        self.blocks = 0
-        if not value:
-            return
-        if not isinstance(value, dict) or not isinstance(value.get("nblocks", 1), int):
-            raise FormatError("use_bdlora must be a BD-LoRA config object", path=config_path)
-        self.blocks = max(1, int(value.get("nblocks", 1)))
-        self.on_a = [p for p in value.get("target_modules_bd_a") or [] if isinstance(p, str)]
-        self.on_b = [p for p in value.get("target_modules_bd_b") or [] if isinstance(p, str)]
-        self.path = config_path
-
-    def expand(self, module: str, found: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
-        if self.blocks == 0:
-            return found
-        # PEFT matches the patterns as substrings of the module's name
-        part = "lora_A" if any(p in module for p in self.on_a) else None
-        if part is None and any(p in module for p in self.on_b):
-            part = "lora_B"
-        if part is None or part not in found:
-            return found
-        stored = found[part]
-        if len(stored.shape) != 2 or stored.shape[0] % self.blocks:
-            raise FormatError(
-                f"block-diagonal {part} {list(stored.shape)} does not split into "
-                f"{self.blocks} blocks",
-                path=self.path,
-                module=module,
-            )
-        shape = (stored.shape[0], stored.shape[1] * self.blocks)
-        blocks = self.blocks
-
-        def load() -> torch.Tensor:
-            return torch.block_diag(*torch.chunk(stored.load(), blocks, dim=0))
-
-        return {**found, part: LazyTensor(shape, stored.dtype, load)}
-
-
 def _token_indices(value: Any, module: str, config_path: Path) -> list[int]:
     """The token indices PEFT trained for `module` (a list: the input embedding; a dict: per
     module name, matched as PEFT matches it)."""
@@ -237,7 +197,7 @@ def _token_indices(value: Any, module: str, config_path: Path) -> list[int]:
     ):
         raise FormatError(
             f"trainable_token_indices gives no list of token ids for {module}",
-            path=config_path,
+            file=config_path,
             module=module,
         )
     return value
@@ -250,22 +210,29 @@ def _module(
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     missing = [k for k in (a_key, b_key) if k not in found]
     if missing:
-        raise FormatError(f"has no {missing[0]} tensor", path=path, module=module_path)
+        raise FormatError(f"has no {missing[0]} tensor", file=path, module=module_path)
     lora_a, lora_b = found[a_key], found[b_key]
     if "lora_diag" in found:
-        lora_b = _scaled_columns(lora_b, found["lora_diag"], path, module_path)
+        lora_b = scaled_columns(lora_b, found["lora_diag"], path, module_path)
     rows = lora_a.shape[0] if lora_a.shape else 0
     dims = (2,) if embedding else (2, 3, 4, 5)
     if len(lora_a.shape) not in dims or len(lora_b.shape) != len(lora_a.shape) or rows == 0:
         raise FormatError(
             f"A {list(lora_a.shape)} and B {list(lora_b.shape)} are not LoRA factors",
-            path=path,
+            file=path,
             module=module_path,
         )
     if lora_b.shape[1] != rows:
         raise FormatError(
             f"rank of A {list(lora_a.shape)} and B {list(lora_b.shape)} disagree",
-            path=path,
+            file=path,
+            module=module_path,
+        )
+    bias = found.get("lora_B.bias")
+    if bias is not None and tuple(bias.shape) != (lora_b.shape[0],):
+        raise FormatError(
+            f"lora_B.bias {list(bias.shape)} does not match lora_B's {lora_b.shape[0]} outputs",
+            file=path,
             module=module_path,
         )
     wrapped = settings.wraps_parameters and (
@@ -295,28 +262,11 @@ def _module(
     return module
 
 
-def _scaled_columns(
-    lora_b: LazyTensor, diag: LazyTensor, path: Path, module: str
-) -> LazyTensor:
-    """KaSA's B diag(d), formed as PEFT forms it (B * d, elementwise in B's dtype)."""
-    if len(lora_b.shape) != 2 or tuple(diag.shape) != (lora_b.shape[1],):
-        raise FormatError(
-            f"lora_diag {list(diag.shape)} does not fit lora_B {list(lora_b.shape)}",
-            path=path,
-            module=module,
-        )
-
-    def load() -> torch.Tensor:
-        return lora_b.load() * diag.load().to(lora_b.dtype)
-
-    return LazyTensor(lora_b.shape, lora_b.dtype, load)
-
-
 def check_rank(module: LoraModule, expected: int, config_path: Path) -> None:
     if expected != module.r:
         raise FormatError(
             f"the config gives rank {expected} but the tensors have rank {module.r}",
-            path=config_path,
+            file=config_path,
             module=module.path,
             hint="fix r or rank_pattern in adapter_config.json",
         )
@@ -330,7 +280,7 @@ def _pattern(config: dict[str, Any], key: str, config_path: Path) -> dict[str, A
     if not isinstance(value, dict):
         raise FormatError(
             f"{key} must map module patterns to numbers, got {type(value).__name__}",
-            path=config_path,
+            file=config_path,
         )
     return value
 

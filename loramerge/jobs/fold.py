@@ -25,7 +25,8 @@ from loramerge.jobs.options import check_choice, check_rank, exclusive, needs
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
-from loramerge.model.plan import Action, plan_merge
+from loramerge.model.plan import Action
+from loramerge.model.planner import plan_merge
 from loramerge.model.stream import Progress
 from loramerge.ops.cola_fold import (
     FoldedAdapter,

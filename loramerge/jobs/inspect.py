@@ -3,6 +3,7 @@ rounding keeps."""
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from loramerge.adapter import Adapter
+from loramerge.adapter import Adapter, LoraModule, ModuleKind
 from loramerge.adapter_checks import read_checked
 from loramerge.errors import opt
 from loramerge.formats.components import components, for_component, select
@@ -21,8 +22,10 @@ from loramerge.formats.registry import ReadOptions
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.jobs.merge import rounding_warning
 from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora
+from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import open_base
-from loramerge.model.plan import Action, TensorPlan, plan_merge
+from loramerge.model.plan import Action, TensorPlan
+from loramerge.model.planner import plan_merge
 from loramerge.model.sources import Sources, sources_for
 from loramerge.model.stream import ERASED_SHARE, Progress, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
@@ -37,7 +40,7 @@ class ModuleReport:
     alpha: float
     scale: float
     dtype: str
-    update_norm: float
+    update_norm: float | None  # None: a parameter wrapper the base has not resolved
     dora: bool = False
     component: str | None = None  # the pipeline model of a multi-model adapter
     merge_only: bool = False  # its exact LoRA form is no smaller than the dense update
@@ -97,11 +100,11 @@ def inspect_adapter(
         if len(components(adapter)) > 1:
             adapter = select(adapter, None)  # refuses, naming the components
         base_ref = component_root(base_ref, components(adapter)[0])
+        adapter = rename_to_base(adapter, base_ref)  # kinds and expert stacks from the base
         adapter = fold_lycoris_dora(adapter, base_ref, "measuring it against the base")
     merge_only = merge_only_modules(adapter)
     modules = []
     for key, module in adapter.modules.items():
-        lora_b, lora_a = module.factors()
         modules.append(
             ModuleReport(
                 path=key,
@@ -110,7 +113,7 @@ def inspect_adapter(
                 alpha=module.alpha,
                 scale=module.scale,
                 dtype=dtype_code(module.lora_A.dtype),
-                update_norm=update_frobenius_norm(lora_b, lora_a, module.scale),
+                update_norm=update_norm(module),
                 dora=module.magnitude is not None,
                 component=module.component,
                 merge_only=key in merge_only,
@@ -145,6 +148,19 @@ def inspect_adapter(
     if base_ref is not None:
         _measure_against_base(adapter, base_ref, report, progress)
     return report
+
+
+def update_norm(module: LoraModule) -> float | None:
+    """||s B A||_F from the factors; over all experts of a stack (root of the sum of squares);
+    None for a parameter wrapper whose experts only the base's architecture can count."""
+    if module.kind is ModuleKind.PARAMETER and module.parameter is None:
+        return None
+    experts = range(module.experts) if module.experts > 1 else [None]
+    squares = 0.0
+    for expert in experts:
+        lora_b, lora_a = module.factors(expert=expert)
+        squares += update_frobenius_norm(lora_b, lora_a, module.scale) ** 2
+    return math.sqrt(squares)
 
 
 def _measure_against_base(
@@ -183,5 +199,6 @@ def _measure(entry: ModuleReport, tensor: TensorPlan, sources: Sources, adapter:
     entry.base_tensor = tensor.name
     entry.base_dtype = tensor.dtype
     entry.base_norm = squares**0.5
-    entry.relative_update = entry.update_norm / entry.base_norm if squares else None
+    if squares and entry.update_norm is not None:
+        entry.relative_update = entry.update_norm / entry.base_norm
     entry.changed_share = changed / elements if elements else 0.0

@@ -20,7 +20,8 @@ from loramerge.io.safetensors_header import read_header
 from loramerge.jobs.pipeline_base import one_model
 from loramerge.model.base_init import rebuild_for_original_base
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
-from loramerge.model.plan import MergePlan, plan_merge
+from loramerge.model.plan import MergePlan
+from loramerge.model.planner import plan_merge
 from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
 
 KEEP_IT = f"pass {opt('dtype')} float32 to keep it"

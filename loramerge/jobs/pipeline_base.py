@@ -45,8 +45,11 @@ def model_config(base: str | Path) -> dict | None:
 
 def fit_components(adapter: Adapter, base: str | Path) -> Adapter:
     """Module paths pinned to the base's own tensor names, component by component."""
+    parts = components.split(adapter)
+    if list(parts) == [None]:  # one model: the whole adapter fitted (tables, initialisation)
+        return rename_to_base(adapter, component_root(base, None))
     fitted: list[LoraModule] = []
-    for component, part in components.split(adapter).items():
+    for component, part in parts.items():
         fitted += rename_to_base(part, component_root(base, component)).modules.values()
     return replace(adapter, modules=components.keyed(fitted))
 

@@ -233,21 +233,39 @@ def _update_difference(name: str, left: LoraModule | None, right: LoraModule | N
 
 
 def _located_difference(name: str, left: LoraModule | None, right: LoraModule | None) -> Difference:
+    """Over every expert of a stack (target_parameters), the root of the summed squares."""
+    sides = [m for m in (left, right) if m is not None]
+    counts = {m.experts for m in sides}
+    if len(counts) > 1:
+        source = left if left is not None else right
+        return Difference(name, _pair_norms(source, None, None)[0], math.inf)
+    experts = range(counts.pop()) if counts and max(m.experts for m in sides) > 1 else [None]
+    source_sq = diff_sq = 0.0
+    for expert in experts:
+        source_norm, diff_norm = _pair_norms(left, right, expert)
+        source_sq += source_norm**2
+        diff_sq += diff_norm**2
+    return Difference(name, math.sqrt(source_sq), math.sqrt(diff_sq))
+
+
+def _pair_norms(
+    left: LoraModule | None, right: LoraModule | None, expert: int | None
+) -> tuple[float, float]:
+    """(||source update||, ||candidate - source||) of one update (one expert's)."""
     if left is None or right is None:
         only = left or right
-        b, a = only.factors()
+        assert only is not None
+        b, a = only.factors(expert=expert)
         norm = update_frobenius_norm(b, a, only.scale)
-        return Difference(name, norm if left is not None else 0.0, norm)
-    b1, a1 = left.factors()
-    b2, a2 = right.factors()
+        return (norm if left is not None else 0.0), norm
+    b1, a1 = left.factors(expert=expert)
+    b2, a2 = right.factors(expert=expert)
     norm = update_frobenius_norm(b1, a1, left.scale)
     if b1.shape[0] != b2.shape[0] or a1.shape[1] != a2.shape[1]:
-        return Difference(name, norm, math.inf)
+        return norm, math.inf
     if left.scale == right.scale and torch.equal(b1, b2) and torch.equal(a1, a2):
-        return Difference(name, norm, 0.0)  # the QR route would give round-off, not zero
-    return Difference(
-        name, norm, difference_frobenius_norm(b1, a1, left.scale, b2, a2, right.scale)
-    )
+        return norm, 0.0  # the QR route would give round-off, not zero
+    return norm, difference_frobenius_norm(b1, a1, left.scale, b2, a2, right.scale)
 
 
 def _extra(module: LoraModule | None, part: str) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ def _initial(method: str, weight: torch.Tensor, module: LoraModule, where: str |
     if method == "kasa" and module.r >= min(weight.shape):
         raise FormatError(
             f"KaSA needs a rank below {min(weight.shape)}, the smaller side of the weight",
-            path=where,
+            file=where,
             module=module.path,
         )
     # OLoRA and KaSA decompose the weight as stored
@@ -55,7 +55,7 @@ def rebuild_for_original_base(adapter: Adapter, base: BaseModel) -> Adapter:
             raise FormatError(
                 f"was initialised with {method}, which loramerge rebuilds for Linear and Conv1D "
                 f"weights only; this module is {module.kind.value}",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=path,
             )
         name = stored.whole_tensor(fitted.targets[path].param)

@@ -17,6 +17,7 @@ from loramerge.adapter import Adapter, LoraModule, ModuleKind, match_pattern
 from loramerge.errors import FormatError, ShapeMismatchError
 from loramerge.model.architecture import Architecture, NoArchitecture
 from loramerge.model.folder import BaseModel, open_base
+from loramerge.model.shapes import check_full_copy
 
 WRAPPED = ".base_layer"
 _NAME_NORMAL = re.compile(r"[._]")
@@ -75,7 +76,7 @@ def fit_adapter(adapter: Adapter, base: BaseModel) -> Fitted:
         if resolved.path in modules:
             raise FormatError(
                 f"two of its modules are the base's module {resolved.path}",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=resolved.path,
             )
         modules[resolved.path] = resolved
@@ -108,7 +109,7 @@ def _find_module(path: str, architecture: Architecture, adapter: Adapter) -> str
         return hits[0]
     raise FormatError(
         f"the base model ({architecture.model_class}) has no module {path}",
-        path=adapter.source_path,
+        file=adapter.source_path,
         module=path,
         hint="is this adapter for another base model?",
     )
@@ -129,7 +130,7 @@ def _fit_module(
     shape = architecture.parameters.get(path + ".weight")
     if shape is None:
         raise FormatError(
-            f"module {path} has no weight parameter", path=adapter.source_path, module=path
+            f"module {path} has no weight parameter", file=adapter.source_path, module=path
         )
     _check_shape(module, kind, shape, adapter)
     resolved = replace(module, path=path, kind=kind)
@@ -153,7 +154,7 @@ def _kind(module: LoraModule, found: ModuleKind | None, adapter: Adapter) -> Mod
     what = found.value if found is not None else "a module type that LoRA does not adapt"
     raise FormatError(
         f"holds {module.kind.value} LoRA factors, but the base's module is {what}",
-        path=adapter.source_path,
+        file=adapter.source_path,
         module=module.path,
         hint="is this adapter for another base model?",
     )
@@ -172,13 +173,13 @@ def _check_shape(
         if any(size != 1 for size in b[2:]):
             raise ShapeMismatchError(
                 f"conv lora_B must have a 1x..x1 kernel, got {list(b)}",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=module.path,
             )
     if tuple(shape) != expected:
         raise ShapeMismatchError(
             f"the base weight is {list(shape)} but the adapter's update is {list(expected)}",
-            path=adapter.source_path,
+            file=adapter.source_path,
             module=module.path,
             hint="this adapter was trained for another base model",
         )
@@ -211,7 +212,7 @@ def _fit_parameter(
         raise FormatError(
             f"wraps a parameter of {path}, but target_parameters matches only "
             f"{len(wrapped)} parameter(s) there",
-            path=adapter.source_path,
+            file=adapter.source_path,
             module=module.path,
             hint="is this adapter for another base model?",
         )
@@ -229,7 +230,7 @@ def _fit_parameter(
     else:
         raise FormatError(
             f"wraps {param} of shape {list(shape)}; LoRA takes 2-D or 3-D parameters",
-            path=adapter.source_path,
+            file=adapter.source_path,
             module=module.path,
         )
     rows, columns = module.lora_A.shape[0], module.lora_B.shape[1]
@@ -239,7 +240,7 @@ def _fit_parameter(
             f"A {list(module.lora_A.shape)} and B {list(module.lora_B.shape)} do not fit "
             f"{param} of shape {list(shape)} ({experts} expert(s) of {out_features} x "
             f"{in_features})",
-            path=adapter.source_path,
+            file=adapter.source_path,
             module=module.path,
             hint="is this adapter for another base model?",
         )
@@ -257,7 +258,7 @@ def _check_rank(module: LoraModule, rank: int | None, adapter: Adapter) -> None:
         stack = f" ({module.experts} experts of rank {module.r})" if module.experts > 1 else ""
         raise FormatError(
             f"the config gives rank {rank} but the tensors have rank {module.r}{stack}",
-            path=adapter.source_path,
+            file=adapter.source_path,
             module=module.path,
             hint="fix r or rank_pattern in adapter_config.json",
         )
@@ -290,18 +291,22 @@ def rename_to_base(adapter: Adapter, base_ref: str | Path) -> Adapter:
     base = open_base(base_ref)
     adapter = rebuild_for_original_base(adapter, base)
     fitted = fit_adapter(adapter, base)
-    carried = [
-        *fitted.adapter.modules_to_save,
-        *fitted.adapter.saved_biases,
-        *fitted.adapter.base_tables,
-        *(module + ".weight" for module in fitted.adapter.token_rows),
-    ]
-    for name in carried:
-        if fitted.param_name(name) is None:
+    carried = {
+        **fitted.adapter.modules_to_save,
+        **fitted.adapter.saved_biases,
+        **fitted.adapter.base_tables,
+    }
+    names = [*carried, *(module + ".weight" for module in fitted.adapter.token_rows)]
+    for name in names:
+        param = fitted.param_name(name)
+        if param is None:
             raise FormatError(
                 f"the base model has no parameter {name} for the tensor the adapter carries",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=name,
                 hint="is this adapter for another base model?",
             )
+        if name in carried:
+            shape = tuple(carried[name].shape)
+            check_full_copy(param, fitted.param_shapes[param], shape, adapter.source_path, name)
     return fitted.adapter

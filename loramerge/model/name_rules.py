@@ -27,7 +27,7 @@ def weight_kind(module: LoraModule, shape: tuple[int, ...], path_hint: str) -> M
             f"the base tensor is {list(shape)} but the adapter's update is "
             f"[{out_features}, {in_features}] "
             f"(B {list(module.lora_B.shape)}, A {list(module.lora_A.shape)})",
-            path=path_hint,
+            file=path_hint,
             module=module.path,
             hint="this adapter was trained for another base model",
         )
@@ -45,13 +45,13 @@ def check_shape(module: LoraModule, shape: tuple[int, ...], path_hint: str) -> N
         if any(size != 1 for size in b[2:]):
             raise ShapeMismatchError(
                 f"conv lora_B must have a 1x..x1 kernel, got {list(b)}",
-                path=path_hint,
+                file=path_hint,
                 module=module.path,
             )
     if shape != expected:
         raise ShapeMismatchError(
             f"the base tensor is {list(shape)} but the adapter's update is {list(expected)}",
-            path=path_hint,
+            file=path_hint,
             module=module.path,
             hint="this adapter was trained for another base model",
         )
@@ -95,14 +95,14 @@ def fit_by_names(adapter: Adapter, base: BaseModel, reason: str) -> Fitted:
             raise FormatError(
                 "wraps a bare parameter (target_parameters); which parameter it is is known "
                 f"only from the base's architecture, which transformers could not give: {reason}",
-                path=where,
+                file=where,
                 module=module.path,
             )
         tensor = resolve_tensor_name(module.path + ".weight", shapes)
         if tensor is None:
             raise FormatError(
                 f"the base model has no tensor {module.path}.weight for this adapter module",
-                path=where,
+                file=where,
                 module=module.path,
                 hint="is this adapter for another base model?",
             )

@@ -59,7 +59,7 @@ def _param_for(
         return found
     raise FormatError(
         f"the base model has no parameter {name} for this {what}",
-        path=adapter.source_path,
+        file=adapter.source_path,
         module=module or name,
         hint="is this adapter for another base model?",
     )
@@ -76,7 +76,7 @@ def collect_changes(fitted: Fitted) -> ChangeSet:
         if change.update is not None:
             raise FormatError(
                 f"modules {change.update.module} and {target.module} both update {target.param}",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=target.module,
             )
         change.update = target
@@ -102,13 +102,13 @@ def collect_changes(fitted: Fitted) -> ChangeSet:
         if change.update is not None and change.replacement is not None:
             raise FormatError(
                 "is both a LoRA module and in modules_to_save",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=change.update.module,
             )
         if change.rows is not None and (change.update is not None or change.replacement):
             raise FormatError(
                 f"trains token rows of {param} and also updates it otherwise",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=change.rows,
             )
     return result

@@ -12,7 +12,7 @@ def check_bias(module: LoraModule, base_shape: tuple[int, ...], where: str | Non
         raise ShapeMismatchError(
             f"base bias is {list(base_shape)}, LoRA bias is {list(module.bias.shape)}, "
             f"the layer has {out_features[0]} outputs",
-            path=where,
+            file=where,
             module=module.path,
         )
 
@@ -24,7 +24,7 @@ def check_full_copy(
     if len(full) != len(base) or full[1:] != base[1:]:
         raise ShapeMismatchError(
             f"the base tensor {name} is {list(base)} but the adapter's copy is {list(full)}",
-            path=where,
+            file=where,
             module=key,
             hint="this adapter was trained for another base model",
         )

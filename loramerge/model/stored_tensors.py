@@ -38,7 +38,7 @@ class StoredTensors:
         except UnmappedLayout as exc:
             raise FormatError(
                 f"transformers stores {param} through {exc}, which loramerge does not map",
-                path=self.adapter.source_path,
+                file=self.adapter.source_path,
                 hint="merge an adapter that does not change this parameter",
             ) from None
 
@@ -50,7 +50,7 @@ class StoredTensors:
             if name is None:
                 raise FormatError(
                     f"the base's files have no tensor {piece.name} (parameter {param})",
-                    path=self.adapter.source_path,
+                    file=self.adapter.source_path,
                     hint="is the base folder complete, and the right model for this adapter?",
                 )
             found.append((name, piece))
@@ -66,6 +66,6 @@ class StoredTensors:
         if len(located) != 1 or not piece.is_whole(self.shape(param)):
             raise FormatError(
                 f"the base stores {param} in pieces; this needs it whole",
-                path=self.adapter.source_path,
+                file=self.adapter.source_path,
             )
         return name

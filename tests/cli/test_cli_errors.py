@@ -37,7 +37,7 @@ def test_base_folder_is_not_an_adapter(cli, tmp_path):
 def test_adapter_for_another_architecture(cli, tmp_path):
     out = tmp_path / "out"
     result = cli("merge", ADAPTERS / "gpt2-lora", "--base", BASES / "llama", "-o", out)
-    _assert_user_error(result, out, "has no tensor", "another base model")
+    _assert_user_error(result, out, "has no module", "another base model")
 
 
 def test_shape_mismatch_names_module_and_shapes(cli, tmp_path):

@@ -67,7 +67,7 @@ def test_merging_and_inspecting_give_every_tile_back(
     from loramerge.jobs.inspect import inspect_adapter
     from loramerge.model import sources
     from loramerge.model.folder import open_base
-    from loramerge.model.plan import plan_merge
+    from loramerge.model.planner import plan_merge
     from loramerge.model.stream import stream_plan
 
     pools: list[BufferPool] = []
@@ -99,7 +99,7 @@ def test_checking_and_merging_do_not_keep_the_adapter_in_memory(tmp_path):
     from loramerge.adapter_checks import check_adapter
     from loramerge.formats.registry import read_adapter
     from loramerge.model.folder import open_base
-    from loramerge.model.plan import plan_merge
+    from loramerge.model.planner import plan_merge
     from loramerge.model.stream import stream_plan
 
     adapter = read_adapter(ADAPTERS / "llama-lora")

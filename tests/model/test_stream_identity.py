@@ -12,7 +12,7 @@ def _stream(adapter_name, base_name, out, pipelined, direct=True):
     from loramerge.io.atomic import atomic_output
     from loramerge.jobs.merge import write_folder_files
     from loramerge.model.folder import open_base
-    from loramerge.model.plan import plan_merge
+    from loramerge.model.planner import plan_merge
     from loramerge.model.stream import stream_plan
 
     adapter = read_adapter(ADAPTERS / adapter_name)
