@@ -16,7 +16,7 @@ from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match
 from loramerge.errors import FormatError, opt
 from loramerge.formats.common import lazy_safetensors, require_positive, require_rank
 from loramerge.formats.components import keyed
-from loramerge.formats.kohya import READ_PREFIX, header_of
+from loramerge.formats.kohya import header_of, stamp
 from loramerge.formats.sd_names import COMPONENT_ORDER, TEXT_ENCODERS
 from loramerge.io.safetensors_writer import save_tensors
 
@@ -244,21 +244,23 @@ def _read_info(
     counts = Counter(m.component for m in modules)
     ordered = sorted(counts, key=lambda c: COMPONENT_ORDER.index(c))
     if configs:
-        scale = (
+        rule = (
             "lora_alpha / r (lora_alpha / sqrt(r) with use_rslora) from lora_adapter_metadata "
             "per component; rank_pattern / alpha_pattern by PEFT's rule"
         )
     elif any(m.alpha != m.r for m in modules):
-        scale = "alpha / r with each module's .alpha tensor (no lora_adapter_metadata)"
+        rule = "alpha / r with each module's .alpha tensor (no lora_adapter_metadata)"
     else:
-        scale = "1 (no lora_adapter_metadata and no .alpha tensors: alpha = r, as diffusers loads)"
-    return {
-        READ_PREFIX + "tool": "diffusers LoRA (save_lora_weights)",
-        READ_PREFIX + "layout": ", ".join(sorted(layouts)),
-        READ_PREFIX + "scale": scale,
-        READ_PREFIX + "components": ", ".join(f"{c} ({counts[c]})" for c in ordered),
-        READ_PREFIX + "names": "module paths as the file names them",
-    }
+        rule = "1 (no lora_adapter_metadata and no .alpha tensors: alpha = r, as diffusers loads)"
+    return stamp(
+        "diffusers (save_lora_weights)",
+        "LoRA (DoRA when magnitudes are saved), keys " + ", ".join(sorted(layouts)),
+        rule,
+        [
+            "components " + ", ".join(f"{c} ({counts[c]})" for c in ordered),
+            "module paths as the file names them",
+        ],
+    )
 
 
 # ---------------------------------------------------------------- writing

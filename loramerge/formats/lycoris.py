@@ -108,17 +108,20 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
         if with_path.magnitude is not None:
             dora.append(with_path)
     keyed = kohya.keyed_once(path, modules, names)
-    info = kohya.read_info(names, _tool(metadata), _scale_rule(algorithms))
-    info[kohya.READ_PREFIX + "algorithm"] = ", ".join(
-        f"{_ALGORITHM_NAMES[a]} ({n} modules)" for a, n in sorted(algorithms.items())
-    )
+    notes = kohya.name_notes(names)
     extra = {kohya.NAMES_KEY: kohya.names_record(names)}
     if dora:
         extra[DORA_KEY] = json.dumps([k for k, m in keyed.items() if m.magnitude is not None])
-        info[kohya.READ_PREFIX + "dora"] = (
+        notes.append(
             "LyCORIS DoRA: W' = m V / (||V||_row + eps), eps = 1.19e-7; a PEFT DoRA has no eps, "
             "so converting folds eps into m against the base model (it needs one)"
         )
+    info = kohya.stamp(
+        _tool(metadata),
+        ", ".join(f"{_ALGORITHM_NAMES[a]} ({n} modules)" for a, n in sorted(algorithms.items())),
+        _scale_rule(algorithms),
+        notes,
+    )
     plain = set(algorithms) == {"locon"} and not dora
     if plain:
         extra[kohya.LYCORIS_AS_KOHYA_KEY] = "true"
@@ -591,13 +594,13 @@ def _read_dylora(
                 module=name,
             )
         modules.append(replace(plain, alpha=_alpha(path, name, parts, plain.r) * block))
-    info = kohya.read_info(
-        names,
+    info = kohya.stamp(
         _tool(metadata),
+        f"DyLoRA (LyCORIS, block_size {block}): lora_down / lora_up",
         f"LyCORIS DyLoRA: alpha / n for n blocks of block_size {block}, i.e. alpha' / r with "
         f"alpha' = alpha * {block}; truncation to b keeps alpha'",
+        kohya.name_notes(names),
     )
-    info[kohya.READ_PREFIX + "algorithm"] = f"DyLoRA (LyCORIS, block_size {block})"
     return Adapter(
         modules=kohya.keyed_once(path, modules, names),
         base_model=metadata.get("ss_base_model_version"),
@@ -642,7 +645,8 @@ def fold_dora_epsilon(
         magnitude = module.magnitude.float().to(torch.float64) * norm / (norm + DORA_EPS)
         modules[key] = replace(module, magnitude=LazyTensor.of(magnitude.to(torch.float32)))
     metadata = {k: v for k, v in adapter.metadata.items() if k != DORA_KEY}
-    metadata[kohya.READ_PREFIX + "dora"] = "LyCORIS DoRA, eps folded into the magnitudes"
+    notes = metadata.get(kohya.READ_NOTES, "")
+    metadata[kohya.READ_NOTES] = notes + ("; " if notes else "") + "DoRA eps folded into m"
     return replace(adapter, modules=modules, metadata=metadata)
 
 
