@@ -166,12 +166,15 @@ def _module(
         )
     alpha, use_rslora = _scale(path, where, module_path, r, parts, config)
     magnitude = parts.get("magnitude")
-    if magnitude is not None and math.prod(magnitude.shape) != lora_b.shape[0]:
-        raise FormatError(
-            f"DoRA magnitude {list(magnitude.shape)} is not one value per output",
-            file=path,
-            module=where,
-        )
+    if magnitude is not None:
+        out_features = lora_b.shape[0]
+        if math.prod(magnitude.shape) != out_features or max(magnitude.shape) != out_features:
+            raise FormatError(
+                f"DoRA magnitude {list(magnitude.shape)} is not one value per output",
+                file=path,
+                module=where,
+            )
+        magnitude = _flat(magnitude, out_features)
     bias = parts.get("bias")
     if bias is not None and bias.shape != (lora_b.shape[0],):
         raise FormatError(f"lora_B bias {list(bias.shape)} is not (out,)", file=path, module=where)
@@ -186,6 +189,13 @@ def _module(
         bias=bias,
         component=component,
     )
+
+
+def _flat(tensor: LazyTensor, size: int) -> LazyTensor:
+    """PEFT stores a conv's DoRA magnitude as (1, out, 1, 1): the model keeps it as (out,)."""
+    if tensor.shape == (size,):
+        return tensor
+    return LazyTensor((size,), tensor.dtype, lambda: tensor.read().reshape(size))
 
 
 def _scale(
@@ -307,6 +317,15 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def _peft_magnitude(module: LoraModule) -> Any:
+    """A DoRA magnitude as PEFT stores it: (out,) for Linear, (1, out, 1, ...) for convs."""
+    magnitude = module.magnitude.load().reshape(-1)
+    if module.kind is ModuleKind.CONV:
+        ones = (1,) * (len(module.lora_A.shape) - 2)
+        magnitude = magnitude.reshape(1, -1, *ones)
+    return magnitude.contiguous()
+
+
 def write(adapter: Adapter, folder: Path) -> None:
     """`<folder>/pytorch_lora_weights.safetensors` in PEFT's key layout (one layout per file:
     diffusers 0.42 reads the layout of the first key only) with `lora_adapter_metadata`."""
@@ -344,7 +363,9 @@ def write(adapter: Adapter, folder: Path) -> None:
             tensors[f"{stem}.lora_A.weight"] = module.lora_A.load().contiguous()
             tensors[f"{stem}.lora_B.weight"] = module.lora_B.load().contiguous()
             if module.magnitude is not None:
-                tensors[f"{stem}.lora_magnitude_vector"] = module.magnitude.load().contiguous()
+                # with `.weight`: diffusers 0.42 + transformers 5 load text encoders through
+                # transformers' own key mapping, which drops a bare lora_magnitude_vector
+                tensors[f"{stem}.lora_magnitude_vector.weight"] = _peft_magnitude(module)
             if module.bias is not None:
                 tensors[f"{stem}.lora_B.bias"] = module.bias.load().contiguous()
     metadata = {
