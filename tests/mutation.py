@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mutation.name}: {len(failed)} failed, {len(caught)} oracle ({elapsed:.0f} s)",
                 flush=True,
             )
+            if args.verbose:
+                for name in failed:
+                    print(f"    {'oracle' if name in caught else 'other '}  {name}", flush=True)
         print()
         print("| planted bug | file | tests failed | oracle tests failed | e.g. |")
         print("| --- | --- | --- | --- | --- |")
