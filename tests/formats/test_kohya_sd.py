@@ -30,6 +30,7 @@ KOHYA_SD = FIXTURES / "kohya-sd"
 FILES = ["sd1-lora", "sd1-dylora", "sdxl-te1te2-lora"]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", FILES)
 def test_every_module_equals_the_sd_scripts_forward(name):
     path = KOHYA_SD / f"{name}.safetensors"

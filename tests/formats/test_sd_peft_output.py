@@ -95,6 +95,7 @@ def _peft_outputs(folder, component: str, source) -> float:
     ],
     ids=lambda p: p.stem,
 )
+@pytest.mark.oracle
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
 def test_peft_loads_each_component_and_gives_the_tools_outputs(tmp_path, source, component):
     out = tmp_path / component

@@ -31,7 +31,7 @@ from loramerge.formats import lycoris
 from loramerge.formats.registry import read_adapter
 from loramerge.jobs.convert import convert_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 TESTS = Path(__file__).resolve().parents[1]
 
 
