@@ -35,10 +35,12 @@ def convert_adapter(
     which model a one-model adapter is for (diffusers files name it). Modules with no low-rank
     form (see formats/derived_factors) are refused. Returns `out`, `format`, `modules`, and
     what the engine profile reported (see write_adapter)."""
-    output = choose_output(to, engine, base, default=None)
-    inputs = [Path(source)]
+    config = model_config(base) if base is not None else None
+    # a pipeline folder has no config of its own for engine profiles and GGUF to read
+    output = choose_output(to, engine, base if config is not None else None, default=None)
+    inputs = [Path(source)] + ([Path(base)] if base is not None and config is None else [])
     check_adapter_output(out, output, inputs, force)
-    options = ReadOptions(base_config=model_config(base) if base is not None else None)
+    options = ReadOptions(base_config=config)
     adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
     adapter = for_component(adapter, component)
     refuse_merge_only(adapter)

@@ -17,7 +17,7 @@ from loramerge.errors import opt
 from loramerge.formats.components import components, for_component, select
 from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.formats.dylora import is_dylora, unit_of
-from loramerge.formats.kohya import READ_PREFIX
+from loramerge.formats.kohya import READ_ALGORITHM, READ_NOTES, READ_PREFIX, READ_RULE, READ_TOOL
 from loramerge.formats.registry import ReadOptions
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.jobs.merge import rounding_warning
@@ -63,11 +63,11 @@ class AdapterReport:
     dtypes: list[str]
     parameter_count: int
     modules_to_save: list[str]
-    # what the reader read: tool, algorithm, scale rule, components, names (Adapter.metadata)
-    read: dict[str, str] = field(default_factory=dict)
     modules: list[ModuleReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dylora_ranks: list[RankSize] = field(default_factory=list)  # DyLoRA: update size per rank b
+    # what the reader read: tool, algorithm, scale rule and notes (loramerge.read.* metadata)
+    read_as: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,10 +130,10 @@ def inspect_adapter(
         dtypes=sorted({m.dtype for m in modules}),
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
-        read={
+        read_as={
             k.removeprefix(READ_PREFIX): v
             for k, v in adapter.metadata.items()
-            if k.startswith(READ_PREFIX)
+            if k in (READ_TOOL, READ_ALGORITHM, READ_RULE, READ_NOTES)
         },
         modules=modules,
     )
