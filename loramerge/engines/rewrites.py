@@ -53,21 +53,22 @@ def refuse_dora_and_bias(adapter: Adapter, engine: str) -> None:
 
 def refuse_peft_only(adapter: Adapter, engine: str) -> None:
     """What only PEFT itself loads: LoRA on bare parameters (MoE experts, routers), trained
-    token rows and biases, activated LoRA, replicated layers, and factors that apply to a
-    residual base PEFT rebuilds at load time."""
+    token rows and biases, adapters no merged weight computes (aLoRA, replicated layers, ...),
+    and factors that apply to a residual base PEFT rebuilds at load time."""
     modules = adapter.modules.values()
     wrapped = [m.path for m in modules if m.kind is ModuleKind.PARAMETER]
     refuse(adapter, engine, "LoRA on bare parameters (target_parameters)", wrapped, MERGE_HINT)
     refuse(adapter, engine, "trained token rows", list(adapter.token_rows), MERGE_HINT)
     biases = list(adapter.saved_biases)
     refuse(adapter, engine, "trained base biases (bias=all/lora_only)", biases, MERGE_HINT)
-    config = adapter.source_config
-    for field, what in (
-        ("alora_invocation_tokens", "an activated LoRA (alora_invocation_tokens)"),
-        ("layer_replication", "layer_replication"),
-    ):
-        if config.get(field):
-            refuse(adapter, engine, what, [field], "keep it for PEFT (--engine peft)")
+    if adapter.merge_refusal is not None:
+        # what no merged weight computes, no engine computing W x + s B A x serves either
+        raise OptionError(
+            f"{engine} cannot serve this adapter: {adapter.merge_refusal}",
+            file=adapter.source_path,
+            option="engine",
+            hint=f"keep it for PEFT ({opt('engine')} peft)",
+        )
     if adapter.base_init is not None:
         refuse(
             adapter,

@@ -302,7 +302,11 @@ def state_dict_for(adapter: Adapter) -> dict[str, Any]:
             tensors[f"{stem}.lora_A.weight"] = module.lora_A.load()
             tensors[f"{stem}.lora_B.weight"] = module.lora_B.load()
         if module.magnitude is not None:
-            tensors[f"{stem}.lora_magnitude_vector"] = module.magnitude.load()
+            magnitude = module.magnitude.load()
+            if module.kind is ModuleKind.CONV:  # PEFT keeps a conv's as (1, out, 1, ...)
+                spatial = len(module.lora_A.shape) - 2
+                magnitude = magnitude.reshape(1, -1, *([1] * spatial))
+            tensors[f"{stem}.lora_magnitude_vector"] = magnitude
         if module.bias is not None:
             tensors[f"{stem}.lora_B.bias"] = module.bias.load()
         if adapter.base_init == KASA:

@@ -64,14 +64,39 @@ class BaseModel:
         return architecture_of(self.config)
 
     def read_tensor(self, name: str) -> torch.Tensor | None:
-        """The base tensor `name` refers to (matched the way merges match names), or None."""
+        """The base tensor `name` refers to, or None: an in-memory parameter name the
+        architecture maps to the files (a tied head to the tensor it shares), else matched the
+        way name-based merges match names."""
         located = self.locate()
-        found = resolve_tensor_name(name, located)
+        found = self._stored_name(name, located) or resolve_tensor_name(name, located)
         if found is None:
             return None
         shard, _ = located[found]
         with SafetensorsReader(self.shard_path(shard)) as reader:
             return reader.read(found)
+
+    def _stored_name(self, name: str, located: dict[str, Any]) -> str | None:
+        from loramerge.model.architecture import Architecture
+        from loramerge.model.stored_layout import UnmappedLayout
+
+        architecture = self.architecture()
+        if not isinstance(architecture, Architecture):
+            return None
+        param = architecture.tied.get(name, name)
+        if param not in architecture.parameters:
+            return None
+        try:
+            pieces = architecture.stored_pieces(param)
+        except UnmappedLayout:  # a conversion loramerge does not map: no stored name to give
+            return None
+        if len(pieces) != 1 or not pieces[0].is_whole(architecture.parameters[param]):
+            return None
+        stored = pieces[0].name
+        prefix = architecture.base_model_prefix + "."
+        for candidate in (stored, stored.removeprefix(prefix), prefix + stored):
+            if candidate in located:
+                return candidate
+        return None
 
     def extra_files(self) -> list[Path]:
         """Config, tokenizer, generation and other small top-level files to copy."""

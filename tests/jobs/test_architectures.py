@@ -266,6 +266,7 @@ def _convert(cli, suite, tmp_path, case, kind, *extra):
     if result.exit_code != 0:
         _check_refusal(case, kind, result, case.convert)
         return
+    assert case.convert != "refuse", f"{case.id}: convert must be refused but exited 0"
     ref = suite.reference(case)
     try:
         got = suite.peft_forward(case, out)
@@ -304,3 +305,14 @@ def test_suite_covers_the_matrix():
     for key in KNOWN:
         assert key[0] in {c.id for c in CASES}, f"KNOWN names an unknown case {key}"
         assert KNOWN[key].startswith((SILENT, REFUSED)), key
+
+
+def test_the_docs_table_is_what_the_suite_asserts(suite):
+    """docs/what-merges.md lists every option with the outcomes this suite asserts and the
+    engine profiles' own answers (rewrite it with python tests/support_table.py)."""
+    import support_table
+
+    written = support_table.block(support_table.PAGE.read_text())
+    assert written == support_table.table(suite.adapter, lambda case: suite.base(case.arch)), (
+        "docs/what-merges.md is out of date: run python tests/support_table.py"
+    )
