@@ -225,7 +225,7 @@ def reslora() -> None:
                 f"| {kind} | {label} | {check['loss_reslora']:.4f} | {check['loss_plain']:.4f} "
                 f"| {check['loss_difference']:+.3g} | {check['max_logit_difference']:.3g} |"
             )
-        print(f"keys of the check: {sorted(check)}")
+        print(f"{check['tokens']} predicted tokens; base loss {check['loss_base']:.4f}")
 
 
 def outputs() -> None:
