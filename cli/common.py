@@ -65,7 +65,9 @@ AllowNonfinite = Annotated[
 DyloraAlpha = Annotated[
     float | None,
     typer.Option(
-        "--alpha", help="Training lora_alpha of an official DyLoRA checkpoint (it stores none)."
+        "--alpha",
+        help="Training lora_alpha of an input that stores none: an official DyLoRA checkpoint "
+        "or torchtune's adapter_model.pt.",
     ),
 ]
 # The names are those of loramerge.engines.profiles.ENGINES (not imported here: it loads torch);

@@ -10,11 +10,13 @@ from loramerge_cli.common import (
     AllowNonfinite,
     BaseOption,
     Debug,
+    DyloraAlpha,
     Engine,
     Force,
     InputFormatOption,
     JsonOutput,
     Quiet,
+    note,
     print_engine_report,
     print_json,
     stdout,
@@ -31,10 +33,26 @@ def convert(
         str | None,
         typer.Option(
             "--to",
-            help="Output format: peft, kohya or gguf (llama.cpp; needs --base). Default: the "
-            "engine's format with --engine, else required.",
+            help="Output format: peft, kohya, mlx-lm or gguf (llama.cpp; needs --base). "
+            "Default: the engine's format with --engine, else required.",
         ),
     ] = None,
+    max_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--max-rank",
+            help="Reduce modules above this rank to it (QR-core SVD); with --energy, a cap.",
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy",
+            help="Give each module the smallest rank keeping this share of its update's "
+            "energy, e.g. 0.99.",
+        ),
+    ] = None,
+    alpha: DyloraAlpha = None,
     engine: Engine = None,
     base: BaseOption = None,
     fmt: InputFormatOption = None,
@@ -44,7 +62,11 @@ def convert(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Rewrite ADAPTER as a PEFT folder or a kohya file, module for module.
+    """Rewrite ADAPTER as a PEFT folder, a kohya file, an mlx-lm folder or a GGUF file.
+
+    Adapters of other tuners (PEFT AdaLoRA, LoHa, LoKr, VeRA, MiSS, DeLoRA) are written in
+    their exact LoRA form; --max-rank / --energy reduce ranks that come out large and report
+    the energy kept.
 
     With --base, module names are matched against the base model's tensors exactly (kohya
     names lose their dots; without a base they are reconstructed from common layer names).
@@ -57,13 +79,15 @@ def convert(
     Example: loramerge convert ADAPTER --engine vllm -o for-vllm
 
     Example: loramerge convert ADAPTER --to gguf --base BASE -o adapter.gguf
+
+    Example: loramerge convert fixtures/peft-tuners/loha --to peft -o loha-as-lora --max-rank 8
     """
     with user_errors(debug):
         from loramerge.errors import OptionError
         from loramerge.jobs.convert import convert_adapter
 
         if to is None and engine is None:
-            raise OptionError("pass --to (peft, kohya or gguf) or --engine")
+            raise OptionError("pass --to (peft, kohya, mlx-lm or gguf) or --engine")
         if to is None:
             from loramerge.engines.profiles import engine_profile
 
@@ -77,9 +101,48 @@ def convert(
             force=force,
             allow_nonfinite=allow_nonfinite,
             engine=engine,
+            alpha=alpha,
+            max_rank=max_rank,
+            energy=energy,
         )
         if json_output:
             print_json(result)
             return
         stdout.print(f"wrote {result['out']} ({result['format']}, {result['modules']} modules)")
+        _print_ranks(result, quiet)
         print_engine_report(result, quiet)
+
+
+def _print_ranks(result: dict, quiet: bool) -> None:
+    """What the reader read, the ranks it produced, and what a reduction kept."""
+    read_as = result.get("read_as") or {}
+    if read_as.get("notes"):
+        note(f"{result['source_format']}: {read_as['notes']}", quiet)
+    ranks = result.get("ranks_read") or []
+    rows = result.get("reduction")
+    if rows is None:
+        if result.get("full_rank_modules"):
+            full = result["full_rank_modules"]
+            note(
+                f"{len(full)} modules have an exact rank as large as their matrix (e.g. "
+                f"{full[0]}): --max-rank or --energy reduce them, at a stated error",
+                quiet,
+            )
+        if ranks and result.get("source_format") not in ("peft", "kohya"):
+            stdout.print(f"ranks: {_span(ranks)} (exact)")
+        return
+    reduced = [r for r in rows if r["rank_after"] < r["rank_before"]]
+    after = sorted({r["rank_after"] for r in rows})
+    if not reduced:
+        stdout.print(f"ranks: {_span(ranks)}, none reduced")
+        return
+    worst = min(reduced, key=lambda r: r["energy_kept"])
+    stdout.print(
+        f"ranks: {_span(ranks)} read, {_span(after)} written; {len(reduced)} modules reduced, "
+        f"energy kept >= {worst['energy_kept']:.6f} (relative error <= "
+        f"{max(r['relative_error'] for r in reduced):.3g}, {worst['module']})"
+    )
+
+
+def _span(values: list[int]) -> str:
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}-{values[-1]}"

@@ -43,7 +43,7 @@ def inspect(
         from loramerge.formats.registry import ReadOptions, read_adapter
         from loramerge.jobs.inspect import inspect_adapter
 
-        adapter = read_adapter(path, fmt, ReadOptions(alpha=alpha))
+        adapter = read_adapter(path, fmt, ReadOptions(alpha=alpha, base=base))
         check_adapter(adapter)
         report = inspect_adapter(adapter, base)
         if json_output:
@@ -61,6 +61,7 @@ def _render(report, with_base: bool) -> None:
     for key, value in (
         ("path", report.path),
         ("format", report.format),
+        *((f"read as: {key}", value) for key, value in report.read_as.items()),
         ("base model", report.base_model or "unknown"),
         ("modules", report.module_count),
         ("ranks", ", ".join(map(str, report.ranks))),

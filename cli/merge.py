@@ -10,6 +10,7 @@ import typer
 from loramerge_cli.common import (
     AllowNonfinite,
     Debug,
+    DyloraAlpha,
     Force,
     InputFormatOption,
     JsonOutput,
@@ -37,6 +38,7 @@ def merge(
     dtype: OutDtype = None,
     max_shard_size: MaxShardSize = None,
     fmt: InputFormatOption = None,
+    alpha: DyloraAlpha = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would be written and write nothing.")
     ] = False,
@@ -55,12 +57,13 @@ def merge(
     """
     with user_errors(debug):
         from loramerge.adapter_checks import check_adapter
-        from loramerge.formats.registry import read_adapter
+        from loramerge.formats.registry import ReadOptions, check_user_alpha, read_adapter
         from loramerge.jobs.merge import dtype_code_of, merge_adapter, preview_merge
 
         shard_bytes = parse_size(max_shard_size)
         dtype_code_of(dtype)
-        loaded = read_adapter(adapter, fmt)
+        loaded = read_adapter(adapter, fmt, ReadOptions(alpha=alpha, base=base))
+        check_user_alpha(loaded, alpha, adapter)
         check_adapter(loaded, allow_nonfinite)
         dtype_name = dtype
         if dry_run:

@@ -33,7 +33,8 @@ def sniff(path: Path) -> bool:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return True  # claim it, so that the reader reports the broken config
-    return isinstance(data, dict) and str(data.get("peft_type", "LORA")).upper() == "LORA"
+    # any peft_type (tuners other than LoRA go to peft_tuners); no peft_type: not mlx-lm's
+    return isinstance(data, dict) and ("peft_type" in data or "lora_parameters" not in data)
 
 
 def weights_file(folder: Path) -> Path:
@@ -51,10 +52,10 @@ def read(folder: Path) -> Adapter:
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise FormatError(
-            f"peft_type is {peft_type}; loramerge reads LoRA adapters", path=config_path
-        )
+    if peft_type != "LORA":  # other tuners: their exact LoRA form, or refused naming peft_type
+        from loramerge.formats import peft_tuners
+
+        return peft_tuners.read(folder, config, peft_type)
     config_r = require_rank(config.get("r", 8), "r", config_path)
     config_alpha = require_positive(config.get("lora_alpha", 8), "lora_alpha", config_path)
     rank_pattern = _pattern(config, "rank_pattern", config_path)

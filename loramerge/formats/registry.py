@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loramerge.adapter import Adapter
 from loramerge.errors import OptionError, UnknownFormatError
-from loramerge.formats import dylora, gguf, kohya, peft
+from loramerge.formats import dylora, gguf, kohya, peft, peft_tuners
 from loramerge.io.safetensors_header import read_header
 
 
@@ -18,6 +18,9 @@ class ReadOptions:
     """Facts a format cannot carry itself, supplied by the user."""
 
     alpha: float | None = None
+    # the base model (folder or hub id), for formats that leave sizes or head counts to it
+    # (PEFT VeRA and MiSS input sizes, torchtune's q/k head counts)
+    base: str | Path | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,20 @@ OUTPUT_FORMATS: list[OutputFormat] = [
         "gguf", "llama.cpp LoRA GGUF file (needs --base)", False, gguf.write, True, "llama.cpp"
     ),
 ]
+
+
+# source formats that store no alpha, so --alpha supplies it
+USER_ALPHA_FORMATS = ("dylora", "torchtune")
+
+
+def check_user_alpha(adapter: Adapter, alpha: float | None, source: str | Path) -> None:
+    """Refuse --alpha for an input that stores its own alpha."""
+    if alpha is not None and adapter.source_format not in USER_ALPHA_FORMATS:
+        raise OptionError(
+            f"--alpha is for official DyLoRA checkpoints and torchtune's adapter_model.pt, "
+            f"which store none; this {adapter.source_format} input stores its own",
+            path=source,
+        )
 
 
 def input_format(name: str) -> InputFormat:
@@ -131,4 +148,6 @@ def read_adapter(
     if not path.exists():
         raise UnknownFormatError("does not exist", path=path, hint="check the path")
     entry = input_format(fmt) if fmt else detect(path)
-    return entry.read(path, options or ReadOptions())
+    options = options or ReadOptions()
+    with peft_tuners.reading_base(options.base):
+        return entry.read(path, options)

@@ -11,6 +11,7 @@ import torch
 
 from loramerge.adapter import Adapter
 from loramerge.formats.dylora import is_dylora, unit_of
+from loramerge.formats.provenance import read_as
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, plan_merge
@@ -52,6 +53,8 @@ class AdapterReport:
     modules: list[ModuleReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dylora_ranks: list[RankSize] = field(default_factory=list)  # DyLoRA: update size per rank b
+    # what the reader read: tool, algorithm, scale rule (and notes), formats/provenance.py
+    read_as: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +88,7 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
         modules=modules,
+        read_as=read_as(adapter),
     )
     if is_dylora(adapter):
         report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))

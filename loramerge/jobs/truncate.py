@@ -12,7 +12,7 @@ from loramerge.adapter import Adapter
 from loramerge.adapter_checks import check_adapter
 from loramerge.errors import OptionError
 from loramerge.formats import dylora
-from loramerge.formats.registry import ReadOptions, output_format, read_adapter
+from loramerge.formats.registry import ReadOptions, check_user_alpha, output_format, read_adapter
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.jobs.adapter_output import write_adapter
 from loramerge.model.stream import Progress
@@ -112,13 +112,8 @@ def truncate_adapter(
         if merge:
             raise OptionError("--engine rewrites an adapter; with --merge the output is a model")
         to = to or engine_profile(engine).formats[0]
-    adapter = read_adapter(source, fmt, ReadOptions(alpha=alpha))
-    if alpha is not None and adapter.source_format != dylora.OFFICIAL:
-        raise OptionError(
-            f"--alpha is for official DyLoRA checkpoints, which store none; this "
-            f"{adapter.source_format} input stores its own",
-            path=source,
-        )
+    adapter = read_adapter(source, fmt, ReadOptions(alpha=alpha, base=base))
+    check_user_alpha(adapter, alpha, source)
     check_adapter(adapter, allow_nonfinite)
     chosen = resolve_method(adapter, method, energy)
     if base is not None and not merge:
