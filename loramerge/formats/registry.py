@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loramerge.adapter import Adapter
 from loramerge.errors import OptionError, UnknownFormatError
-from loramerge.formats import dylora, gguf, kohya, peft, peft_tuners
+from loramerge.formats import dylora, gguf, kohya, mlx_lm, peft, peft_tuners, torchtune
 from loramerge.io.safetensors_header import read_header
 
 
@@ -47,7 +47,19 @@ INPUT_FORMATS: list[InputFormat] = [
         "peft", "PEFT adapter folder (adapter_config.json)", peft.sniff, lambda p, o: peft.read(p)
     ),
     InputFormat(
+        "mlx-lm",
+        "mlx-lm adapter folder (adapters.safetensors, lora_parameters)",
+        mlx_lm.sniff,
+        lambda p, o: mlx_lm.read(p),
+    ),
+    InputFormat(
         "kohya", "kohya / sd-scripts LoRA .safetensors", kohya.sniff, lambda p, o: kohya.read(p)
+    ),
+    InputFormat(
+        "torchtune",
+        "torchtune native adapter_model.pt (needs lora_alpha)",
+        torchtune.sniff,
+        torchtune.read,
     ),
     InputFormat("dylora", "DyLoRA official (loralib)", dylora.sniff_official, dylora.read_official),
     InputFormat("kohya-dylora", "kohya DyLoRA .safetensors", dylora.sniff_kohya, dylora.read_kohya),
@@ -57,6 +69,7 @@ INPUT_FORMATS: list[InputFormat] = [
 OUTPUT_FORMATS: list[OutputFormat] = [
     OutputFormat("peft", "PEFT adapter folder", True, peft.write),
     OutputFormat("kohya", "kohya .safetensors file", False, kohya.write),
+    OutputFormat("mlx-lm", "mlx-lm adapter folder", True, mlx_lm.write),
     OutputFormat(
         "gguf", "llama.cpp LoRA GGUF file (needs --base)", False, gguf.write, True, "llama.cpp"
     ),
