@@ -38,9 +38,9 @@ from loramerge.formats.common import lazy_weights, require_positive, require_ran
 from loramerge.formats.derived import derived, derived_pair
 from loramerge.ops.lowrank import qr_core, reduce_core
 from loramerge.ops.lowrank_forms import (
+    exact_factors,
     face_splitting,
     kron,
-    matrix_factors,
     minimal_factors,
     precision_rtol,
 )
@@ -605,7 +605,8 @@ def _lokr_side(
 
         def of_full() -> tuple[torch.Tensor, torch.Tensor]:
             rtol = precision_rtol(full.dtype, min(rows, cols))
-            return matrix_factors(full.read(), rtol=rtol)
+            b, a = exact_factors(full.read(), rtol=rtol)
+            return (b, a) if bool(b.any()) else (b[:, :0], a[:0])  # a zero side: rank 0
 
         return of_full, None
     if full is None and fa is not None and fb is not None:

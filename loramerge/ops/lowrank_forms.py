@@ -1,12 +1,5 @@
-"""Exact plain-LoRA forms of structured updates: Hadamard products (LoHa), Kronecker products
-(LoKr), and the minimal exact factors of a low-rank product or a full matrix.
-
-Notation as in ops/lowrank.py: a LoRA pair is B (out x r) and A (r x in) with update B @ A.
-Every function here is exact in exact arithmetic; the only rounding is that of the compute
-dtype (float64 by default), and `minimal_factors` / `matrix_factors` drop singular values below
-the numerical-rank threshold of `rank_choice.numerical_rank`, i.e. round-off of the stored
-values, never an energy that matters.
-"""
+"""Exact plain-LoRA forms of structured updates: Hadamard (LoHa), Kronecker (LoKr), Tucker cores
+and dense matrices, as factors B (out x k) and A (k x in) with B @ A equal to the update."""
 
 from __future__ import annotations
 
@@ -16,114 +9,138 @@ from loramerge.errors import ShapeMismatchError
 from loramerge.ops.lowrank import qr_core, reduce_core
 from loramerge.ops.rank_choice import numerical_rank
 
+# Every function here is pure: tensors in, tensors out, no paths or modules. Products of two
+# float32 (or lower precision) numbers are exact in float64, so the factors built from products
+# (Khatri-Rao, Kronecker) are computed in float64 and rounded once by the caller if it wants.
+
+
+def hadamard_factors(
+    b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A = (b1 @ a1) * (b2 @ a2) (elementwise), exactly.
+
+    b1 (out x r1), a1 (r1 x in), b2 (out x r2), a2 (r2 x in). Row o of B is the Kronecker
+    product of row o of b1 and row o of b2 (the face-splitting product), column i of A that of
+    column i of a1 and column i of a2 (the Khatri-Rao product): B is (out x r1*r2) and A is
+    (r1*r2 x in), since sum_{p,q} b1[o,p] b2[o,q] a1[p,i] a2[q,i] = (b1 a1)[o,i] (b2 a2)[o,i].
+    Returned in float64.
+    """
+    _check_pair(b1, a1, "first")
+    _check_pair(b2, a2, "second")
+    if b1.shape[0] != b2.shape[0] or a1.shape[1] != a2.shape[1]:
+        raise ShapeMismatchError(
+            f"Hadamard factors make updates of different shapes: "
+            f"({b1.shape[0]} x {a1.shape[1]}) and ({b2.shape[0]} x {a2.shape[1]})"
+        )
+    b1, a1, b2, a2 = (t.to(torch.float64) for t in (b1, a1, b2, a2))
+    out, inp = b1.shape[0], a1.shape[1]
+    b = (b1[:, :, None] * b2[:, None, :]).reshape(out, -1)
+    a = (a1[:, None, :] * a2[None, :, :]).reshape(-1, inp)
+    return b, a
+
+
+def kronecker_factors(
+    b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A = kron(b1 @ a1, b2 @ a2), exactly (the mixed-product property).
+
+    b1 (m x r1), a1 (r1 x n), b2 (p x r2), a2 (r2 x q): B = kron(b1, b2) is (m*p x r1*r2) and
+    A = kron(a1, a2) is (r1*r2 x n*q). Returned in float64.
+    """
+    _check_pair(b1, a1, "first")
+    _check_pair(b2, a2, "second")
+    b1, a1, b2, a2 = (t.to(torch.float64) for t in (b1, a1, b2, a2))
+    return kron(b1, b2), kron(a1, a2)
+
+
+def kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Kronecker product of two matrices, (m x n) and (p x q) giving (m*p x n*q) with
+    result[i*p + k, j*q + l] = left[i, j] * right[k, l]. Unlike torch.kron (2.13), it accepts
+    views of any strides, such as slices of SVD factors."""
+    m, n = left.shape
+    p, q = right.shape
+    return (left[:, None, :, None] * right[None, :, None, :]).reshape(m * p, n * q)
+
 
 def face_splitting(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Row-wise Kronecker product: row i of the result is kron(left[i], right[i]).
-
-    left (n x p) and right (n x q) give (n x p*q). This is the face-splitting product; its
-    transpose applied to columns is the Khatri-Rao product.
+    """Row-wise Kronecker product: left (n x p) and right (n x q) give (n x p*q) whose row i is
+    kron(left[i], right[i]); B of `hadamard_factors` alone (A is face_splitting(a1.T, a2.T).T).
     """
     if left.ndim != 2 or right.ndim != 2 or left.shape[0] != right.shape[0]:
         raise ShapeMismatchError(
             f"face-splitting needs two matrices with the same number of rows, got "
             f"{tuple(left.shape)} and {tuple(right.shape)}"
         )
-    rows = left.shape[0]
-    return (left[:, :, None] * right[:, None, :]).reshape(rows, -1)
+    return (left[:, :, None] * right[:, None, :]).reshape(left.shape[0], -1)
 
 
-def hadamard_factors(
-    b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B1 @ A1) * (B2 @ A2) (elementwise) as one LoRA pair of rank r1 * r2, exactly.
+def tucker_down(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The core contracted with a down projection: out[a, i, *k] = sum_b core[a, b, *k] down[b, i].
 
-    (B1 A1)[i, j] (B2 A2)[i, j] = sum_{p, q} B1[i, p] B2[i, q] A1[p, j] A2[q, j], so
-    B = face_splitting(B1, B2) (out x r1 r2) and A = face_splitting(A1^T, A2^T)^T (r1 r2 x in).
+    core (r1, r2, *kernel), down (r2, in): returns (r1, in, *kernel) in float64. With an up
+    projection U (out x r1), U @ out.reshape(r1, -1) is the Tucker-2 update sum_{a,b}
+    U[o, a] core[a, b, *k] down[b, i] as a conv LoRA of rank r1.
     """
-    _check_pair(b1, a1)
-    _check_pair(b2, a2)
-    if b1.shape[0] != b2.shape[0] or a1.shape[1] != a2.shape[1]:
+    if core.ndim < 2 or down.ndim != 2 or core.shape[1] != down.shape[0]:
         raise ShapeMismatchError(
-            f"Hadamard factors of different shapes: ({b1.shape[0]} x {a1.shape[1]}) and "
-            f"({b2.shape[0]} x {a2.shape[1]})"
+            f"a Tucker core {tuple(core.shape)} does not meet a down projection "
+            f"{tuple(down.shape)} (its second axis must equal the projection's rows)"
         )
-    return face_splitting(b1, b2), face_splitting(a1.T, a2.T).T
+    core, down = core.to(torch.float64), down.to(torch.float64)
+    kernel = core.shape[2:]
+    flat = core.reshape(core.shape[0], core.shape[1], -1)  # (r1, r2, K)
+    result = torch.einsum("abk,bi->aik", flat, down)
+    return result.reshape(core.shape[0], down.shape[1], *kernel)
 
 
-def kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Kronecker product of two matrices: (m x n) and (p x q) give (m p x n q) with
-    result[i p + k, j q + l] = left[i, j] right[k, l] (any strides)."""
-    m, n = left.shape
-    p, q = right.shape
-    return (left[:, None, :, None] * right[None, :, None, :]).reshape(m * p, n * q)
-
-
-def kronecker_factors(
-    b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor
+def exact_factors(
+    matrix: torch.Tensor, rtol: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """kron(B1 @ A1, B2 @ A2) as one LoRA pair of rank r1 * r2, exactly (mixed-product rule:
-    kron(B1 A1, B2 A2) = kron(B1, B2) @ kron(A1, A2)). B1 A1 is (a x c), B2 A2 is (b x d);
-    the result is (a b x c d)."""
-    _check_pair(b1, a1)
-    _check_pair(b2, a2)
-    return kron(b1, b2), kron(a1, a2)
+    """(B, A) with B @ A = matrix and k = its numerical rank (see rank_choice.numerical_rank).
+
+    matrix (m x n), any floating dtype; B = U_k S_k (m x k), A = V_k^T (k x n), float64. The
+    singular values dropped are below rtol * S_0, i.e. round-off of a matrix of rank k. A zero
+    matrix gives k = 1 with zero factors (a LoRA has at least one rank).
+    """
+    if matrix.ndim != 2:
+        raise ShapeMismatchError(f"expected a matrix, got shape {tuple(matrix.shape)}")
+    u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    k = max(numerical_rank(s, rtol), 1)
+    return u[:, :k] * s[:k], vh[:k]
+
+
+def _check_pair(b: torch.Tensor, a: torch.Tensor, which: str) -> None:
+    if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
+        raise ShapeMismatchError(
+            f"the {which} factor pair is not (out x r) and (r x in): "
+            f"{tuple(b.shape)} and {tuple(a.shape)}"
+        )
 
 
 def minimal_factors(
-    b: torch.Tensor,
-    a: torch.Tensor,
-    *,
-    rtol: float | None = None,
-    compute_dtype: torch.dtype = torch.float64,
+    b: torch.Tensor, a: torch.Tensor, rtol: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """B @ A refactored at its numerical rank k: B' (out x k), A' (k x in), B' A' = B A.
+    """(B', A') with B' @ A' = b @ a at its numerical rank k, via the QR core (the out x in
+    product is never formed); singular values split as sqrt(S) on both sides, float64.
 
-    Via the QR core (never the out x in product); the singular values are split as sqrt(S) on
-    both sides. k may be 0 (a zero product): then B' is (out x 0) and A' is (0 x in). Results
-    are in `compute_dtype`.
+    b (out x r), a (r x in). Unlike `exact_factors`, k may be 0: a zero product gives
+    (out x 0) and (0 x in), so that a caller can tell an update that changes nothing.
     """
-    _check_pair(b, a)
-    core = qr_core(b, a, compute_dtype=compute_dtype)
+    _check_pair(b, a, "only")
+    core = qr_core(b, a)
     k = numerical_rank(core.singular_values(), rtol)
     if k == 0:
-        return b.new_zeros(b.shape[0], 0, dtype=compute_dtype), a.new_zeros(
-            0, a.shape[1], dtype=compute_dtype
+        return b.new_zeros(b.shape[0], 0, dtype=torch.float64), a.new_zeros(
+            0, a.shape[1], dtype=torch.float64
         )
-    reduced = reduce_core(core, k, dtype=compute_dtype)
+    reduced = reduce_core(core, k, dtype=torch.float64)
     return reduced.B, reduced.A
-
-
-def matrix_factors(
-    matrix: torch.Tensor,
-    *,
-    rtol: float | None = None,
-    compute_dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A full matrix W (m x n) as exact factors at its numerical rank k: W = B A with B (m x k)
-    and A (k x n), from the SVD W = U S V^T as B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T."""
-    if matrix.ndim != 2:
-        raise ShapeMismatchError(f"expected a matrix, got shape {tuple(matrix.shape)}")
-    w = matrix.to(compute_dtype)
-    if 0 in w.shape:
-        return w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    k = numerical_rank(s, rtol)
-    root = s[:k].sqrt()
-    return u[:, :k] * root, root[:, None] * vh[:k]
 
 
 def precision_rtol(dtype: torch.dtype, size: int) -> float:
     """The numerical-rank threshold for values stored in `dtype`: 16 * size * eps(dtype).
 
-    Stored values are exact only to their own precision; singular values below this share of
-    the largest are rounding of the stored numbers, not structure."""
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    return 16 * max(size, 1) * eps
-
-
-def _check_pair(b: torch.Tensor, a: torch.Tensor) -> None:
-    if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
-        raise ShapeMismatchError(
-            f"expected factors B (out x r) and A (r x in), got {tuple(b.shape)} and "
-            f"{tuple(a.shape)}"
-        )
+    Stored numbers are exact only to their own precision: singular values below this share of
+    the largest are the rounding of the stored values, not structure."""
+    finfo = torch.finfo(dtype if dtype.is_floating_point else torch.float32)
+    return 16 * max(size, 1) * finfo.eps
