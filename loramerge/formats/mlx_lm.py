@@ -133,7 +133,6 @@ def read(path: Path) -> Adapter:
     for module_path, found in parts.items():
         _check_keys(module_path, keys, config_path)
         modules[module_path] = _module(weights, module_path, found, rank, scale, dora)
-    notes = f"num_layers {config.get('num_layers')!r}, keys {keys!r}"
     model = config.get("model")
     return Adapter(
         modules=modules,
@@ -146,7 +145,6 @@ def read(path: Path) -> Adapter:
             "DoRA" if dora else "LoRA",
             "A = lora_a^T, B = lora_b^T; lora_parameters.scale is the multiplier "
             f"({scale:g}; PEFT lora_alpha = scale * rank)" + ("; DoRA magnitude m" if dora else ""),
-            notes,
         ),
     )
 

@@ -66,14 +66,14 @@ def _weights(path: Path) -> Path:
     return path / WEIGHTS_NAME if path.is_dir() else path
 
 
-def pickle_strings(path: Path, limit: int = 100_000) -> list[str]:
+def pickle_strings(path: Path, limit: int = 100_000) -> list[str] | None:
     """The string constants of a torch.save zip archive's data.pkl, read from the pickle's
-    opcodes without executing any of them (empty when the file is not such an archive)."""
+    opcodes without executing any of them; None when the file is not such an archive."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(names) != 1 or archive.getinfo(names[0]).file_size > 64 * 2**20:
-                return []
+                return None
             data = archive.read(names[0])
         strings = []
         for opcode, arg, _ in pickletools.genops(data):
@@ -82,8 +82,8 @@ def pickle_strings(path: Path, limit: int = 100_000) -> list[str]:
                 if len(strings) >= limit:
                     break
         return strings
-    except Exception:  # any damage: not recognisably torchtune's
-        return []
+    except Exception:  # any damage
+        return None
 
 
 def sniff(path: Path) -> bool:
@@ -91,7 +91,11 @@ def sniff(path: Path) -> bool:
     weights = _weights(path)
     if not weights.is_file() or weights.suffix not in (".pt", ".pth", ".bin"):
         return False
-    return any(_SIGNATURE.match(s) for s in pickle_strings(weights))
+    strings = pickle_strings(weights)
+    if strings is None:
+        # torchtune's own file name, damaged: claimed so that the reader says what is wrong
+        return weights.name == WEIGHTS_NAME
+    return any(_SIGNATURE.match(s) for s in strings)
 
 
 def read(path: Path, options: Any) -> Adapter:
@@ -144,12 +148,12 @@ def read(path: Path, options: Any) -> Adapter:
         metadata=provenance.stamp(
             {},
             "torchtune",
-            "DoRA" if dora else "LoRA",
+            ("DoRA" if dora else "LoRA")
+            + " (torchtune names mapped to Hugging Face paths: attn.output_proj -> "
+            "self_attn.o_proj, mlp.w1/w2/w3 -> gate/down/up_proj, output -> lm_head)",
             f"scale lora_alpha / rank = {alpha:g} / r; q_proj / k_proj rows of lora_b"
             + (" and DoRA magnitudes" if dora else "")
             + " permuted from torchtune's rotary order to Hugging Face's",
-            "torchtune names mapped to Hugging Face paths (attn.output_proj -> "
-            "self_attn.o_proj, mlp.w1/w2/w3 -> gate/down/up_proj, output -> lm_head)",
         ),
     )
 
