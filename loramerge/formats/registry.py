@@ -133,6 +133,17 @@ def describe_path(path: Path) -> str:
         except Exception as exc:
             return f"a .safetensors file that cannot be read ({exc})"
         sample = ", ".join(list(header.entries)[:3])
+        names = list(header.entries)
+        if any(n.endswith(".lora_E") for n in names):
+            return (
+                "a PEFT AdaLoRA state dict (lora_E) without its adapter_config.json, which "
+                "holds lora_alpha and init_r: read the folder it came from"
+            )
+        if names and all(n.endswith((".lora_a", ".lora_b", ".m")) for n in names):
+            return (
+                "mlx-lm adapter weights (lora_a, lora_b) without their adapter_config.json, "
+                "which holds the scale: read the folder it came from"
+            )
         return f"a .safetensors file with {len(header.entries)} tensors such as {sample}"
     return f"a {path.suffix or 'extension-less'} file"
 

@@ -14,7 +14,7 @@ import torch
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
 from loramerge.errors import OptionError, located
 from loramerge.formats import gguf, peft
-from loramerge.formats.registry import read_adapter
+from loramerge.formats.registry import ReadOptions, read_adapter
 from loramerge.model.folder import base_config_of
 from loramerge.model.hf_runtime import quiet_transformers
 from loramerge.model.names import resolve_tensor_name
@@ -105,12 +105,18 @@ def is_model_folder(path: Path) -> bool:
     )
 
 
-def read_side(path: Path, base_config: Mapping[str, Any] | None) -> Adapter:
-    """Any adapter format loramerge reads; GGUF with the base config when it is needed.
-    Refused like every other command refuses it: empty, or NaN / Inf values."""
+def read_side(
+    path: Path, base_config: Mapping[str, Any] | None, base: str | Path | None = None
+) -> Adapter:
+    """Any adapter format loramerge reads; GGUF with the base config when it is needed, and
+    the base for formats that leave sizes or head counts to it. Refused like every other
+    command refuses it: empty, or NaN / Inf values."""
     from loramerge.adapter_checks import check_adapter
 
-    adapter = gguf.read(path, base_config) if gguf.sniff(path) else read_adapter(path)
+    if gguf.sniff(path):
+        adapter = gguf.read(path, base_config)
+    else:
+        adapter = read_adapter(path, options=ReadOptions(base=base))
     check_adapter(adapter)
     return adapter
 
@@ -145,7 +151,7 @@ def verify(
     base_config = base_config_of(base) if base is not None else None
     if text is not None:
         return _compare_logits(source, candidate, base, Path(text), base_config, atol, rtol)
-    left, right = read_side(source, base_config), read_side(candidate, base_config)
+    left, right = read_side(source, base_config, base), read_side(candidate, base_config, base)
     if base is not None:
         from loramerge.model.fit import rename_to_base
 
@@ -306,7 +312,7 @@ def _run(
     if is_model_folder(side):
         model = AutoModelForCausalLM.from_pretrained(side, dtype=torch.float32)
         return _forward(model, ids)
-    adapter = read_side(side, base_config)
+    adapter = read_side(side, base_config, root)
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32)
     with tempfile.TemporaryDirectory(prefix="loramerge-verify-") as temp:
         folder = side

@@ -165,3 +165,22 @@ def test_read_options_reach_the_tuner_reader():
     adapter = read_adapter(PEFT_TUNERS / "vera", options=ReadOptions(base=LLAMA))
     assert adapter.source_format == "peft-vera"
     assert adapter.modules["model.layers.1.mlp.down_proj"].lora_A.shape == (8, 128)
+
+
+def test_verify_proves_the_conversion(cli, tmp_path):
+    """`verify` reads the tuner (with --base for VeRA's input sizes) and finds the converted
+    LoRA equal to it, module by module."""
+    out = tmp_path / "vera-lora"
+    assert (
+        cli("convert", PEFT_TUNERS / "vera", "--to", "peft", "-o", out, "--base", LLAMA).exit_code
+        == 0
+    )
+    result = cli("verify", PEFT_TUNERS / "vera", out, "--base", LLAMA)
+    assert result.exit_code == 0, result.output
+
+
+def test_lone_weight_files_are_described(tmp_path):
+    lone = tmp_path / "adapter_model.safetensors"
+    shutil.copyfile(PEFT_TUNERS / "adalora" / "adapter_model.safetensors", lone)
+    with pytest.raises(UnknownFormatError, match="AdaLoRA state dict"):
+        detect(lone)
