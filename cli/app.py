@@ -1,4 +1,5 @@
-"""The `loramerge` Typer application: one command per module, registered here."""
+"""The `loramerge` Typer application: one command per module, each registered here inside the
+one error handler (loramerge_cli.errors.reporting)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,36 @@ import atexit
 import contextlib
 import os
 import sys
+from typing import Annotated
 
 import typer
 from loramerge_cli import process  # noqa: F401 - process-wide settings, before torch loads
 from loramerge_cli.convert import convert
+from loramerge_cli.errors import reporting
 from loramerge_cli.fold import fold
 from loramerge_cli.inspect import inspect
 from loramerge_cli.merge import merge
 from loramerge_cli.reslora import reslora, reslora_stats
 from loramerge_cli.truncate import truncate
 from loramerge_cli.verify import verify
+from typer.core import TyperCommand
+
+
+class _Command(TyperCommand):
+    """Usage lines as POSIX tools write them: `loramerge merge [OPTIONS] ADAPTER`, required
+    arguments bare and optional ones in brackets (Typer writes required ones in braces)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = param.metavar or param.name.upper()
+            if param.nargs != 1 and not name.endswith("..."):
+                name += "..."
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
 
 app = typer.Typer(
     name="loramerge",
@@ -23,26 +44,40 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # Click's plain help: flags shown as flags, no panels to wrap
 )
-app.command()(merge)
-app.command()(inspect)
-app.command()(convert)
-app.command(name="reslora")(reslora)
-app.command(name="reslora-stats")(reslora_stats)
-app.command()(fold)
-app.command()(truncate)
-app.command()(verify)
+COMMANDS = {
+    "merge": merge,
+    "inspect": inspect,
+    "convert": convert,
+    "reslora": reslora,
+    "reslora-stats": reslora_stats,
+    "fold": fold,
+    "truncate": truncate,
+    "verify": verify,
+}
+for _name, _command in COMMANDS.items():
+    app.command(name=_name, cls=_Command)(reporting(_command))
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from loramerge import __version__
 
         typer.echo(f"loramerge {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Turn LoRA-variant checkpoints into standard adapters or fully merged models."""
 
 
 def main() -> None:
@@ -62,7 +97,7 @@ def main() -> None:
     atexit._run_exitfuncs()  # first: a hook may still print (logging flushes its handlers)
     for stream in (sys.stdout, sys.stderr):
         # a reader that went away (`| head`) needs no message, as with tools killed by SIGPIPE
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(BrokenPipeError, ValueError):
             stream.flush()
     os._exit(code)
 

@@ -1,34 +1,54 @@
-"""What every command shares: option aliases, the error handler, consoles and progress bars."""
+"""What every command shares: option aliases (choices from the library's registries), parsers
+for sizes and rank lists, and where output goes.
+
+Output discipline: results go to stdout (tables and summary lines, or JSON with --json);
+progress bars and notes to stderr; warnings and errors always reach stderr. `-q` leaves only
+warnings and errors (and the JSON that --json asks for).
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from loramerge_cli.errors import cli_text
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
-from loramerge.errors import LoramergeError, OptionError
+from loramerge.engines.profiles import ENGINE_NAMES
+from loramerge.formats.registry import INPUT_FORMAT_NAMES
+from loramerge.io.dtypes import OUTPUT_DTYPES
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # Rich would exit 1 here; a reader that went away is no error (loramerge_cli.errors)
+        raise BrokenPipeError
+
 
 # Tables piped to a file or another program are not cut to 80 columns.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = _Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+stderr = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print no progress bars or notes.")]
+def choices(names: Sequence[str]) -> str:
+    """A metavar listing an option's choices, e.g. [peft|kohya|gguf]."""
+    return "[" + "|".join(names) + "]"
+
+
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="Print only warnings and errors: no tables, summaries, notes or progress bars "
+        "(--json output is still printed).",
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it already exists.")]
 JsonOutput = Annotated[
@@ -36,26 +56,24 @@ JsonOutput = Annotated[
 ]
 InputFormatOption = Annotated[
     str | None,
-    typer.Option("--format", help="Read the adapter as this format instead of detecting it."),
+    typer.Option(
+        "--format",
+        metavar=choices(INPUT_FORMAT_NAMES),
+        help="Read the adapter as this format instead of detecting it.",
+    ),
 ]
 BaseOption = Annotated[
     str | None,
-    typer.Option("--base", "-b", help="Base model: a local folder or a hub repo id (cached)."),
+    typer.Option(
+        "--base", "-b", metavar="BASE", help="Base model: a local folder or a hub repo id (cached)."
+    ),
 ]
 OutDtype = Annotated[
     str | None,
     typer.Option(
         "--dtype",
-        help="Output dtype of floating tensors: float32, float16 or bfloat16 "
-        "(default: each base tensor's).",
-    ),
-]
-MaxShardSize = Annotated[
-    str | None,
-    typer.Option(
-        "--max-shard-size",
-        help="Re-shard the output into files of at most this size, e.g. 2GB or 500MB "
-        "(default: keep the base's shards).",
+        metavar=choices(list(OUTPUT_DTYPES)),
+        help="Output dtype of floating tensors (default: each base tensor's).",
     ),
 ]
 AllowNonfinite = Annotated[
@@ -70,14 +88,13 @@ DyloraAlpha = Annotated[
         "or torchtune's adapter_model.pt.",
     ),
 ]
-# The names are those of loramerge.engines.profiles.ENGINES (not imported here: it loads torch);
-# tests/engines/test_engines.py checks that this help lists every one of them.
 Engine = Annotated[
     str | None,
     typer.Option(
         "--engine",
-        help="Rewrite the adapter for an inference engine, exactly or not at all: peft, vllm, "
-        "tgi, lorax, sglang or llama.cpp (see docs/engines/).",
+        metavar=choices(ENGINE_NAMES),
+        help="Rewrite the adapter for an inference engine, exactly or not at all "
+        "(see docs/engines/).",
     ),
 ]
 
@@ -87,77 +104,90 @@ _UNITS = {
     "MB": 10**6,
     "GB": 10**9,
     "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
 }
 
 
-def parse_size(text: str | None, option: str = "--max-shard-size") -> int | None:
+def parse_size(text: str) -> int:
     """'4GB' -> 4_000_000_000; a bare number is refused so that units are never guessed."""
-    if text is None:
-        return None
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS:
-        units = ", ".join(["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"])
-        raise OptionError(f"{option} {text!r} needs a unit, one of {units}")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    units = {unit.upper(): size for unit, size in _UNITS.items()}
+    if not match or match.group(2).upper() not in units:
+        raise typer.BadParameter(f"{text!r} needs a unit, one of {', '.join(_UNITS)}")
+    size = int(float(match.group(1)) * units[match.group(2).upper()])
     if size <= 0:
-        raise OptionError(f"{option} must be positive, got {text!r}")
+        raise typer.BadParameter(f"{text!r} is not a positive size")
     return size
 
 
-@contextmanager
-def user_errors(debug: bool) -> Iterator[None]:
-    """Turn loramerge's own errors into one `error: ...` line and exit status 1."""
+class Ranks(tuple):
+    """Ranks given as one option value, e.g. 4,8,16 (one class, so that Typer takes one value
+    and does not read a tuple type as several)."""
+
+
+def parse_ranks(text: str) -> Ranks:
+    """'8' -> (8,); '4,8,16' -> (4, 8, 16) (sorted, duplicates dropped)."""
     try:
-        yield
-    except LoramergeError as exc:
-        if debug:
-            raise
-        # plain text, never wrapped: scripts and people both read this one line
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        # the system refusing a path the user gave (name too long, permission, I/O error) is
-        # an answer about the user's files, not a bug in loramerge
-        if debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
+        return Ranks(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a rank; give whole numbers like 8 or 4,8,16"
+        ) from None
+
+
+MaxShardSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-shard-size",
+        metavar="SIZE",
+        parser=parse_size,
+        help="Re-shard the output into files of at most this size, e.g. 2GB or 500MB "
+        "(default: keep the base's shards).",
+    ),
+]
+
+
+def warn(message: str) -> None:
+    """A warning: always on stderr, -q or not."""
+    stderr.print(f"[yellow]warning:[/] {_one_line(message)}")
+
+
+def note(message: str, quiet: bool) -> None:
+    """A note on stderr (what was done and why), silenced by -q."""
+    if not quiet:
+        stderr.print(_one_line(message))
+
+
+def show(renderable: Any, quiet: bool) -> None:
+    """A result on stdout (a table or a summary line), silenced by -q."""
+    if not quiet:
+        stdout.print(renderable)
 
 
 def _one_line(text: str) -> str:
     from rich.markup import escape
 
-    return escape(" ".join(text.split()))
-
-
-def warn(message: str, quiet: bool = False) -> None:
-    if not quiet:
-        stderr.print(f"[yellow]warning:[/] {_one_line(message)}")
-
-
-def note(message: str, quiet: bool = False) -> None:
-    if not quiet:
-        stderr.print(_one_line(message))
+    return escape(" ".join(cli_text(text).split()))
 
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def print_engine_report(report: dict[str, Any], quiet: bool = False) -> None:
+def warn_all(messages: Sequence[str]) -> None:
+    for message in messages:
+        warn(message)
+
+
+def print_engine_report(report: dict[str, Any], quiet: bool) -> None:
     """What an --engine profile changed (notes, stderr) and how to start the engine (stdout)."""
     for message in report.get("notes", []):
         note(message, quiet)
     if report.get("launch_args"):
-        stdout.print(f"start {report['engine']} with {' '.join(report['launch_args'])}")
+        show(f"start {report['engine']} with {' '.join(report['launch_args'])}", quiet)
 
 
 @contextmanager
@@ -166,6 +196,15 @@ def byte_progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None
     if quiet or not stderr.is_terminal:
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -181,7 +220,3 @@ def byte_progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None
             bar.update(task, completed=done, total=total)
 
         yield update
-
-
-def existing_path(text: str) -> Path:
-    return Path(text)

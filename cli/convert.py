@@ -16,38 +16,54 @@ from loramerge_cli.common import (
     InputFormatOption,
     JsonOutput,
     Quiet,
+    choices,
     note,
     print_engine_report,
     print_json,
-    stdout,
-    user_errors,
+    show,
 )
+
+from loramerge.formats.registry import OUTPUT_FORMAT_NAMES
 
 
 def convert(
-    adapter: Annotated[Path, typer.Argument(help="Adapter to convert.")],
+    adapter: Annotated[
+        str,
+        typer.Argument(
+            metavar="ADAPTER", help="Adapter to convert (a path or a cached hub repo id)."
+        ),
+    ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder (peft) or file (kohya, gguf).")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="OUT",
+            help="Output folder (peft) or file (kohya: .safetensors, gguf: .gguf).",
+        ),
     ],
     to: Annotated[
         str | None,
         typer.Option(
             "--to",
-            help="Output format: peft, kohya, mlx-lm or gguf (llama.cpp; needs --base). "
-            "Default: the engine's format with --engine, else required.",
+            metavar=choices(OUTPUT_FORMAT_NAMES),
+            help="Output format (gguf is llama.cpp's and needs --base). Default: the engine's "
+            "format with --engine, else required.",
         ),
     ] = None,
     max_rank: Annotated[
         int | None,
         typer.Option(
             "--max-rank",
-            help="Reduce modules above this rank to it (QR-core SVD); with --energy, a cap.",
+            metavar="K",
+            help="Reduce modules above rank K to K (QR-core SVD); with --energy, a cap.",
         ),
     ] = None,
     energy: Annotated[
         float | None,
         typer.Option(
             "--energy",
+            metavar="SHARE",
             help="Give each module the smallest rank keeping this share of its update's "
             "energy, e.g. 0.99.",
         ),
@@ -62,11 +78,11 @@ def convert(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Rewrite ADAPTER as a PEFT folder, a kohya file, an mlx-lm folder or a GGUF file.
+    """Rewrite ADAPTER as a PEFT folder, a kohya file, an mlx-lm folder or a llama.cpp GGUF.
 
-    Adapters of other tuners (PEFT AdaLoRA, LoHa, LoKr, VeRA, MiSS, DeLoRA) are written in
-    their exact LoRA form; --max-rank / --energy reduce ranks that come out large and report
-    the energy kept.
+    Adapters of other tuners (PEFT AdaLoRA, LoHa, LoKr, VeRA, MiSS, DeLoRA), mlx-lm folders and
+    torchtune checkpoints are written in their exact LoRA form; --max-rank / --energy reduce
+    ranks that come out large and report the energy kept.
 
     With --base, module names are matched against the base model's tensors exactly (kohya
     names lose their dots; without a base they are reconstructed from common layer names).
@@ -80,37 +96,29 @@ def convert(
 
     Example: loramerge convert ADAPTER --to gguf --base BASE -o adapter.gguf
 
-    Example: loramerge convert fixtures/peft-tuners/loha --to peft -o loha-as-lora --max-rank 8
+    Example: loramerge convert fixtures/peft-tuners/lokr-full-w1 --to peft -o lokr --max-rank 8
     """
-    with user_errors(debug):
-        from loramerge.errors import OptionError
-        from loramerge.jobs.convert import convert_adapter
+    from loramerge.jobs.convert import convert_adapter
 
-        if to is None and engine is None:
-            raise OptionError("pass --to (peft, kohya, mlx-lm or gguf) or --engine")
-        if to is None:
-            from loramerge.engines.profiles import engine_profile
-
-            to = engine_profile(engine).formats[0]
-        result = convert_adapter(
-            adapter,
-            to,
-            out,
-            base=base,
-            fmt=fmt,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-            engine=engine,
-            alpha=alpha,
-            max_rank=max_rank,
-            energy=energy,
-        )
-        if json_output:
-            print_json(result)
-            return
-        stdout.print(f"wrote {result['out']} ({result['format']}, {result['modules']} modules)")
-        _print_ranks(result, quiet)
-        print_engine_report(result, quiet)
+    result = convert_adapter(
+        adapter,
+        out,
+        to=to,
+        engine=engine,
+        base=base,
+        fmt=fmt,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        alpha=alpha,
+        max_rank=max_rank,
+        energy=energy,
+    )
+    if json_output:
+        print_json(result)
+        return
+    show(f"wrote {result['out']} ({result['format']}, {result['modules']} modules)", quiet)
+    _print_ranks(result, quiet)
+    print_engine_report(result, quiet)
 
 
 def _print_ranks(result: dict, quiet: bool) -> None:
@@ -121,26 +129,27 @@ def _print_ranks(result: dict, quiet: bool) -> None:
     ranks = result.get("ranks_read") or []
     rows = result.get("reduction")
     if rows is None:
-        if result.get("full_rank_modules"):
-            full = result["full_rank_modules"]
+        full = result.get("full_rank_modules") or []
+        if full:
             note(
                 f"{len(full)} modules have an exact rank as large as their matrix (e.g. "
                 f"{full[0]}): --max-rank or --energy reduce them, at a stated error",
                 quiet,
             )
         if ranks and result.get("source_format") not in ("peft", "kohya"):
-            stdout.print(f"ranks: {_span(ranks)} (exact)")
+            show(f"ranks: {_span(ranks)} (exact)", quiet)
         return
     reduced = [r for r in rows if r["rank_after"] < r["rank_before"]]
-    after = sorted({r["rank_after"] for r in rows})
     if not reduced:
-        stdout.print(f"ranks: {_span(ranks)}, none reduced")
+        show(f"ranks: {_span(ranks)}, none reduced", quiet)
         return
+    after = sorted({r["rank_after"] for r in rows})
     worst = min(reduced, key=lambda r: r["energy_kept"])
-    stdout.print(
+    show(
         f"ranks: {_span(ranks)} read, {_span(after)} written; {len(reduced)} modules reduced, "
         f"energy kept >= {worst['energy_kept']:.6f} (relative error <= "
-        f"{max(r['relative_error'] for r in reduced):.3g}, {worst['module']})"
+        f"{max(r['relative_error'] for r in reduced):.3g}, {worst['module']})",
+        quiet,
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,28 +17,33 @@ from loramerge_cli.common import (
     OutDtype,
     Quiet,
     byte_progress,
+    choices,
     note,
-    parse_size,
     print_engine_report,
     print_json,
     stdout,
-    user_errors,
-    warn,
+    warn_all,
 )
+
+from loramerge.jobs.defaults import ROUNDINGS
 
 
 def fold(
     links: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
+            metavar="LINK...",
             help="The chain's links in training order (each a LoRA in any format loramerge "
-            "reads), or one folder holding the links and a cola_chain.json manifest."
+            "reads), or one folder holding the links and a cola_chain.json manifest.",
         ),
     ],
     out: Annotated[
         Path,
         typer.Option(
-            "--out", "-o", help="Model folder to write (an adapter folder with --as-lora)."
+            "--out",
+            "-o",
+            metavar="OUT",
+            help="Model folder to write (an adapter folder with --as-lora).",
         ),
     ],
     base: BaseOption = None,
@@ -47,10 +51,11 @@ def fold(
         str,
         typer.Option(
             "--rounding",
+            metavar=choices(ROUNDINGS),
             help="once: sum every link in float32 and round once (default). per-link: round "
             "after each link, as tying each knot in the base dtype did during training.",
         ),
-    ] = "once",
+    ] = ROUNDINGS[0],
     as_lora: Annotated[
         bool,
         typer.Option(
@@ -92,118 +97,30 @@ def fold(
 
       loramerge fold fixtures/cola --as-lora --rank 8 -o one-lora
     """
-    with user_errors(debug):
-        from loramerge.errors import OptionError
-        from loramerge.jobs.fold import ROUNDINGS, fold_to_adapter, fold_to_model, load_chain
-        from loramerge.jobs.merge import dtype_code_of
+    from loramerge.jobs.fold import FoldOptions
+    from loramerge.jobs.fold import fold as run_fold
 
-        if rounding not in ROUNDINGS:
-            raise OptionError(f"--rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
-        if engine is not None and not as_lora:
-            raise OptionError("--engine rewrites an adapter: it needs --as-lora")
-        if as_lora and rounding != "once":
-            raise OptionError("--rounding applies to a merged model, not to --as-lora")
-        if as_lora and max_shard_size is not None:
-            raise OptionError("--max-shard-size applies to a merged model, not to --as-lora")
-        if rank is not None and not as_lora:
-            raise OptionError("--rank needs --as-lora (it compresses the folded adapter)")
-        if rank is not None and rank < 1:
-            raise OptionError(f"--rank must be at least 1, got {rank}")
-        if base is None and not as_lora:
-            raise OptionError("--base is required to fold a chain into a model")
-        shard_bytes = parse_size(max_shard_size)
-        dtype_code_of(dtype)
-        chain, warnings = load_chain(links, base, allow_nonfinite=allow_nonfinite)
-        started = time.perf_counter()
-        if as_lora:
-            report: dict = {}
-            result = fold_to_adapter(
-                chain, out, rank=rank, dtype=dtype, force=force, engine=engine, base=base,
-                report=report,
-            )  # fmt: skip
-        else:
-            assert base is not None
-            with byte_progress("folding", quiet or json_output) as progress:
-                result = fold_to_model(
-                    chain,
-                    base,
-                    out,
-                    rounding=rounding,
-                    dtype=dtype,
-                    force=force,
-                    max_shard_bytes=shard_bytes,
-                    progress=progress,
-                )
-        seconds = time.perf_counter() - started
-        warnings += result.warnings
-        summary = _summary(result, seconds, warnings)
-        if as_lora and report:
-            summary["engine"] = report
-        if json_output:
-            print_json(summary)
-            return
-        for message in warnings:
-            warn(message, quiet)
-        _render(summary)
-        if as_lora:
-            print_engine_report(report, quiet)
-        if result.merge is not None and result.merge.plan.untied:
-            note("tied embeddings were untied: the chain changed one side of them", quiet)
-
-
-def _summary(result, seconds: float, warnings: list[str]) -> dict[str, Any]:
-    links = []
-    for link in result.links:
-        links.append(
-            {
-                "index": link.index,
-                "path": str(link.path),
-                "weight": link.weight,
-                "base_model": link.base_model,
-                "update_norm": link.norm,
-                "changed_share": link.changed_share,
-                "modules": {
-                    path: {
-                        "rank": m.rank,
-                        "scale": m.scale,
-                        "update_norm": m.norm,
-                        "changed_share": m.changed_share,
-                    }
-                    for path, m in link.modules.items()
-                },
-            }
+    options = FoldOptions(rounding, as_lora, rank, engine, dtype, max_shard_size)
+    with byte_progress("folding", quiet or json_output or as_lora) as progress:
+        result = run_fold(
+            links,
+            out,
+            options,
+            base=base,
+            allow_nonfinite=allow_nonfinite,
+            force=force,
+            progress=progress,
         )
-    summary: dict[str, Any] = {
-        "out": str(result.out),
-        "kind": "adapter" if result.folded is not None else "model",
-        "rounding": result.rounding,
-        "seconds": round(seconds, 3),
-        "links": links,
-        "chain_update_norm": {path: norm for path, norm in result.chain_norms.items()},
-        "warnings": warnings,
-    }
-    if result.merge is not None:
-        merge = result.merge
-        summary["bytes"] = result.bytes_written
-        summary["shards"] = [s.file_name for s in merge.plan.shards]
-        summary["tensors"] = result.counts
-        if result.rounding == "once":
-            summary["changed_share"] = {
-                name: stats.changed_share for name, stats in merge.modules.items()
-            }
-    if result.folded is not None:
-        folded = result.folded
-        summary["energy_kept"] = folded.energy_kept
-        summary["modules"] = {
-            path: {
-                "rank": m.rank,
-                "link_ranks": list(m.link_ranks),
-                "energy_kept": m.energy_kept,
-                "relative_error": m.relative_error,
-            }
-            for path, m in folded.modules.items()
-        }
-    return summary
+    warn_all(result.warnings)
+    summary = result.to_json()
+    if json_output:
+        print_json(summary)
+        return
+    if not quiet:
+        _render(summary)
+    print_engine_report(result.engine, quiet)
+    if result.merge is not None and result.merge.plan.untied:
+        note("tied embeddings were untied: the chain changed one side of them", quiet)
 
 
 def _share(value: float | None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,16 +12,21 @@ from loramerge_cli.common import (
     InputFormatOption,
     JsonOutput,
     Quiet,
+    byte_progress,
     print_json,
     stdout,
-    user_errors,
-    warn,
+    warn_all,
 )
 
 
 def inspect(
     path: Annotated[
-        Path, typer.Argument(help="Adapter to describe: a PEFT folder or a kohya file.")
+        str,
+        typer.Argument(
+            metavar="ADAPTER",
+            help="Adapter to describe, in any format loramerge reads (a path or a cached hub "
+            "repo id).",
+        ),
     ],
     base: BaseOption = None,
     fmt: InputFormatOption = None,
@@ -38,20 +42,16 @@ def inspect(
 
     Example: loramerge inspect fixtures/adapters/llama-lora --base fixtures/bases/llama
     """
-    with user_errors(debug):
-        from loramerge.adapter_checks import check_adapter
-        from loramerge.formats.registry import ReadOptions, read_adapter
-        from loramerge.jobs.inspect import inspect_adapter
+    from loramerge.jobs.inspect import inspect as run_inspect
 
-        adapter = read_adapter(path, fmt, ReadOptions(alpha=alpha, base=base))
-        check_adapter(adapter)
-        report = inspect_adapter(adapter, base)
-        if json_output:
-            print_json(report.to_json())
-            return
+    with byte_progress("reading the base", quiet or json_output) as progress:
+        report = run_inspect(path, base, fmt=fmt, alpha=alpha, progress=progress)
+    warn_all(report.warnings)
+    if json_output:
+        print_json(report.to_json())
+        return
+    if not quiet:
         _render(report, base is not None)
-        for message in report.warnings:
-            warn(message, quiet)
 
 
 def _render(report, with_base: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -19,22 +18,29 @@ from loramerge_cli.common import (
     Quiet,
     byte_progress,
     note,
-    parse_size,
     print_json,
-    stdout,
-    user_errors,
-    warn,
+    show,
+    warn_all,
 )
 
 
 def merge(
     adapter: Annotated[
-        Path, typer.Argument(help="Adapter to merge: a PEFT folder or a kohya file.")
+        str,
+        typer.Argument(
+            metavar="ADAPTER", help="Adapter to merge (a path or a cached hub repo id)."
+        ),
     ],
     base: Annotated[
-        str, typer.Option("--base", "-b", help="Base model folder or cached hub repo id.")
+        str,
+        typer.Option(
+            "--base", "-b", metavar="BASE", help="Base model folder or cached hub repo id."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the merged model to.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="OUT", help="Folder to write the merged model to."),
+    ],
     dtype: OutDtype = None,
     max_shard_size: MaxShardSize = None,
     fmt: InputFormatOption = None,
@@ -55,63 +61,40 @@ def merge(
 
     Example: loramerge merge fixtures/adapters/llama-lora --base fixtures/bases/llama -o merged
     """
-    with user_errors(debug):
-        from loramerge.adapter_checks import check_adapter
-        from loramerge.formats.registry import ReadOptions, check_user_alpha, read_adapter
-        from loramerge.jobs.merge import dtype_code_of, merge_adapter, preview_merge
+    from loramerge.jobs import merge as job
 
-        shard_bytes = parse_size(max_shard_size)
-        dtype_code_of(dtype)
-        loaded = read_adapter(adapter, fmt, ReadOptions(alpha=alpha, base=base))
-        check_user_alpha(loaded, alpha, adapter)
-        check_adapter(loaded, allow_nonfinite)
-        dtype_name = dtype
-        if dry_run:
-            plan = preview_merge(loaded, base, dtype=dtype_name, max_shard_bytes=shard_bytes)
-            _print_plan(plan, json_output)
-            return
-        started = time.perf_counter()
-        with byte_progress("merging", quiet or json_output) as progress:
-            result = merge_adapter(
-                loaded,
-                base,
-                out,
-                dtype=dtype_name,
-                force=force,
-                max_shard_bytes=shard_bytes,
-                progress=progress,
-            )
-        seconds = time.perf_counter() - started
-        counts = result.plan.counts()
-        summary = {
-            "out": str(result.out),
-            "shards": [s.file_name for s in result.plan.shards],
-            "bytes": result.bytes_written,
-            "seconds": round(seconds, 3),
-            "tensors": counts,
-            "untied_embeddings": result.plan.untied,
-            "modules": {
-                name: {"tensor": s.tensor, "changed_share": round(s.changed_share, 6)}
-                for name, s in result.modules.items()
-            },
-            "warnings": result.warnings,
-        }
-        if json_output:
-            print_json(summary)
-            return
-        for message in result.warnings:
-            warn(message, quiet)
-        stdout.print(
-            f"wrote {result.out} ({len(summary['shards'])} shard(s), "
-            f"{result.bytes_written / 1e6:.1f} MB in {seconds:.2f} s): "
-            f"{counts['merge']} merged, {counts['copy']} copied, {counts['cast']} cast, "
-            f"{counts['replace']} replaced, {counts['bias']} biases"
+    options = {"fmt": fmt, "dtype": dtype, "max_shard_bytes": max_shard_size, "alpha": alpha}
+    if dry_run:
+        plan = job.preview(adapter, base, allow_nonfinite=allow_nonfinite, **options)
+        _print_plan(plan, json_output, quiet)
+        return
+    with byte_progress("merging", quiet or json_output) as progress:
+        result = job.merge(
+            adapter,
+            base,
+            out,
+            allow_nonfinite=allow_nonfinite,
+            force=force,
+            progress=progress,
+            **options,
         )
-        if result.plan.untied:
-            note("tied embeddings were untied: the merge changed one side of them", quiet)
+    warn_all(result.warnings)
+    if json_output:
+        print_json(result.to_json())
+        return
+    counts = result.plan.counts()
+    show(
+        f"wrote {result.out} ({len(result.plan.shards)} shard(s), "
+        f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.2f} s): "
+        f"{counts['merge']} merged, {counts['copy']} copied, {counts['cast']} cast, "
+        f"{counts['replace']} replaced, {counts['bias']} biases",
+        quiet,
+    )
+    if result.plan.untied:
+        note("tied embeddings were untied: the merge changed one side of them", quiet)
 
 
-def _print_plan(plan, json_output: bool) -> None:
+def _print_plan(plan, json_output: bool, quiet: bool) -> None:
     rows = [
         {
             "shard": s.file_name,
@@ -140,8 +123,9 @@ def _print_plan(plan, json_output: bool) -> None:
                 str(row["shape"]),
                 row["module"] or "",
             )
-    stdout.print(table)
-    stdout.print(
+    show(table, quiet)
+    show(
         f"{len(rows)} tensors, {plan.total_bytes / 1e6:.1f} MB; "
-        f"config updates: {dict(plan.config_updates) or 'none'}"
+        f"config updates: {dict(plan.config_updates) or 'none'}",
+        quiet,
     )

@@ -14,23 +14,30 @@ from loramerge_cli.common import (
     OutDtype,
     Quiet,
     byte_progress,
+    choices,
     note,
     print_engine_report,
     print_json,
+    show,
     stdout,
-    user_errors,
-    warn,
+    warn_all,
 )
 
+from loramerge.jobs.defaults import BATCH_SIZE, SEQ_LEN
+from loramerge.ops.reslora_table import MS_RULES, NORMS
+
 Checkpoint = Annotated[
-    Path,
+    str,
     typer.Argument(
+        metavar="CHECKPOINT",
         help="ResLoRA checkpoint: a folder with reslora_config.json + pytorch_model_lora.bin, a "
-        "trainer folder whose config.json has resconfig, or a .safetensors file beside its config."
+        "trainer folder whose config.json has resconfig, or a .safetensors file beside its "
+        "config (a path or a cached hub repo id).",
     ),
 ]
 Base = Annotated[
-    str, typer.Option("--base", "-b", help="Base model the checkpoint was trained on.")
+    str,
+    typer.Option("--base", "-b", metavar="BASE", help="Base model the checkpoint was trained on."),
 ]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence cut from the text.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]
@@ -43,7 +50,13 @@ def reslora(
     checkpoint: Checkpoint,
     base: Base,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output: a PEFT folder, or with --merge a model.")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="OUT",
+            help="Output: a PEFT folder, or with --merge a model.",
+        ),
     ],
     merge: Annotated[
         bool, typer.Option("--merge", help="Write the fully merged model instead of a LoRA.")
@@ -63,6 +76,7 @@ def reslora(
         str | None,
         typer.Option(
             "--norms",
+            metavar=choices(NORMS),
             help="Norms behind the is/ms coefficients: weights (default; the paper's rule from "
             "the base weights), official (is only: the official code's ||W + (BA)^T||), or "
             "inputs (calibration statistics from --stats; the default when --stats is given).",
@@ -70,24 +84,29 @@ def reslora(
     ] = None,
     stats: Annotated[
         Path | None,
-        typer.Option("--stats", help="Statistics file written by `loramerge reslora-stats`."),
+        typer.Option(
+            "--stats", metavar="FILE", help="Statistics file written by `loramerge reslora-stats`."
+        ),
     ] = None,
     ms_rule: Annotated[
         str,
         typer.Option(
-            "--ms-rule", help="ms: amerge (merge the previous A's) or scalar (needs --stats)."
+            "--ms-rule",
+            metavar=choices(MS_RULES),
+            help="ms: amerge (merge the previous A's) or scalar (needs --stats).",
         ),
-    ] = "amerge",
+    ] = MS_RULES[0],
     check_text: Annotated[
         Path | None,
         typer.Option(
             "--check-text",
+            metavar="FILE",
             help="Run the ResLoRA forward and the written plain model on this text and report "
             "the loss difference and the max logit difference.",
         ),
     ] = None,
-    seq_len: SeqLen = 128,
-    batch_size: BatchSize = 8,
+    seq_len: SeqLen = SEQ_LEN,
+    batch_size: BatchSize = BATCH_SIZE,
     dtype: OutDtype = None,
     force: Force = False,
     json_output: JsonOutput = False,
@@ -103,85 +122,38 @@ def reslora(
       loramerge reslora fixtures/reslora/is --base fixtures/bases/llama -o merged --merge
       loramerge reslora fixtures/reslora/ms -b fixtures/bases/llama --stats s.json -o ms-lora
     """
-    with user_errors(debug):
-        from loramerge.errors import OptionError
-        from loramerge.jobs.adapter_output import write_adapter
-        from loramerge.jobs.merge import dtype_code_of, merge_adapter
-        from loramerge.jobs.reslora import ResLoraOptions, convert_reslora
-        from loramerge.jobs.reslora_stats import check_text as run_check
+    from loramerge.jobs.reslora import ResLoraOptions
+    from loramerge.jobs.reslora import reslora as run_reslora
+    from loramerge.jobs.reslora_stats import TextOptions
 
-        if dtype is not None and not merge:
-            raise OptionError("--dtype sets the merged model's dtype; it needs --merge")
-        if engine is not None and merge:
-            raise OptionError("--engine rewrites an adapter; with --merge the output is a model")
-        dtype_code_of(dtype)
-        options = ResLoraOptions(
-            norms=norms, stats=stats, ms_rule=ms_rule, rank=rank, uniform_rank=uniform_rank
-        )
-        conversion = convert_reslora(checkpoint, base, options)
-        summary: dict[str, Any] = {
-            "out": str(out),
-            "type": conversion.checkpoint.kind,
-            "estimator": conversion.estimator,
-            "output": "merged" if merge else "peft",
-            "blocks": [vars(block) for block in conversion.blocks],
-        }
-        if merge:
-            with byte_progress("merging", quiet or json_output) as progress:
-                result = merge_adapter(
-                    conversion.adapter,
-                    base,
-                    out,
-                    dtype=dtype,
-                    force=force,
-                    progress=progress,
-                    extra_inputs=[checkpoint],
-                )
-            summary["bytes"] = result.bytes_written
-            summary["warnings"] = result.warnings
-        else:
-            inputs = [checkpoint] + ([Path(base)] if Path(base).exists() else [])
-            to = "peft"
-            if engine is not None:
-                from loramerge.engines.profiles import engine_profile
-
-                to = engine_profile(engine).formats[0]
-            report: dict[str, Any] = {}
-            write_adapter(
-                conversion.adapter, out, to, force=force, inputs=inputs, engine=engine, base=base,
-                report=report,
-            )  # fmt: skip
-            summary["warnings"] = []
-            if report:
-                summary["engine"] = report
-        if check_text is not None:
-            check = run_check(
-                conversion,
-                base,
-                check_text,
-                merged=out if merge else None,
-                seq_len=seq_len,
-                batch_size=batch_size,
-            )
-            summary["check"] = check.as_dict()
-        if json_output:
-            print_json(summary)
-            return
-        for message in summary["warnings"]:
-            warn(message, quiet)
+    options = ResLoraOptions(norms, stats, ms_rule, rank, uniform_rank)
+    text = TextOptions(check_text, seq_len, batch_size) if check_text is not None else None
+    with byte_progress("merging", quiet or json_output or not merge) as progress:
+        result = run_reslora(
+            checkpoint, base, out, options, merge=merge, engine=engine, dtype=dtype,
+            check_text=text, force=force, progress=progress,
+        )  # fmt: skip
+    warn_all(result.warnings)
+    summary = result.to_json()
+    if json_output:
+        print_json(summary)
+        return
+    if not quiet:
         _print_blocks(summary)
-        what = "merged model" if merge else "PEFT adapter"
-        ranks = sorted({block.rank for block in conversion.blocks})
-        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-        stdout.print(
-            f"wrote {out} ({what}, {len(conversion.blocks)} modules, {rank_text}): "
-            f"{conversion.checkpoint.kind} blocks, {conversion.estimator}"
-        )
-        print_engine_report(summary.get("engine", {}), quiet)
-        if "check" in summary:
-            _print_check(summary["check"])
-        elif conversion.checkpoint.kind in ("is", "ms") or rank is not None:
-            note("this merge is approximate: pass --check-text FILE to measure it", quiet)
+    conversion = result.conversion
+    what = "merged model" if merge else "PEFT adapter"
+    ranks = sorted({block.rank for block in conversion.blocks})
+    rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    show(
+        f"wrote {out} ({what}, {len(conversion.blocks)} modules, {rank_text}): "
+        f"{conversion.checkpoint.kind} blocks, {conversion.estimator}",
+        quiet,
+    )
+    print_engine_report(result.engine, quiet)
+    if result.check is not None:
+        show(_check_line(summary["check"]), quiet)
+    elif conversion.checkpoint.kind in ("is", "ms") or rank is not None:
+        note("this merge is approximate: pass --check-text FILE to measure it", quiet)
 
 
 def _format(values: dict[str, float]) -> str:
@@ -214,8 +186,8 @@ def _print_blocks(summary: dict[str, Any]) -> None:
     stdout.print(table)
 
 
-def _print_check(check: dict[str, Any]) -> None:
-    stdout.print(
+def _check_line(check: dict[str, Any]) -> str:
+    return (
         f"check text ({check['tokens']} tokens): loss base {check['loss_base']:.5f}, "
         f"ResLoRA forward {check['loss_reslora']:.5f}, plain {check['loss_plain']:.5f}; "
         f"loss difference {check['loss_difference']:+.3e}, "
@@ -226,10 +198,13 @@ def _print_check(check: dict[str, Any]) -> None:
 def reslora_stats(
     checkpoint: Checkpoint,
     base: Base,
-    text: Annotated[Path, typer.Option("--text", help="Calibration text (UTF-8).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Statistics JSON file to write.")],
-    seq_len: SeqLen = 128,
-    batch_size: BatchSize = 8,
+    text: Annotated[Path, typer.Option("--text", metavar="FILE", help="Calibration text (UTF-8).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="OUT", help="Statistics JSON file to write."),
+    ],
+    seq_len: SeqLen = SEQ_LEN,
+    batch_size: BatchSize = BATCH_SIZE,
     max_batches: MaxBatches = None,
     force: Force = False,
     json_output: JsonOutput = False,
@@ -244,27 +219,15 @@ def reslora_stats(
     Example: loramerge reslora-stats fixtures/reslora/ms -b fixtures/bases/llama
     --text fixtures/text/train.txt -o ms-stats.json
     """
-    with user_errors(debug):
-        from loramerge.formats.reslora_stats import stats_json
-        from loramerge.io.atomic import atomic_output, check_output_target
-        from loramerge.jobs.reslora_stats import collect_stats
+    from loramerge.jobs.reslora_stats import TextOptions, write_stats
 
-        inputs = [checkpoint, text] + ([Path(base)] if Path(base).exists() else [])
-        check_output_target(out, inputs, force)
-        data = collect_stats(
-            checkpoint,
-            base,
-            text,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            max_batches=max_batches,
-        )
-        with atomic_output(out, is_dir=False) as temp:
-            temp.write_text(stats_json(data))
-        if json_output:
-            print_json(data)
-            return
-        stdout.print(
-            f"wrote {out} ({len(data['blocks'])} blocks, {data['sequences']} sequences of "
-            f"{data['seq_len']} tokens, {data['type']} checkpoint)"
-        )
+    options = TextOptions(text, seq_len, batch_size, max_batches)
+    data = write_stats(checkpoint, base, options, out, force=force)
+    if json_output:
+        print_json(data)
+        return
+    show(
+        f"wrote {out} ({len(data['blocks'])} blocks, {data['sequences']} sequences of "
+        f"{data['seq_len']} tokens, {data['type']} checkpoint)",
+        quiet,
+    )

@@ -17,34 +17,53 @@ from loramerge_cli.common import (
     JsonOutput,
     OutDtype,
     Quiet,
+    Ranks,
     byte_progress,
+    choices,
+    parse_ranks,
     print_engine_report,
     print_json,
     stdout,
-    user_errors,
-    warn,
+    warn_all,
 )
+
+from loramerge.formats.registry import OUTPUT_FORMAT_NAMES
+from loramerge.jobs.defaults import TRUNCATE_METHODS
 
 
 def truncate(
     adapter: Annotated[
-        Path,
-        typer.Argument(help="Adapter: DyLoRA (official or kohya), PEFT folder or kohya file."),
+        str,
+        typer.Argument(
+            metavar="ADAPTER",
+            help="Adapter: DyLoRA (official or kohya), PEFT folder or kohya file (a path or a "
+            "cached hub repo id).",
+        ),
     ],
     out: Annotated[
         Path,
         typer.Option(
-            "--out", "-o", help="Output; with several ranks a folder holding one per rank."
+            "--out",
+            "-o",
+            metavar="OUT",
+            help="Output; with several ranks a folder holding one per rank.",
         ),
     ],
     rank: Annotated[
-        str | None,
-        typer.Option("--rank", "-r", help="Target rank B, or a list like 4,8,16."),
+        Ranks | None,
+        typer.Option(
+            "--rank",
+            "-r",
+            metavar="B[,B...]",
+            parser=parse_ranks,
+            help="Target rank B, or a list like 4,8,16.",
+        ),
     ] = None,
     method: Annotated[
         str | None,
         typer.Option(
             "--method",
+            metavar=choices(TRUNCATE_METHODS),
             help="prefix (DyLoRA's trained first ranks; default for DyLoRA inputs), svd "
             "(optimal reduction; default otherwise) or dylora (prefix, declaring a PEFT "
             "adapter to be DyLoRA).",
@@ -66,7 +85,8 @@ def truncate(
         str | None,
         typer.Option(
             "--to",
-            help="Output format: peft or kohya (default: kohya for kohya inputs, else peft).",
+            metavar=choices(OUTPUT_FORMAT_NAMES),
+            help="Output format (default: kohya for kohya inputs, else peft).",
         ),
     ] = None,
     base: BaseOption = None,
@@ -98,38 +118,36 @@ def truncate(
 
       loramerge truncate fixtures/adapters/llama-lora --energy 0.9 --max-rank 6 -o small
     """
-    with user_errors(debug):
-        from loramerge.jobs.truncate import parse_ranks, truncate_adapter
+    from loramerge.jobs.truncate import TruncateOptions, truncate_adapter
 
-        ranks = parse_ranks(rank) if rank is not None else None
-        report: dict = {}
-        with byte_progress("merging", quiet or json_output or not merge) as progress:
-            result = truncate_adapter(
-                adapter,
-                out,
-                ranks=ranks,
-                method=method,
-                energy=energy,
-                max_rank=max_rank,
-                alpha=alpha,
-                to=to,
-                base=base,
-                merge=merge,
-                dtype=dtype,
-                fmt=fmt,
-                force=force,
-                allow_nonfinite=allow_nonfinite,
-                progress=progress,
-                engine=engine,
-                report=report,
-            )
-        if json_output:
-            print_json({**result.to_json(), **({"engine": report} if report else {})})
-        else:
-            _render(result)
-            print_engine_report(report, quiet)
-        for message in result.warnings:
-            warn(message, quiet or json_output)
+    options = TruncateOptions(
+        ranks=rank or (),
+        method=method,
+        energy=energy,
+        max_rank=max_rank,
+        to=to,
+        engine=engine,
+        merge=merge,
+        dtype=dtype,
+    )
+    with byte_progress("merging", quiet or json_output or not merge) as progress:
+        result = truncate_adapter(
+            adapter,
+            out,
+            options,
+            alpha=alpha,
+            base=base,
+            fmt=fmt,
+            force=force,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress,
+        )
+    warn_all(result.warnings)
+    if json_output:
+        print_json(result.to_json())
+    elif not quiet:
+        _render(result)
+        print_engine_report(result.engine, quiet)
 
 
 def _number(value: float | None, spec: str) -> str:

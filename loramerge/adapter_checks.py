@@ -1,13 +1,30 @@
-"""Checks an adapter must pass before anything is computed from it."""
+"""Checks an adapter must pass before anything is computed from it, and the one way jobs read
+an adapter: read, then check."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor
-from loramerge.errors import FormatError
+from loramerge.errors import FormatError, opt
+from loramerge.formats.registry import ReadOptions, read_adapter
+
+
+def read_checked(
+    path: str | Path,
+    fmt: str | None = None,
+    options: ReadOptions | None = None,
+    *,
+    allow_nonfinite: bool = False,
+) -> Adapter:
+    """The adapter at `path` (local or a cached hub repo id), refused when `check_adapter`
+    refuses it."""
+    adapter = read_adapter(path, fmt, options)
+    check_adapter(adapter, allow_nonfinite)
+    return adapter
 
 
 def _tensors(adapter: Adapter) -> list[tuple[str, str, LazyTensor]]:
@@ -30,13 +47,14 @@ def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
     """Refuse an empty adapter, a scale that is not a positive finite number, and NaN or Inf
     values in any tensor unless explicitly allowed."""
     if not adapter.modules and not adapter.modules_to_save:
-        raise FormatError("holds no LoRA modules", path=adapter.source_path)
+        raise FormatError("holds no LoRA modules", file=adapter.source_path)
     for module in adapter.modules.values():
-        # a bad alpha reaches every weight of the module: refused even with --allow-nonfinite
+        # a bad alpha reaches every weight of the module: refused even when non-finite values
+        # are allowed
         if not (math.isfinite(module.alpha) and module.alpha > 0) or module.r < 1:
             raise FormatError(
                 f"alpha {module.alpha} with rank {module.r} gives no usable scale",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=module.path,
                 hint="alpha must be a positive finite number and the rank at least 1",
             )
@@ -48,7 +66,7 @@ def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
             bad = int((~torch.isfinite(value)).sum())
             raise FormatError(
                 f"{part} holds {bad} NaN or Inf values",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=module,
-                hint="the training diverged; pass --allow-nonfinite to merge it anyway",
+                hint=f"the training diverged; pass {opt('allow_nonfinite')} to merge it anyway",
             )

@@ -76,6 +76,18 @@ def assert_one_error(result, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
+def assert_usage_error(result, *needles: str) -> None:
+    """Click's convention for usage errors: exit status 2, the usage line, and one
+    `Error: ...` line holding every needle."""
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Usage: loramerge "), result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(error) == 1, result.output
+    for needle in needles:
+        assert needle in error[0], (needle, error[0])
+    assert "Traceback" not in result.output
+
+
 def console_script() -> Path:
     """The installed `loramerge` command of this interpreter's environment (skip without one)."""
     script = Path(sys.executable).parent / "loramerge"

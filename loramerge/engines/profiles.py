@@ -1,32 +1,34 @@
-"""Engine profiles: an adapter rewritten exactly for what one inference engine reads, or refused."""
+"""Engine profiles: one entry per inference engine, each an exact rewrite of an adapter for what
+that engine reads, or a refusal. The command line's choices and the docs' table come from
+ENGINES; the rewrites themselves (loramerge.engines.servers) load on first use, so that this
+table loads without torch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from loramerge.adapter import Adapter, ModuleKind, common_alpha
-from loramerge.engines.rewrites import (
-    BaseConfig,
-    _refuse,
-    add_zero_modules,
-    check_vocabulary,
-    every_layer,
-    one_scale,
-    plain_scales,
-    refuse_dora_and_bias,
-    refuse_kinds,
-    refuse_modules_to_save,
-    refuse_names,
-    stacked_groups,
-)
-from loramerge.errors import OptionError
+from loramerge.errors import UsageError, opt
+
+if TYPE_CHECKING:
+    import torch
+
+    from loramerge.adapter import Adapter
 
 # vLLM's LoRAConfig.max_lora_rank is a Literal over exactly these values.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_SAVED_HEADS = ("classifier", "score")
-TGI_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What a profile may know of the base model: its config.json, and when the base's files
+    are at hand, `tensor(name)` reads one of its tensors (None when the base has no such
+    tensor)."""
+
+    config: Mapping[str, Any] | None = None
+    tensor: Callable[[str], torch.Tensor | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,174 +40,120 @@ class Profiled:
     notes: tuple[str, ...] = ()
     launch: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def launch_args(self) -> list[str]:
-        return [f"--{key.replace('_', '-')} {value}" for key, value in self.launch.items()]
-
     def summary(self) -> dict[str, Any]:
         return {
             "engine": self.engine,
             "notes": list(self.notes),
             "launch": dict(self.launch),
-            "launch_args": self.launch_args,
+            "launch_args": launch_args(self.launch),
         }
+
+
+def launch_args(launch: Mapping[str, Any]) -> list[str]:
+    """The engine's own command-line arguments for these launch settings."""
+    return [f"--{key.replace('_', '-')} {value}" for key, value in launch.items()]
 
 
 @dataclass(frozen=True)
 class EngineProfile:
-    """One engine: what it reads, the output formats it loads, and the rewrite."""
+    """One engine: what it reads, the output formats it loads (the first is the default), its
+    docs page under docs/engines/, and the name of its rewrite in loramerge.engines.servers."""
 
     name: str
     reads: str
     formats: tuple[str, ...]
-    rewrite: Callable[[Adapter, BaseConfig], Profiled]
+    rewrite_name: str
 
+    @property
+    def docs(self) -> str:
+        return f"docs/engines/{self.name}.md"
 
-# --- the profiles --------------------------------------------------------------------------
-# Keys: the PEFT writer always writes `base_model.model.<path>.lora_A.weight` (no adapter name),
-# which is what TGI and LoRAX require and what vLLM and SGLang accept; no profile changes that.
-
-
-def _peft(adapter: Adapter, base_config: BaseConfig) -> Profiled:
-    notes = []
-    if len({m.use_rslora for m in adapter.modules.values()}) > 1:
-        adapter = plain_scales(adapter)
-        notes.append("mixed rsLoRA and plain modules re-expressed as lora_alpha / r (exact)")
-    return Profiled("peft", adapter, tuple(notes))
-
-
-def vllm_max_lora_rank(rank: int) -> int | None:
-    """The smallest --max-lora-rank vLLM accepts that fits `rank`; None above its largest."""
-    return next((choice for choice in VLLM_MAX_LORA_RANKS if choice >= rank), None)
-
-
-def _vllm(adapter: Adapter, base_config: BaseConfig) -> Profiled:
-    refuse_dora_and_bias(adapter, "vLLM")
-    refuse_modules_to_save(adapter, "vLLM", VLLM_SAVED_HEADS)
-    refuse_kinds(adapter, "vLLM", (ModuleKind.CONV,))
-    notes = check_vocabulary(adapter, "vLLM", base_config)
-    top = max((m.r for m in adapter.modules.values()), default=1)
-    choice = vllm_max_lora_rank(top)
-    if choice is None:
-        largest = max(adapter.modules.values(), key=lambda m: m.r)
-        raise OptionError(
-            f"vLLM cannot serve rank {top}: its largest --max-lora-rank is "
-            f"{VLLM_MAX_LORA_RANKS[-1]}",
-            path=adapter.source_path,
-            module=largest.path,
-            hint="reduce the rank first (loramerge truncate)",
-        )
-    # vLLM computes one scale from the config's r and lora_alpha: make it right everywhere.
-    adapter, changed = one_scale(adapter, uniform_rank=False)
-    if adapter.base_tables:
-        notes.append("vLLM skips the saved base_layer embedding tables; they match the base")
-    notes += changed
-    return Profiled("vllm", adapter, tuple(notes), {"max_lora_rank": choice})
-
-
-def _tgi_like(engine: str, label: str) -> Callable[[Adapter, BaseConfig], Profiled]:
-    def rewrite(adapter: Adapter, base_config: BaseConfig) -> Profiled:
-        refuse_dora_and_bias(adapter, label)
-        refuse_modules_to_save(adapter, label)
-        refuse_names(adapter, label, TGI_MODULES)
-        adapter, notes = one_scale(adapter, uniform_rank=True)
-        adapter, added = add_zero_modules(
-            adapter, every_layer(adapter, base_config), label, base_config
-        )
-        notes += added
-        return Profiled(engine, adapter, tuple(notes))
-
-    return rewrite
-
-
-def _sglang(adapter: Adapter, base_config: BaseConfig) -> Profiled:
-    refuse_dora_and_bias(adapter, "SGLang")
-    refuse_modules_to_save(adapter, "SGLang")
-    refuse_kinds(adapter, "SGLang", (ModuleKind.CONV,))
-    notes = check_vocabulary(adapter, "SGLang", base_config)
-    adapter, changed = one_scale(adapter, uniform_rank=True)
-    adapter, added = add_zero_modules(adapter, stacked_groups(adapter), "SGLang", base_config)
-    return Profiled("sglang", adapter, tuple(notes + changed + added))
-
-
-def _llama_cpp(adapter: Adapter, base_config: BaseConfig) -> Profiled:
-    refuse_dora_and_bias(adapter, "llama.cpp")
-    refuse_modules_to_save(adapter, "llama.cpp")
-    refuse_kinds(adapter, "llama.cpp", (ModuleKind.CONV, ModuleKind.CONV1D))
-    notes = check_vocabulary(adapter, "llama.cpp", base_config)
-    if (base_config or {}).get("tie_word_embeddings"):
-        tied = [m.path for m in adapter.modules.values() if m.name == "lm_head"]
-        _refuse(
-            adapter,
-            "llama.cpp",
-            "lm_head LoRA on a base with tied embeddings",
-            tied,
-            "merge it into the base instead (loramerge merge)",
-        )
-    if adapter.base_tables:
-        notes.append("saved base_layer embedding tables not written: llama.cpp uses the base's")
-        adapter = replace(adapter, base_tables={})
-    adapter = plain_scales(adapter)
-    if common_alpha(list(adapter.modules.values())) is None:
-        notes.append("scales differ between modules: folded into lora_b, no adapter.lora.alpha")
-    return Profiled("llama.cpp", adapter, tuple(notes))
+    def rewrite(self, adapter: Adapter, base: BaseFacts) -> Profiled:
+        servers = importlib.import_module("loramerge.engines.servers")
+        return getattr(servers, self.rewrite_name)(adapter, base)
 
 
 ENGINES: list[EngineProfile] = [
-    EngineProfile("peft", "everything PEFT writes", ("peft",), _peft),
+    EngineProfile("peft", "everything PEFT writes", ("peft",), "peft"),
     EngineProfile(
         "vllm",
         "r, lora_alpha, use_rslora and target_modules; no DoRA, lora_bias or modules_to_save "
         "other than classifier/score; ranks up to 512",
         ("peft",),
-        _vllm,
+        "vllm",
     ),
     EngineProfile(
         "tgi",
         "prefixed q/k/v/o/gate/up/down LoRA at one rank and one lora_alpha / r",
         ("peft",),
-        _tgi_like("tgi", "TGI"),
+        "tgi",
     ),
     EngineProfile(
         "lorax",
         "prefixed q/k/v/o/gate/up/down LoRA at one rank and one lora_alpha / r",
         ("peft",),
-        _tgi_like("lorax", "LoRAX"),
+        "lorax",
     ),
     EngineProfile(
         "sglang",
         "one rank and lora_alpha / r everywhere; no rsLoRA or patterns",
         ("peft",),
-        _sglang,
+        "sglang",
     ),
     EngineProfile(
         "llama.cpp",
         "a LoRA GGUF for LLaMA-family bases (llama, mistral, qwen2)",
         ("gguf",),
-        _llama_cpp,
+        "llama_cpp",
     ),
 ]
+
+ENGINE_NAMES = tuple(entry.name for entry in ENGINES)
 
 
 def engine_profile(name: str) -> EngineProfile:
     for entry in ENGINES:
         if entry.name == name.lower():
             return entry
-    names = ", ".join(e.name for e in ENGINES)
-    raise OptionError(f"unknown engine {name!r}; choose one of {names}")
+    raise UsageError(
+        f"is not an engine loramerge knows; choose one of {', '.join(ENGINE_NAMES)}",
+        option="engine",
+        value=name,
+    )
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest max-lora-rank vLLM accepts that fits `rank`; None above its largest."""
+    return next((choice for choice in VLLM_MAX_LORA_RANKS if choice >= rank), None)
+
+
+def output_for(engine: str | None, to: str | None) -> str | None:
+    """The output format to write: `to`, else the engine's own format; refuses a format the
+    engine does not load."""
+    if engine is None:
+        return to
+    profile = engine_profile(engine)
+    if to is None:
+        return profile.formats[0]
+    if to not in profile.formats:
+        raise UsageError(
+            f"loads {' or '.join(profile.formats)}, not {to}",
+            option="engine",
+            value=profile.name,
+            hint=f"pass {opt('to')} {profile.formats[0]}, or leave {opt('to')} out",
+        )
+    return to
 
 
 def apply_engine(
-    adapter: Adapter, engine: str, to: str, base_config: BaseConfig = None
+    adapter: Adapter, engine: str, to: str, base: BaseFacts | Mapping[str, Any] | None = None
 ) -> Profiled:
-    """Rewrite `adapter` for `engine`, which must load the output format `to`."""
-    profile = engine_profile(engine)
-    if to not in profile.formats:
-        raise OptionError(
-            f"--engine {profile.name} loads {' or '.join(profile.formats)}, not {to}",
-            hint=f"pass --to {profile.formats[0]}",
-        )
-    return profile.rewrite(adapter, base_config)
+    """Rewrite `adapter` for `engine`, which must load the output format `to`. `base` is what
+    is known of the base model (a bare config.json mapping is accepted too)."""
+    output_for(engine, to)
+    if not isinstance(base, BaseFacts):
+        base = BaseFacts(config=base)
+    return engine_profile(engine).rewrite(adapter, base)
 
 
 def combine_reports(into: dict[str, Any], part: dict[str, Any]) -> None:
@@ -217,4 +165,4 @@ def combine_reports(into: dict[str, Any], part: dict[str, Any]) -> None:
     launch = into.setdefault("launch", {})
     for key, value in part.get("launch", {}).items():
         launch[key] = max(launch.get(key, value), value)
-    into["launch_args"] = [f"--{k.replace('_', '-')} {v}" for k, v in launch.items()]
+    into["launch_args"] = launch_args(launch)

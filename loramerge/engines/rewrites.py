@@ -10,12 +10,15 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
-from loramerge.errors import OptionError
+
+if TYPE_CHECKING:
+    from loramerge.engines.profiles import BaseFacts
+from loramerge.errors import OptionError, opt
 
 # SGLang concatenates these per layer into one stacked buffer: all members, at one rank.
 SGLANG_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -24,27 +27,27 @@ _LAYER = re.compile(r"^(?P<head>.*?\.)(?P<index>\d+)(?P<tail>\..+)$")
 BaseConfig = Mapping[str, Any] | None
 
 
-def _refuse(adapter: Adapter, engine: str, what: str, names: list[str], hint: str) -> None:
+def refuse(adapter: Adapter, engine: str, what: str, names: list[str], hint: str) -> None:
     if names:
         count = f"{len(names)} entries have it" if len(names) > 1 else "the only entry with it"
         raise OptionError(
             f"{engine} cannot serve {what} ({count})",
-            path=adapter.source_path,
+            file=adapter.source_path,
             module=names[0],
             hint=hint,
         )
 
 
-_MERGE_HINT = "merge it into the base instead (loramerge merge), or write --engine peft"
+MERGE_HINT = f"merge it into the base instead (loramerge merge), or write {opt('engine')} peft"
 
 
 def refuse_dora_and_bias(adapter: Adapter, engine: str) -> None:
     modules = adapter.modules.values()
-    _refuse(
-        adapter, engine, "DoRA", [m.path for m in modules if m.magnitude is not None], _MERGE_HINT
+    refuse(
+        adapter, engine, "DoRA", [m.path for m in modules if m.magnitude is not None], MERGE_HINT
     )
-    _refuse(
-        adapter, engine, "lora_bias", [m.path for m in modules if m.bias is not None], _MERGE_HINT
+    refuse(
+        adapter, engine, "lora_bias", [m.path for m in modules if m.bias is not None], MERGE_HINT
     )
 
 
@@ -55,18 +58,18 @@ def refuse_modules_to_save(adapter: Adapter, engine: str, allowed: tuple[str, ..
         if not any(part in allowed for part in name.split(".")[:-1])
     ]
     what = "modules_to_save" + (f" other than {'/'.join(allowed)}" if allowed else "")
-    _refuse(adapter, engine, what, refused, _MERGE_HINT)
+    refuse(adapter, engine, what, refused, MERGE_HINT)
 
 
 def refuse_kinds(adapter: Adapter, engine: str, kinds: tuple[ModuleKind, ...]) -> None:
     for kind in kinds:
         names = [m.path for m in adapter.modules.values() if m.kind is kind]
-        _refuse(adapter, engine, f"{kind.value} LoRA modules", names, _MERGE_HINT)
+        refuse(adapter, engine, f"{kind.value} LoRA modules", names, MERGE_HINT)
 
 
 def refuse_names(adapter: Adapter, engine: str, served: tuple[str, ...]) -> None:
     names = [m.path for m in adapter.modules.values() if m.name not in served]
-    _refuse(adapter, engine, f"modules other than {', '.join(served)}", names, _MERGE_HINT)
+    refuse(adapter, engine, f"modules other than {', '.join(served)}", names, MERGE_HINT)
 
 
 def check_vocabulary(adapter: Adapter, engine: str, base_config: BaseConfig) -> list[str]:
@@ -81,9 +84,11 @@ def check_vocabulary(adapter: Adapter, engine: str, base_config: BaseConfig) -> 
         return []
     vocab = (base_config or {}).get("vocab_size")
     if vocab is None:
-        return [f"{engine}: could not check embedding modules for added tokens (pass --base)"]
+        return [
+            f"{engine}: could not check embedding modules for added tokens (pass {opt('base')})"
+        ]
     grown = [name for name, count in rows.items() if count != vocab]
-    _refuse(
+    refuse(
         adapter,
         engine,
         f"an embedding with added tokens (base vocabulary {vocab})",
@@ -91,6 +96,31 @@ def check_vocabulary(adapter: Adapter, engine: str, base_config: BaseConfig) -> 
         "merge it into the base instead (loramerge merge)",
     )
     return []
+
+
+def check_saved_tables(adapter: Adapter, engine: str, base: BaseFacts) -> list[str]:
+    """An engine that skips the adapter's saved base_layer tables serves the base's own: the
+    tables are compared with the base's, value for value, and a difference is refused."""
+    if not adapter.base_tables:
+        return []
+    if base.tensor is None:
+        return [
+            f"{engine} skips the saved base_layer embedding tables and serves the base's; they "
+            f"were not compared with the base (pass {opt('base')} to check them)"
+        ]
+    differ = []
+    for name, table in adapter.base_tables.items():
+        found = base.tensor(name)
+        if found is None or found.shape != table.shape or not torch.equal(found, table.load()):
+            differ.append(name)
+    refuse(
+        adapter,
+        engine,
+        "saved base_layer embedding tables that differ from the base's (it serves the base's)",
+        differ,
+        "merge it into the base instead (loramerge merge)",
+    )
+    return [f"{engine} skips the saved base_layer embedding tables; compared with the base: equal"]
 
 
 def plain_scales(adapter: Adapter) -> Adapter:
@@ -217,9 +247,9 @@ def add_zero_modules(
             raise OptionError(
                 f"{engine} needs a LoRA on {name} beside the other projections of its layer, "
                 "and its shape is unknown",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=path,
-                hint="pass --base so that loramerge can add an exact zero module",
+                hint=f"pass {opt('base')} so that loramerge can add an exact zero module",
             )
         zeros_a = torch.zeros(rank, shape[1], dtype=dtype)
         zeros_b = torch.zeros(shape[0], rank, dtype=dtype)

@@ -39,10 +39,6 @@ class ChainLink:
     weight: float
     adapter: Adapter
 
-    @property
-    def label(self) -> str:
-        return f"link {self.index}"
-
 
 @dataclass
 class Chain:
@@ -58,9 +54,7 @@ class Chain:
 
 def in_link(exc: LoramergeError, index: int) -> LoramergeError:
     """The same error, its message prefixed with the link it concerns."""
-    return type(exc)(
-        f"link {index}: {exc.message}", path=exc.path, module=exc.module, hint=exc.hint
-    )
+    return type(exc)(f"link {index}: {exc.message}", **exc.fields())
 
 
 def is_chain_folder(path: Path) -> bool:
@@ -81,48 +75,48 @@ def read_manifest(folder: Path) -> list[ManifestEntry]:
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise FormatError(
-            f"unknown key {unknown[0]!r}", path=manifest, hint=f"allowed: {sorted(_TOP_KEYS)}"
+            f"unknown key {unknown[0]!r}", file=manifest, hint=f"allowed: {sorted(_TOP_KEYS)}"
         )
     if data.get("format") != MANIFEST_FORMAT:
         raise FormatError(
-            f"format is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}", path=manifest
+            f"format is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}", file=manifest
         )
     version = data.get("version")
     if version != MANIFEST_VERSION or isinstance(version, bool):
         raise FormatError(
             f"version {version!r} is not one this loramerge reads ({MANIFEST_VERSION})",
-            path=manifest,
+            file=manifest,
         )
     links = data.get("links")
     if not isinstance(links, list) or not links:
-        raise FormatError("links must be a non-empty list", path=manifest)
+        raise FormatError("links must be a non-empty list", file=manifest)
     return [_entry(folder, manifest, position, item) for position, item in enumerate(links, 1)]
 
 
 def _entry(folder: Path, manifest: Path, position: int, item: Any) -> ManifestEntry:
     where = f"links[{position - 1}]"
     if not isinstance(item, dict):
-        raise FormatError(f"{where} must be an object with a path", path=manifest)
+        raise FormatError(f"{where} must be an object with a path", file=manifest)
     unknown = sorted(set(item) - _LINK_KEYS)
     if unknown:
         raise FormatError(
             f"{where} has the unknown key {unknown[0]!r}",
-            path=manifest,
+            file=manifest,
             hint=f"allowed: {sorted(_LINK_KEYS)}",
         )
     text = item.get("path")
     if not isinstance(text, str) or not text.strip():
-        raise FormatError(f"{where}.path must be a non-empty string", path=manifest)
+        raise FormatError(f"{where}.path must be a non-empty string", file=manifest)
     weight = item.get("weight", 1.0)
     if (
         isinstance(weight, bool)
         or not isinstance(weight, (int, float))
         or not math.isfinite(weight)
     ):
-        raise FormatError(f"{where}.weight must be a finite number, got {weight!r}", path=manifest)
+        raise FormatError(f"{where}.weight must be a finite number, got {weight!r}", file=manifest)
     fmt = item.get("format")
     if fmt is not None and not isinstance(fmt, str):
-        raise FormatError(f"{where}.format must be a string", path=manifest)
+        raise FormatError(f"{where}.format must be a string", file=manifest)
     return ManifestEntry(_inside(folder, manifest, where, text), float(weight), fmt)
 
 
@@ -131,7 +125,7 @@ def _inside(folder: Path, manifest: Path, where: str, text: str) -> Path:
     if PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute():
         raise FormatError(
             f"{where}.path {text!r} is absolute",
-            path=manifest,
+            file=manifest,
             hint="link paths are relative to the chain folder and stay inside it",
         )
     root = folder.resolve()
@@ -139,7 +133,7 @@ def _inside(folder: Path, manifest: Path, where: str, text: str) -> Path:
     if resolved == root or root not in resolved.parents:
         raise FormatError(
             f"{where}.path {text!r} leads outside the chain folder",
-            path=manifest,
+            file=manifest,
             hint="link paths are relative to the chain folder and stay inside it",
         )
     return folder / text

@@ -63,27 +63,27 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FormatError("file not found", path=path) from None
+        raise FormatError("file not found", file=path) from None
     except pickle.UnpicklingError as exc:
         raise FormatError(
             f"refused: this pickle is not a plain tensor file, {_refusal_reason(exc)}; loramerge "
             "loads pickles only with torch.load(weights_only=True) and never runs code from a file",
-            path=path,
+            file=path,
             hint="use the adapter's .safetensors file, or convert it where you trust its source",
         ) from None
     except Exception as exc:  # a damaged file can fail anywhere inside torch's zip/pickle readers
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FormatError(
-            f"cannot be read as a torch file ({type(exc).__name__}: {reason})", path=path
+            f"cannot be read as a torch file ({type(exc).__name__}: {reason})", file=path
         ) from None
     if not isinstance(data, dict):
-        raise FormatError("does not hold a state dict (a mapping of names to tensors)", path=path)
+        raise FormatError("does not hold a state dict (a mapping of names to tensors)", file=path)
     for key in ("state_dict", "model"):
         if key in data and isinstance(data[key], dict):
             data = data[key]
     tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
-        raise FormatError("holds no tensors", path=path)
+        raise FormatError("holds no tensors", file=path)
     return tensors
 
 
@@ -99,7 +99,7 @@ def require_positive(value: Any, what: str, path: Path, module: str | None = Non
     number = _finite(value)
     if number is None or not number > 0:
         raise FormatError(
-            f"{what} must be a positive number, got {_shown(value)}", path=path, module=module
+            f"{what} must be a positive number, got {_shown(value)}", file=path, module=module
         )
     return number
 
@@ -110,7 +110,7 @@ def require_rank(value: Any, what: str, path: Path, module: str | None = None) -
     if number is None or not number >= 1 or not number.is_integer():
         raise FormatError(
             f"{what} must be a positive whole number, got {_shown(value)}",
-            path=path,
+            file=path,
             module=module,
         )
     return int(number)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
-from loramerge.errors import FormatError, OptionError
+from loramerge.errors import FormatError, OptionError, UsageError, opt
 from loramerge.formats import kohya
 from loramerge.formats.common import lazy_weights, load_pickle_weights
 from loramerge.io.safetensors_header import read_header
@@ -85,7 +85,7 @@ def read_official(path: Path, options: ReadOptions) -> Adapter:
         raise FormatError(
             "is not an official DyLoRA checkpoint (a .safetensors/.bin state dict, or a folder "
             "holding just one)",
-            path=path,
+            file=path,
         )
     alpha = _user_alpha(options.alpha, path)
     tensors, _ = lazy_weights(weights)
@@ -100,11 +100,11 @@ def read_official(path: Path, options: ReadOptions) -> Adapter:
     if strangers:
         raise FormatError(
             f"holds {len(strangers)} tensors that are not DyLoRA factors, e.g. {strangers[0]!r}",
-            path=weights,
+            file=weights,
             hint="loramerge reads the LoRA state dict alone (keys <module>.lora_A / .lora_B)",
         )
     if not parts:
-        raise FormatError("holds no DyLoRA tensors", path=weights)
+        raise FormatError("holds no DyLoRA tensors", file=weights)
     modules = {name: _official_module(weights, name, found, alpha) for name, found in parts.items()}
     return Adapter(
         modules=modules,
@@ -117,12 +117,12 @@ def read_official(path: Path, options: ReadOptions) -> Adapter:
 def _user_alpha(alpha: float | None, path: Path) -> float:
     if alpha is None:
         raise OptionError(
-            "official DyLoRA checkpoints store no alpha, so --alpha is needed",
-            path=path,
-            hint="pass the lora_alpha the model was trained with, e.g. --alpha 16",
+            f"official DyLoRA checkpoints store no alpha, so {opt('alpha')} is needed",
+            file=path,
+            hint=f"pass the lora_alpha the model was trained with, e.g. {opt('alpha')} 16",
         )
     if isinstance(alpha, bool) or not math.isfinite(float(alpha)) or not alpha > 0:
-        raise OptionError(f"--alpha must be a positive number, got {alpha!r}", path=path)
+        raise UsageError("must be a positive number", file=path, option="alpha", value=alpha)
     return float(alpha)
 
 
@@ -131,19 +131,19 @@ def _official_module(
 ) -> LoraModule:
     missing = [part for part in ("lora_A", "lora_B") if part not in found]
     if missing:
-        raise FormatError(f"has no {missing[0]} tensor", path=path, module=name)
+        raise FormatError(f"has no {missing[0]} tensor", file=path, module=name)
     lora_a, lora_b = found["lora_A"], found["lora_B"]
     if len(lora_a.shape) != 2 or len(lora_b.shape) != 2 or lora_a.shape[0] == 0:
         raise FormatError(
             f"lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)} are not LoRA factors",
-            path=path,
+            file=path,
             module=name,
         )
     if lora_b.shape[1] != lora_a.shape[0]:
         raise FormatError(
             f"lora_A {list(lora_a.shape)} has {lora_a.shape[0]} rows but lora_B "
             f"{list(lora_b.shape)} has {lora_b.shape[1]} columns",
-            path=path,
+            file=path,
             module=name,
             hint="loralib MergedLinear (enable_lora) layers are not supported",
         )
@@ -173,7 +173,7 @@ def parse_unit(network_args: str | None, path: Path) -> int:
         args = json.loads(network_args)
     except json.JSONDecodeError:
         raise FormatError(
-            f"ss_network_args is not valid JSON: {network_args!r}", path=path
+            f"ss_network_args is not valid JSON: {network_args!r}", file=path
         ) from None
     value = args.get("unit", 1) if isinstance(args, dict) else 1
     try:
@@ -181,5 +181,5 @@ def parse_unit(network_args: str | None, path: Path) -> int:
     except ValueError:
         unit = 0
     if unit < 1:
-        raise FormatError(f"ss_network_args has an invalid unit {value!r}", path=path)
+        raise FormatError(f"ss_network_args has an invalid unit {value!r}", file=path)
     return unit

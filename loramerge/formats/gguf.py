@@ -7,13 +7,17 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, common_alpha
-from loramerge.errors import FormatError, OptionError
+from loramerge.errors import FormatError, OptionError, opt
+from loramerge.io.atomic import short_write_cause
+
+if TYPE_CHECKING:
+    from loramerge.formats.registry import ReadOptions
 
 MAGIC = b"GGUF"
 # Hugging Face architecture -> (gguf MODEL_ARCH member, q/k rows permuted). llama.cpp's
@@ -127,7 +131,7 @@ def _plan(adapter: Adapter, config: Mapping[str, Any]) -> tuple[str, bool, list[
         if module.kind not in (ModuleKind.LINEAR, ModuleKind.EMBEDDING):
             raise FormatError(
                 f"llama.cpp LoRA cannot hold {module.kind.value} modules",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=module.path,
             )
         found = None
@@ -138,7 +142,7 @@ def _plan(adapter: Adapter, config: Mapping[str, Any]) -> tuple[str, bool, list[
         if found is None:
             raise FormatError(
                 f"llama.cpp ({gguf.MODEL_ARCH_NAMES[arch]}) has no tensor for this module",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=module.path,
                 hint="is the adapter for this base model?",
             )
@@ -147,7 +151,7 @@ def _plan(adapter: Adapter, config: Mapping[str, Any]) -> tuple[str, bool, list[
         if embedding != (module.kind is ModuleKind.EMBEDDING):
             raise FormatError(
                 f"maps to {gguf_name}, which does not match its kind",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=module.path,
             )
         rows = None
@@ -158,7 +162,7 @@ def _plan(adapter: Adapter, config: Mapping[str, Any]) -> tuple[str, bool, list[
         if rows is not None and module.lora_B.shape[0] % (2 * rows):
             raise FormatError(
                 f"lora_B has {module.lora_B.shape[0]} rows, not a multiple of 2 x {rows} heads",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 module=module.path,
                 hint="is the adapter for this base model?",
             )
@@ -196,14 +200,17 @@ def write(adapter: Adapter, path: Path, base_config: Mapping[str, Any]) -> None:
             writer.add_tensor_info(
                 entry.name + suffix, shape, np.dtype(np.float32), 4 * shape[0] * shape[1]
             )
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for entry in entries:
-        fold = 1.0 if alpha is not None else entry.module.scale
-        for tensor in entry.tensors(fold):
-            writer.write_tensor_data(tensor.numpy())
-    writer.close()
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for entry in entries:
+            fold = 1.0 if alpha is not None else entry.module.scale
+            for tensor in entry.tensors(fold):
+                writer.write_tensor_data(tensor.numpy())
+        writer.close()
+    except OSError as exc:
+        raise short_write_cause(exc, path) from exc
 
 
 def sniff(path: Path) -> bool:
@@ -213,71 +220,26 @@ def sniff(path: Path) -> bool:
         return handle.read(4) == MAGIC
 
 
-def read(path: Path, base_config: Mapping[str, Any] | None = None) -> Adapter:
-    """A LoRA GGUF as an Adapter: names mapped back, q/k permutation undone, scales restored."""
-    import gguf
+def read(path: Path, options: ReadOptions | None = None) -> Adapter:
+    """A LoRA GGUF as an Adapter: names mapped back, q/k permutation undone, scales restored.
 
-    try:
-        reader = gguf.GGUFReader(path)
-        fields = {name: field.contents() for name, field in reader.fields.items()}
-        raw = [(t.name, int(t.tensor_type), t.data) for t in reader.tensors]
-    except Exception as exc:  # the gguf package raises many kinds of errors on a damaged file
-        raise FormatError(
-            f"is not a readable GGUF file ({type(exc).__name__}: {exc})", path=path
-        ) from None
-    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
-        raise FormatError(
-            "is a GGUF file but not a LoRA adapter (general.type / adapter.type)", path=path
-        )
+    The base model's config (`options.base_config`) gives the head counts and module names of
+    files that other tools wrote."""
+    base_config = options.base_config if options is not None else None
+    fields, pairs = _read_file(path)
     arch = str(fields.get("general.architecture", ""))
-    pairs: dict[str, dict[str, Any]] = {}
-    for name, tensor_type, data in raw:
-        stem, _, part = name.rpartition(".")
-        if part not in ("lora_a", "lora_b"):
-            continue  # e.g. norm vectors from mergekit adapters, which llama.cpp also skips
-        if tensor_type not in (0, 1) or data.ndim != 2:  # F32, F16
-            raise FormatError(f"tensor {name} is not a 2-D F32 or F16 matrix", path=path)
-        pairs.setdefault(stem, {})[part] = torch.from_numpy(data.copy()).float()
     paths = _module_paths(fields, arch, list(pairs), base_config, path)
     permuted = bool(fields.get(KEY_PERMUTED, _PERMUTED_ARCHS.get(arch, False)))
     heads = _read_heads(fields, base_config, path) if permuted else None
     alpha = fields.get("adapter.lora.alpha")
     if alpha is not None and not (isinstance(alpha, (int, float)) and 0 <= alpha < math.inf):
-        raise FormatError(f"adapter.lora.alpha is {alpha!r}, not a finite number", path=path)
+        raise FormatError(f"adapter.lora.alpha is {alpha!r}, not a finite number", file=path)
     modules = {}
     for stem, parts in pairs.items():
-        if set(parts) != {"lora_a", "lora_b"}:
-            raise FormatError(f"tensor pair {stem} is missing one component", path=path)
-        lora_a, lora_b = parts["lora_a"], parts["lora_b"]
-        embedding = stem == "token_embd.weight"
-        if embedding:
-            lora_a = lora_a.T.contiguous()
-        if lora_a.shape[0] != lora_b.shape[1] or lora_a.shape[0] == 0:
-            raise FormatError(
-                f"lora_a {list(lora_a.shape)} and lora_b {list(lora_b.shape)} of {stem} are not "
-                "LoRA factors",
-                path=path,
-            )
-        if permuted and heads is not None and stem.endswith((".attn_q.weight", ".attn_k.weight")):
-            count = heads[0] if stem.endswith(".attn_q.weight") else heads[1]
-            if lora_b.shape[0] % (2 * count):
-                raise FormatError(
-                    f"{stem}.lora_b has {lora_b.shape[0]} rows, not a multiple of 2 x {count} "
-                    "heads",
-                    path=path,
-                )
-            lora_b = unpermute_rows(lora_b, count)
-        r = lora_a.shape[0]
-        module_path = paths[stem]
-        modules[module_path] = LoraModule(
-            path=module_path,
-            lora_A=LazyTensor.of(lora_a),
-            lora_B=LazyTensor.of(lora_b),
-            alpha=float(alpha) if alpha else float(r),
-            kind=ModuleKind.EMBEDDING if embedding else ModuleKind.LINEAR,
-        )
+        module = _module(stem, parts, paths[stem], heads, alpha, path)
+        modules[module.path] = module
     if not modules:
-        raise FormatError("holds no LoRA tensors", path=path)
+        raise FormatError("holds no LoRA tensors", file=path)
     return Adapter(
         modules=modules,
         base_model=fields.get(KEY_BASE),
@@ -287,13 +249,78 @@ def read(path: Path, base_config: Mapping[str, Any] | None = None) -> Adapter:
     )
 
 
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """The file's fields, and its LoRA tensors as float32 pairs by tensor stem."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {name: field.contents() for name, field in reader.fields.items()}
+        raw = [(t.name, int(t.tensor_type), t.data) for t in reader.tensors]
+    except Exception as exc:  # the gguf package raises many kinds of errors on a damaged file
+        raise FormatError(
+            f"is not a readable GGUF file ({type(exc).__name__}: {exc})", file=path
+        ) from None
+    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
+        raise FormatError(
+            "is a GGUF file but not a LoRA adapter (general.type / adapter.type)", file=path
+        )
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor_type, data in raw:
+        stem, _, part = name.rpartition(".")
+        if part not in ("lora_a", "lora_b"):
+            continue  # e.g. norm vectors from mergekit adapters, which llama.cpp also skips
+        if tensor_type not in (0, 1) or data.ndim != 2:  # F32, F16
+            raise FormatError(f"tensor {name} is not a 2-D F32 or F16 matrix", file=path)
+        pairs.setdefault(stem, {})[part] = torch.from_numpy(data.copy()).float()
+    return fields, pairs
+
+
+def _module(
+    stem: str,
+    parts: dict[str, torch.Tensor],
+    module_path: str,
+    heads: tuple[int, int] | None,
+    alpha: float | None,
+    path: Path,
+) -> LoraModule:
+    """One module from its GGUF tensor pair: embedding A transposed back, q/k rows unpermuted."""
+    if set(parts) != {"lora_a", "lora_b"}:
+        raise FormatError(f"tensor pair {stem} is missing one component", file=path)
+    lora_a, lora_b = parts["lora_a"], parts["lora_b"]
+    embedding = stem == "token_embd.weight"
+    if embedding:
+        lora_a = lora_a.T.contiguous()
+    if lora_a.shape[0] != lora_b.shape[1] or lora_a.shape[0] == 0:
+        raise FormatError(
+            f"lora_a {list(lora_a.shape)} and lora_b {list(lora_b.shape)} of {stem} are not "
+            "LoRA factors",
+            file=path,
+        )
+    if heads is not None and stem.endswith((".attn_q.weight", ".attn_k.weight")):
+        count = heads[0] if stem.endswith(".attn_q.weight") else heads[1]
+        if lora_b.shape[0] % (2 * count):
+            raise FormatError(
+                f"{stem}.lora_b has {lora_b.shape[0]} rows, not a multiple of 2 x {count} heads",
+                file=path,
+            )
+        lora_b = unpermute_rows(lora_b, count)
+    return LoraModule(
+        path=module_path,
+        lora_A=LazyTensor.of(lora_a),
+        lora_B=LazyTensor.of(lora_b),
+        alpha=float(alpha) if alpha else float(lora_a.shape[0]),
+        kind=ModuleKind.EMBEDDING if embedding else ModuleKind.LINEAR,
+    )
+
+
 def _read_heads(
     fields: Mapping[str, Any], base_config: Mapping[str, Any] | None, path: Path
 ) -> tuple[int, int] | None:
     if KEY_HEADS in fields:
         heads, kv_heads = fields.get(KEY_HEADS), fields.get(KEY_KV_HEADS)
         if not all(isinstance(n, int) and n > 0 for n in (heads, kv_heads)):
-            raise FormatError(f"{KEY_HEADS} / {KEY_KV_HEADS} must be positive integers", path=path)
+            raise FormatError(f"{KEY_HEADS} / {KEY_KV_HEADS} must be positive integers", file=path)
         return heads, kv_heads
     if base_config:
         return _heads(base_config)
@@ -319,14 +346,14 @@ def _module_paths(
     if needs_heads and KEY_HEADS not in fields and not base_config:
         raise FormatError(
             "was not written by loramerge and its q/k rows are permuted",
-            path=path,
-            hint="pass --base so that the head counts can undo the permutation",
+            file=path,
+            hint=f"pass {opt('base')} so that the head counts can undo the permutation",
         )
     import gguf
 
     member = next((m for m, name in gguf.MODEL_ARCH_NAMES.items() if name == arch), None)
     if member is None:
-        raise FormatError(f"has architecture {arch!r}, which gguf does not know", path=path)
+        raise FormatError(f"has architecture {arch!r}, which gguf does not know", file=path)
     blocks = 1 + max([int(p) for s in stems for p in s.split(".")[1:2] if p.isdigit()] + [0])
     reverse: dict[str, list[str]] = {}
     for hf_name, (_, gguf_name) in gguf.get_tensor_name_map(member, blocks).mapping.items():
@@ -337,6 +364,6 @@ def _module_paths(
         # prefer the transformers LLaMA-family spelling of the module path
         preferred = [c for c in candidates if c.startswith("model.") or c == "lm_head"]
         if not candidates:
-            raise FormatError(f"tensor {stem} has no known module name", path=path)
+            raise FormatError(f"tensor {stem} has no known module name", file=path)
         mapping[stem] = (preferred or candidates)[0]
     return mapping

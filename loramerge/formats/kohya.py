@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
-from loramerge.errors import FormatError
+from loramerge.errors import FormatError, opt
 from loramerge.formats.common import lazy_safetensors
 from loramerge.io.safetensors_header import read_header
 from loramerge.io.safetensors_writer import save_tensors
@@ -109,12 +109,12 @@ def read(path: Path) -> Adapter:
         if match is None:
             if key.endswith((".dora_scale", ".hada_w1_a", ".lokr_w1", ".oft_blocks")):
                 raise FormatError(
-                    f"tensor {key!r} belongs to a LyCORIS method, not plain LoRA", path=path
+                    f"tensor {key!r} belongs to a LyCORIS method, not plain LoRA", file=path
                 )
             continue
         grouped.setdefault(match["name"], {})[match["part"]] = tensor
     if not grouped:
-        raise FormatError("holds no kohya LoRA tensors", path=path)
+        raise FormatError("holds no kohya LoRA tensors", file=path)
     modules = {}
     for name, parts in grouped.items():
         module = _module(path, name, parts)
@@ -133,7 +133,7 @@ def _module(path: Path, name: str, parts: dict[str, LazyTensor]) -> LoraModule:
     down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
     if down is None or up is None:
         missing = "lora_down" if down is None else "lora_up"
-        raise FormatError(f"has no {missing} tensor", path=path, module=name)
+        raise FormatError(f"has no {missing} tensor", file=path, module=name)
     r = down.shape[0] if down.shape else 0
     if (
         len(down.shape) not in (2, 4)
@@ -143,7 +143,7 @@ def _module(path: Path, name: str, parts: dict[str, LazyTensor]) -> LoraModule:
     ):
         raise FormatError(
             f"lora_down {list(down.shape)} and lora_up {list(up.shape)} are not LoRA factors",
-            path=path,
+            file=path,
             module=name,
         )
     alpha = float(r)
@@ -151,12 +151,12 @@ def _module(path: Path, name: str, parts: dict[str, LazyTensor]) -> LoraModule:
         if math.prod(parts["alpha"].shape) != 1:
             raise FormatError(
                 f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
-                path=path,
+                file=path,
                 module=name,
             )
         alpha = float(parts["alpha"].load().reshape(-1)[0].item())
     if not (math.isfinite(alpha) and alpha > 0):
-        raise FormatError(f"alpha must be a positive number, got {alpha}", path=path, module=name)
+        raise FormatError(f"alpha must be a positive number, got {alpha}", file=path, module=name)
     kind = ModuleKind.CONV if len(down.shape) == 4 else ModuleKind.LINEAR
     return LoraModule(path=kohya_to_path(name), lora_A=down, lora_B=up, alpha=alpha, kind=kind)
 
@@ -172,8 +172,8 @@ def tensors_for(adapter: Adapter, prefix: str) -> dict[str, object]:
         raise FormatError(
             f"kohya LoRA files cannot hold DoRA, LoRA bias, embedding LoRA or modules_to_save "
             f"({len(unmappable) + len(adapter.modules_to_save)} such entries, e.g. {what})",
-            path=adapter.source_path,
-            hint="write a PEFT adapter instead (--to peft)",
+            file=adapter.source_path,
+            hint=f"write a PEFT adapter instead ({opt('to')} peft)",
         )
     import torch
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
-from loramerge.errors import FormatError
+from loramerge.errors import FormatError, opt
 from loramerge.formats import provenance
 from loramerge.formats.common import lazy_safetensors, require_positive, require_rank
 from loramerge.formats.derived import transposed
@@ -87,29 +87,7 @@ def read(path: Path) -> Adapter:
     folder, weights = _folder_and_weights(path)
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
-    fine_tune_type = config.get("fine_tune_type", "lora")
-    if fine_tune_type == "full":
-        raise FormatError(
-            "fine_tune_type is full: the file holds whole trained weights, not an adapter",
-            path=config_path,
-        )
-    if fine_tune_type not in ("lora", "dora"):
-        raise FormatError(
-            f"fine_tune_type must be lora, dora or full, got {fine_tune_type!r}", path=config_path
-        )
-    params = config.get("lora_parameters")
-    if not isinstance(params, dict):
-        raise FormatError("has no lora_parameters object", path=config_path)
-    if "scale" not in params:
-        hint = "mlx-lm's lora_parameters give `scale`, the multiplier itself"
-        raise FormatError("lora_parameters has no scale", path=config_path, hint=hint)
-    rank = require_rank(params.get("rank"), "lora_parameters.rank", config_path)
-    scale = require_positive(params.get("scale"), "lora_parameters.scale", config_path)
-    keys = params.get("keys")
-    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-        raise FormatError("lora_parameters.keys must be a list of names", path=config_path)
-    dora = fine_tune_type == "dora"
-
+    rank, scale, keys, dora = _settings(config, config_path)
     if not weights.is_file():
         raise FormatError(
             f"has {CONFIG_NAME} but no {WEIGHTS_NAME}",
@@ -147,6 +125,32 @@ def read(path: Path) -> Adapter:
             f"({scale:g}; PEFT lora_alpha = scale * rank)" + ("; DoRA magnitude m" if dora else ""),
         ),
     )
+
+
+def _settings(config: dict[str, Any], config_path: Path) -> tuple[int, float, Any, bool]:
+    """(rank, scale, keys, dora) from mlx-lm's adapter_config.json."""
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type == "full":
+        raise FormatError(
+            "fine_tune_type is full: the file holds whole trained weights, not an adapter",
+            path=config_path,
+        )
+    if fine_tune_type not in ("lora", "dora"):
+        raise FormatError(
+            f"fine_tune_type must be lora, dora or full, got {fine_tune_type!r}", path=config_path
+        )
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict):
+        raise FormatError("has no lora_parameters object", path=config_path)
+    if "scale" not in params:
+        hint = "mlx-lm's lora_parameters give `scale`, the multiplier itself"
+        raise FormatError("lora_parameters has no scale", path=config_path, hint=hint)
+    rank = require_rank(params.get("rank"), "lora_parameters.rank", config_path)
+    scale = require_positive(params.get("scale"), "lora_parameters.scale", config_path)
+    keys = params.get("keys")
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise FormatError("lora_parameters.keys must be a list of names", path=config_path)
+    return rank, scale, keys, fine_tune_type == "dora"
 
 
 def _check_keys(module_path: str, keys: list[str] | None, config_path: Path) -> None:
@@ -238,7 +242,7 @@ def _refuse(adapter: Adapter, what: str, example: str) -> FormatError:
     return FormatError(
         f"mlx-lm adapters cannot hold {what} (e.g. {example})",
         path=adapter.source_path,
-        hint="write a PEFT adapter instead (--to peft)",
+        hint=f"write a PEFT adapter instead ({opt('to')} peft)",
     )
 
 

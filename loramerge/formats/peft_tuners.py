@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +30,11 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
-from loramerge.errors import FormatError, OptionError, located
+from loramerge.errors import FormatError, OptionError, located, opt
 from loramerge.formats import provenance
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
 from loramerge.formats.derived import derived, derived_pair
+from loramerge.formats.read_context import current_base
 from loramerge.ops.lowrank import qr_core, reduce_core
 from loramerge.ops.lowrank_forms import (
     exact_factors,
@@ -49,21 +48,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 MODEL_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
-
-# The base model of the current read (registry.read_adapter sets it from ReadOptions): VeRA and
-# MiSS need each module's input size, which only the base knows. peft.read(folder) takes no
-# options, so it travels this way.
-_READ_BASE: ContextVar[str | Path | None] = ContextVar("loramerge_read_base", default=None)
-
-
-@contextmanager
-def reading_base(base: str | Path | None) -> Iterator[None]:
-    token = _READ_BASE.set(base)
-    try:
-        yield
-    finally:
-        _READ_BASE.reset(token)
-
 
 # ---------------------------------------------------------------- refusals
 
@@ -232,14 +216,14 @@ class _Context:
     def base_weight_shape(self, module: str) -> tuple[int, int]:
         """The base model's 2-D weight shape of a module (VeRA and MiSS store no input size)."""
         if self._base_shapes is None:
-            base = _READ_BASE.get()
+            base = current_base()
             if base is None:
                 raise OptionError(
                     f"{NAMES.get(self.peft_type, self.peft_type)} adapters (peft_type "
                     f"{self.peft_type}) do not store each module's input size; the base model "
                     "gives it",
                     path=self.folder,
-                    hint="pass --base",
+                    hint=f"pass {opt('base')}",
                 )
             from loramerge.model.folder import open_base
 

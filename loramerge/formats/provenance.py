@@ -30,7 +30,7 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "dylora": (
         "DyLoRA (official loralib checkpoint)",
         "DyLoRA: nested ranks, any prefix b is a LoRA",
-        "scale alpha / b at rank b; alpha from --alpha (the checkpoint stores none)",
+        "scale alpha / b at rank b; alpha supplied by the user (the checkpoint stores none)",
     ),
     "kohya-dylora": (
         "kohya sd-scripts networks.dylora",

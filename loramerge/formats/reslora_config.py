@@ -34,18 +34,14 @@ class ResLoraConfig:
     def scale(self) -> float:
         return self.lora_alpha / self.rank
 
-    def window(self, n: int) -> int:
-        """m_n = min(pre_num, n): how many previous blocks block n of a chain reaches."""
-        return n if self.pre_num < 0 else min(self.pre_num, n)
-
 
 def parse_config(data: Any, where: Path) -> ResLoraConfig:
     """Check and type the fields loramerge needs; the official defaults fill the optional ones."""
     if not isinstance(data, dict):
-        raise FormatError("the ResLoRA config must be a JSON object", path=where)
+        raise FormatError("the ResLoRA config must be a JSON object", file=where)
     for key in ("rank", "lora_alpha", "res_flag"):
         if key not in data:
-            raise FormatError(f"the ResLoRA config has no {key!r}", path=where)
+            raise FormatError(f"the ResLoRA config has no {key!r}", file=where)
     rank = require_rank(data["rank"], "rank", where)
     res_flag, pre_num = data["res_flag"], data.get("pre_num", 0)
     lora_num = data.get("lora_num", 1)
@@ -53,13 +49,13 @@ def parse_config(data: Any, where: Path) -> ResLoraConfig:
         known = ", ".join(f"{flag} ({name})" for flag, name in RES_TYPES.items())
         raise FormatError(
             f"unknown res_flag {res_flag!r}; loramerge knows {known}",
-            path=where,
+            file=where,
             hint="res_flag 1 is the input shortcut, 2 the block shortcut, 3 the middle shortcut",
         )
     if isinstance(pre_num, bool) or not isinstance(pre_num, int) or pre_num < -1:
-        raise FormatError(f"pre_num must be -1 or a count >= 0, got {pre_num!r}", path=where)
+        raise FormatError(f"pre_num must be -1 or a count >= 0, got {pre_num!r}", file=where)
     if isinstance(lora_num, bool) or not isinstance(lora_num, int) or lora_num < 1:
-        raise FormatError(f"lora_num must be an integer >= 1, got {lora_num!r}", path=where)
+        raise FormatError(f"lora_num must be an integer >= 1, got {lora_num!r}", file=where)
     merge_flag = data.get("merge_flag", 0)
     return ResLoraConfig(
         rank=rank,

@@ -26,19 +26,19 @@ def read_stats(path: Path, checkpoint: ResLoraCheckpoint) -> dict[str, dict[str,
     if data.get("format") != STATS_FORMAT or data.get("version") != STATS_VERSION:
         raise FormatError(
             f"is not a {STATS_FORMAT} file (version {STATS_VERSION})",
-            path=path,
+            file=path,
             hint="make one with `loramerge reslora-stats`",
         )
     blocks = data.get("blocks")
     if not isinstance(blocks, dict):
-        raise FormatError("has no 'blocks' object", path=path)
+        raise FormatError("has no 'blocks' object", file=path)
     found = {}
     for _, _, block in checkpoint.blocks():
         entry = blocks.get(block.path)
         if not isinstance(entry, dict):
             raise FormatError(
                 f"has no statistics for block {block.path}",
-                path=path,
+                file=path,
                 hint="the statistics were made for another checkpoint; run reslora-stats again",
             )
         values = {}
@@ -52,7 +52,7 @@ def read_stats(path: Path, checkpoint: ResLoraCheckpoint) -> dict[str, dict[str,
             ):
                 raise FormatError(
                     f"{key} must be a finite number >= 0, got {value!r}",
-                    path=path,
+                    file=path,
                     module=block.path,
                 )
             values[key] = float(value)

@@ -17,6 +17,7 @@ from the pickle's opcodes without unpickling anything.
 
 from __future__ import annotations
 
+import math
 import pickletools
 import re
 import zipfile
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
-from loramerge.errors import FormatError, OptionError
+from loramerge.errors import FormatError, OptionError, opt
 from loramerge.formats import provenance
 from loramerge.formats.common import load_pickle_weights, require_positive, require_rank
 from loramerge.formats.derived import derived
@@ -204,20 +205,26 @@ def _alpha(folder: Path, weights: Path, options: Any, ranks: list[int]) -> float
                     hint="this adapter_config.json belongs to another run",
                 )
     if given is not None:
-        given = require_positive(given, "--alpha", weights)
+        if isinstance(given, bool) or not (isinstance(given, (int, float)) and given > 0):
+            raise OptionError("must be a positive number", option="alpha", value=given)
+        if not math.isfinite(given):
+            raise OptionError("must be finite", option="alpha", value=given)
+        given = float(given)
         if stored is not None and stored != given:
             raise OptionError(
-                f"--alpha {given:g} disagrees with lora_alpha {stored:g} in {config_path}",
-                path=weights,
-                hint="drop --alpha, or pass the recipe's lora_alpha",
+                f"disagrees with lora_alpha {stored:g} in {config_path}",
+                option="alpha",
+                value=given,
+                file=weights,
+                hint=f"drop {opt('alpha')}, or pass the recipe's lora_alpha",
             )
         return given
     if stored is None:
         raise OptionError(
             "torchtune's adapter_model.pt stores no lora_alpha",
             path=weights,
-            hint="pass --alpha with the recipe's lora_alpha (the rank is the factors' own), or "
-            f"keep the {PEFT_CONFIG} torchtune wrote beside it",
+            hint=f"pass {opt('alpha')} with the recipe's lora_alpha (the rank is the factors' "
+            f"own), or keep the {PEFT_CONFIG} torchtune wrote beside it",
         )
     return stored
 
@@ -233,7 +240,8 @@ def _head_counts(folder: Path, weights: Path, options: Any) -> tuple[int, int, i
                 "torchtune keeps q_proj / k_proj rows in its own rotary order; undoing that "
                 "needs the base model's head counts",
                 path=weights,
-                hint=f"pass --base, or keep the {MODEL_CONFIG} torchtune copied beside the file",
+                hint=f"pass {opt('base')}, or keep the {MODEL_CONFIG} torchtune copied beside "
+                "the file",
             )
         from loramerge.model.folder import resolve_base
 

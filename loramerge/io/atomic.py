@@ -10,11 +10,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from loramerge.errors import LoramergeError, OutputError
+from loramerge.errors import LoramergeError, OutputError, opt
 
 TEMP_MARK = ".loramerge-tmp-"
 OLD_MARK = ".loramerge-old-"
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 _RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
 _AT_FDCWD = -100
 
@@ -97,23 +98,36 @@ def check_tree(temp: Path, out: Path) -> None:
             shown = out / path.relative_to(temp) if path != temp else out
             raise OutputError(
                 f"a written file failed its check, nothing was put in place: {exc.message}",
-                path=shown,
+                file=shown,
             ) from None
 
 
 def check_output_target(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse OUT when it is, lies inside, or contains an input, or exists without --force."""
+    """Refuse OUT when it cannot be replaced as a whole (the working folder, one of its parents,
+    a mount point), when it is, lies inside, or contains an input, or when it exists without
+    `force`."""
     resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or os.path.ismount(resolved):
+        where = "the folder you are working in" if resolved == cwd else "a folder that holds it"
+        if os.path.ismount(resolved) and resolved != cwd:
+            where = "a mount point"
+        raise OutputError(
+            f"is {where}: loramerge writes OUT as a whole and renames it into place, so it "
+            "cannot be a folder that stays in use",
+            file=out,
+            hint="name a new folder or file inside it, e.g. ./merged",
+        )
     for source in inputs:
         source = source.resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
             raise OutputError(
                 f"the output would overwrite, contain or sit inside the input {source}",
-                path=out,
+                file=out,
                 hint="choose an output path outside every input",
             )
     if (out.exists() or out.is_symlink()) and not force:
-        raise OutputError("already exists", path=out, hint="pass --force to replace it")
+        raise OutputError("already exists", file=out, hint=f"pass {opt('force')} to replace it")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -157,18 +171,44 @@ def _put_in_place(temp: Path, out: Path) -> None:
     remove_path(parent / f".{out.name}{OLD_MARK}{os.getpid()}")
 
 
+def short_write_cause(exc: OSError, path: Path) -> OSError:
+    """The cause of a short write that a writer reported without one (numpy's tofile says only
+    "N requested and M written"): one more byte appended to `path` fails the same way and
+    tells why (a full disk, a size limit). `exc` itself when it has its cause, or the probe
+    succeeds."""
+    if exc.errno is not None:
+        return exc
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as cause:
+        return cause
+    try:
+        os.write(fd, b"\0")
+    except OSError as cause:
+        return cause
+    finally:
+        os.close(fd)
+    return exc
+
+
 def _output_error(exc: OSError, out: Path) -> OutputError:
+    """One message for a failed write that names OUT and the cause; nothing is left behind."""
     reason = exc.strerror or str(exc)
     if exc.errno in _DISK_ERRNOS:
         return OutputError(
-            f"writing failed: {reason}; nothing was written",
-            path=out,
+            f"writing failed, the disk or a size limit is full ({reason}); nothing was written",
+            file=out,
             hint="free some disk space or pick another output folder, then run again",
         )
-    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in _ACCESS_ERRNOS:
+        return OutputError(
+            f"cannot be written in {out.parent} ({reason}); nothing was written",
+            file=out,
+            hint="choose a folder you can write to",
+        )
     return OutputError(
-        f"writing failed: {reason}{where}; nothing was written",
-        path=out,
+        f"writing failed ({reason}); nothing was written",
+        file=out,
         hint="check the output folder's permissions and free space",
     )
 

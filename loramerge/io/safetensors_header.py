@@ -17,25 +17,15 @@ from pathlib import Path
 import torch
 
 from loramerge.errors import FormatError
+from loramerge.io import dtypes as dtype_table
 
 MAX_HEADER_BYTES = 100_000_000
 
-# safetensors dtype code -> (torch dtype, bytes per element)
+# safetensors dtype code -> (torch dtype, bytes per element), from the one table in io/dtypes
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+    code: (getattr(torch, name), size) for code, (name, size) in dtype_table.DTYPES.items()
 }
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+FLOAT_CODES = dtype_table.FLOAT_CODES
 _CODE_OF_DTYPE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
 
 
@@ -90,15 +80,11 @@ class SafetensorsHeader:
     entries: dict[str, TensorEntry]
     metadata: dict[str, str]
 
-    @property
-    def data_bytes(self) -> int:
-        return sum(entry.nbytes for entry in self.entries.values())
-
 
 def data_error(path: Path, message: str) -> FormatError:
     return FormatError(
         message,
-        path=path,
+        file=path,
         hint="the file is damaged or not safetensors; download or export it again",
     )
 
@@ -195,9 +181,9 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
 def header_from_fd(fd: int, path: Path) -> SafetensorsHeader:
     info = os.fstat(fd)
     if stat.S_ISDIR(info.st_mode):
-        raise FormatError("is a folder, expected a .safetensors file", path=path)
+        raise FormatError("is a folder, expected a .safetensors file", file=path)
     if not stat.S_ISREG(info.st_mode):
-        raise FormatError("is not a regular file, expected a .safetensors file", path=path)
+        raise FormatError("is not a regular file, expected a .safetensors file", file=path)
     file_size = info.st_size
     prefix = os.pread(fd, 8, 0)
     if len(prefix) < 8:
@@ -222,13 +208,13 @@ def open_readonly(path: Path) -> int:
         # O_NONBLOCK: opening a FIFO must not hang; it is refused as not a regular file
         return os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except IsADirectoryError:
-        raise FormatError("is a folder, expected a .safetensors file", path=path) from None
+        raise FormatError("is a folder, expected a .safetensors file", file=path) from None
     except FileNotFoundError:
-        raise FormatError("file not found", path=path) from None
+        raise FormatError("file not found", file=path) from None
     except PermissionError:
-        raise FormatError("permission denied", path=path) from None
+        raise FormatError("permission denied", file=path) from None
     except (OSError, ValueError) as exc:
-        raise FormatError(f"cannot be opened ({exc})", path=path) from None
+        raise FormatError(f"cannot be opened ({exc})", file=path) from None
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
@@ -238,6 +224,6 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     try:
         return header_from_fd(fd, path)
     except OSError as exc:
-        raise FormatError(f"cannot be read ({exc.strerror or exc})", path=path) from None
+        raise FormatError(f"cannot be read ({exc.strerror or exc})", file=path) from None
     finally:
         os.close(fd)

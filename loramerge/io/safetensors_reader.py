@@ -40,7 +40,7 @@ class SafetensorsReader:
             self._fd = -1
             if isinstance(exc, OSError):
                 raise FormatError(
-                    f"cannot be read ({exc.strerror or exc})", path=self.path
+                    f"cannot be read ({exc.strerror or exc})", file=self.path
                 ) from None
             raise
         if direct:
@@ -65,14 +65,11 @@ class SafetensorsReader:
     def fd(self) -> int:
         return self._fd
 
-    def names(self) -> list[str]:
-        return list(self.header.entries)
-
     def entry(self, name: str) -> TensorEntry:
         try:
             return self.header.entries[name]
         except KeyError:
-            raise FormatError(f"has no tensor {name!r}", path=self.path) from None
+            raise FormatError(f"has no tensor {name!r}", file=self.path) from None
 
     def absolute_offset(self, entry: TensorEntry) -> int:
         return self.header.data_start + entry.begin

@@ -192,7 +192,7 @@ class StreamingWriter:
             if moved == 0:
                 chunk = os.pread(source_fd, step, offset + done)
                 if not chunk:
-                    raise FormatError("source ended early during a copy", path=self.path)
+                    raise FormatError("source ended early during a copy", file=self.path)
                 os.write(out_fd, chunk)
                 moved = len(chunk)
             done += moved

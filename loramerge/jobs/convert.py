@@ -1,5 +1,5 @@
 """`convert`: an adapter rewritten in another format, module names pinned to a base when given;
-ranks optionally reduced (--max-rank, --energy) with the energy each module keeps reported."""
+ranks optionally reduced (max_rank, energy) with the energy each module keeps reported."""
 
 from __future__ import annotations
 
@@ -8,34 +8,50 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import check_adapter
-from loramerge.errors import OptionError
+from loramerge.adapter_checks import read_checked
 from loramerge.formats.provenance import read_as
-from loramerge.formats.registry import ReadOptions, check_user_alpha, read_adapter
-from loramerge.jobs.adapter_output import write_adapter
+from loramerge.formats.registry import ReadOptions, check_user_alpha
+from loramerge.jobs.adapter_output import check_adapter_output, choose_output, write_adapter
+from loramerge.jobs.options import check_rank, check_share
 from loramerge.model.fit import rename_to_base
+from loramerge.model.folder import base_config_of
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.rank_truncation import ModuleRow, reduce_svd
 
 
 def convert_adapter(
     source: str | Path,
-    to: str,
     out: str | Path,
     *,
+    to: str | None = None,
+    engine: str | None = None,
     base: str | Path | None = None,
     fmt: str | None = None,
     force: bool = False,
     allow_nonfinite: bool = False,
-    engine: str | None = None,
     alpha: float | None = None,
     max_rank: int | None = None,
     energy: float | None = None,
 ) -> dict[str, Any]:
-    _check_reduction(max_rank, energy)
-    adapter = read_adapter(source, fmt, ReadOptions(alpha=alpha, base=base))
-    check_user_alpha(adapter, alpha, source)
-    check_adapter(adapter, allow_nonfinite)
+    """Write the adapter at `source` as `to` (or as the `engine` reads it) at `out`.
+
+    `alpha` is the training lora_alpha of an input that stores none; `max_rank` / `energy`
+    reduce ranks (see `reduce_ranks`). Returns `out`, `format`, `modules`, `source_format`,
+    `read_as` (what the reader read), `ranks_read`, `full_rank_modules` (modules whose rank is
+    as large as their matrix), `reduction` (one row per module, when reduced), and what the
+    engine profile reported (see write_adapter)."""
+    if max_rank is not None:
+        check_rank(max_rank, "max_rank")
+    if energy is not None:
+        check_share(energy, "energy")
+    output = choose_output(to, engine, base, default=None)
+    inputs = [Path(source)]
+    check_adapter_output(out, output, inputs, force)
+    options = ReadOptions(
+        alpha=alpha, base_config=base_config_of(base) if base is not None else None, base=base
+    )
+    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
+    check_user_alpha(adapter, alpha)
     ranks_read = sorted({m.r for m in adapter.modules.values()})
     full_rank = _full_rank_modules(adapter)
     rows: list[ModuleRow] | None = None
@@ -43,14 +59,10 @@ def convert_adapter(
         adapter, rows = reduce_ranks(adapter, max_rank=max_rank, energy=energy)
     if base is not None:
         adapter = rename_to_base(adapter, base)
-    inputs = [Path(source)] + ([Path(base)] if base is not None else [])
-    report: dict[str, Any] = {}
-    written = write_adapter(
-        adapter, out, to, force=force, inputs=inputs, engine=engine, base=base, report=report
-    )
+    report = write_adapter(adapter, out, output, force=force, inputs=inputs)
     result: dict[str, Any] = {
-        "out": str(written),
-        "format": to,
+        "out": str(out),
+        "format": output.entry.name,
         "modules": len(adapter.modules),
         "source_format": adapter.source_format,
         "read_as": read_as(adapter),
@@ -61,17 +73,6 @@ def convert_adapter(
     if rows is not None:
         result["reduction"] = [asdict(row) for row in rows]
     return result
-
-
-def _check_reduction(max_rank: int | None, energy: float | None) -> None:
-    if max_rank is not None and (
-        isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1
-    ):
-        raise OptionError(f"--max-rank must be a whole number >= 1, got {max_rank!r}")
-    if energy is not None and (
-        isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1
-    ):
-        raise OptionError(f"--energy must be a number in (0, 1], got {energy!r}")
 
 
 def reduce_ranks(

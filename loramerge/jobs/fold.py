@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from loramerge.adapter import Adapter
 from loramerge.adapter_checks import check_adapter
-from loramerge.errors import FormatError, LoramergeError, OptionError
+from loramerge.errors import FormatError, LoramergeError, UsageError, opt
 from loramerge.formats.cola_chain import Chain, ChainLink, in_link, read_chain
 from loramerge.formats.registry import ReadOptions
 from loramerge.io.atomic import TEMP_MARK, check_output_target, remove_path
+from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import torch_dtype
-from loramerge.jobs.adapter_output import write_adapter
+from loramerge.jobs.adapter_output import check_adapter_output, choose_output, write_adapter
+from loramerge.jobs.defaults import ROUNDINGS
 from loramerge.jobs.fold_report import LinkReport, base_model_warnings, knot_warnings, link_reports
-from loramerge.jobs.merge import MergeResult, dtype_code_of, merge_adapter
+from loramerge.jobs.merge import MergeResult, merge_adapter
+from loramerge.jobs.options import check_choice, check_rank, exclusive, needs
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
@@ -29,8 +34,6 @@ from loramerge.ops.cola_fold import (
     weighted,
 )
 
-ROUNDINGS = ("once", "per-link")
-
 
 @dataclass
 class FoldResult:
@@ -39,10 +42,115 @@ class FoldResult:
     chain_norms: dict[str, float]  # ||sum_j w_j s_j B_j A_j||_F per module
     rounding: str | None = None  # None when an adapter was written
     merge: MergeResult | None = None  # the (last) merge of the folded model
-    folded: FoldedAdapter | None = None  # the adapter written (--as-lora)
+    folded: FoldedAdapter | None = None  # the adapter written (as_lora)
     bytes_written: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # output tensors by action
     warnings: list[str] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)  # the engine profile's report
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "out": str(self.out),
+            "kind": "adapter" if self.folded is not None else "model",
+            "rounding": self.rounding,
+            "seconds": round(self.seconds, 3),
+            "links": [link.to_json() for link in self.links],
+            "chain_update_norm": dict(self.chain_norms),
+            "warnings": self.warnings,
+        }
+        if self.merge is not None:
+            summary["bytes"] = self.bytes_written
+            summary["shards"] = [s.file_name for s in self.merge.plan.shards]
+            summary["tensors"] = self.counts
+            if self.rounding == "once":
+                summary["changed_share"] = {
+                    name: stats.changed_share for name, stats in self.merge.modules.items()
+                }
+        if self.folded is not None:
+            summary["energy_kept"] = self.folded.energy_kept
+            summary["modules"] = {
+                path: {
+                    "rank": m.rank,
+                    "link_ranks": list(m.link_ranks),
+                    "energy_kept": m.energy_kept,
+                    "relative_error": m.relative_error,
+                }
+                for path, m in self.folded.modules.items()
+            }
+        if self.engine:
+            summary["engine"] = self.engine
+        return summary
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """How to fold: into the base with `rounding`, or `as_lora` into one adapter (at most
+    `rank` per module, for `engine`); `dtype` and `max_shard_bytes` of what is written."""
+
+    rounding: str = "once"
+    as_lora: bool = False
+    rank: int | None = None
+    engine: str | None = None
+    dtype: str | None = None
+    max_shard_bytes: int | None = None
+
+    def check(self, base: str | Path | None) -> None:
+        """Every check that needs no input: values in range, options that fit together."""
+        check_choice(self.rounding, ROUNDINGS, "rounding")
+        output_code(self.dtype)
+        needs("engine", self.engine is not None, "as_lora", self.as_lora, "it rewrites an adapter")
+        exclusive("rounding", self.rounding != "once", "as_lora", self.as_lora)
+        exclusive("max_shard_size", self.max_shard_bytes is not None, "as_lora", self.as_lora)
+        needs("rank", self.rank is not None, "as_lora", self.as_lora, "it compresses the adapter")
+        if self.rank is not None:
+            check_rank(self.rank)
+        if base is None and not self.as_lora:
+            raise UsageError(
+                f"is needed to fold a chain into a model (or write one adapter: {opt('as_lora')})",
+                option="base",
+            )
+
+
+def fold(
+    links: Sequence[str | Path],
+    out: str | Path,
+    options: FoldOptions,
+    *,
+    base: str | Path | None = None,
+    allow_nonfinite: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> FoldResult:
+    """The `fold` command: check the options, read and check the chain, write OUT."""
+    options.check(base)
+    started = time.perf_counter()
+    chain, warnings = load_chain(links, base, allow_nonfinite=allow_nonfinite)
+    if options.as_lora:
+        result = fold_to_adapter(
+            chain,
+            out,
+            rank=options.rank,
+            dtype=options.dtype,
+            force=force,
+            engine=options.engine,
+            base=base,
+        )
+    else:
+        assert base is not None
+        result = fold_to_model(
+            chain,
+            base,
+            out,
+            rounding=options.rounding,
+            dtype=options.dtype,
+            force=force,
+            max_shard_bytes=options.max_shard_bytes,
+            progress=progress,
+        )
+    result.warnings = warnings + result.warnings
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def load_chain(
@@ -76,7 +184,7 @@ def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> 
     if dora:
         raise FormatError(
             "is a DoRA adapter; DoRA updates do not add up, so a chain of them cannot be folded",
-            path=adapter.source_path,
+            file=adapter.source_path,
             module=dora[0],
             hint="merge DoRA links one at a time with loramerge merge",
         )
@@ -85,11 +193,11 @@ def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> 
         raise FormatError(
             f"carries a full trained tensor ({name}, modules_to_save); only plain LoRA links "
             "can be folded",
-            path=adapter.source_path,
+            file=adapter.source_path,
             hint="merge this link with loramerge merge instead",
         )
     if not adapter.modules:
-        raise FormatError("holds no LoRA modules", path=adapter.source_path)
+        raise FormatError("holds no LoRA modules", file=adapter.source_path)
     if base is None:
         # saved base tables are the weights the link was trained on (earlier knots included);
         # the fold starts from the base instead
@@ -102,7 +210,7 @@ def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> 
             raise FormatError(
                 f"saved base table {name} is {list(table.shape)}, the base has "
                 f"{list(shapes[found])}: tokens were added while training this link",
-                path=adapter.source_path,
+                file=adapter.source_path,
                 hint="a chain whose vocabulary grows cannot be folded; merge link by link",
             )
     adapter = replace(adapter, base_tables={})
@@ -129,9 +237,8 @@ def fold_to_model(
     one streamed merge per link, each knot rounded to the output dtype, as tying each knot with
     PEFT's merge_and_unload in that dtype does.
     """
-    if rounding not in ROUNDINGS:
-        raise OptionError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-    dtype_code_of(dtype)
+    check_choice(rounding, ROUNDINGS, "rounding")
+    output_code(dtype)
     out = Path(out)
     base = open_base(base_ref)
     check_output_target(out, [base.root, *chain.inputs], force)
@@ -245,27 +352,19 @@ def fold_to_adapter(
     force: bool = False,
     engine: str | None = None,
     base: str | Path | None = None,
-    report: dict | None = None,
 ) -> FoldResult:
     """Write one PEFT adapter equal to the whole chain: exact, or reduced to `rank`.
 
-    `engine` rewrites it for an inference engine first (see write_adapter); `report` receives
-    what that changed.
+    `engine` rewrites it for an inference engine first (see write_adapter); the result's
+    `engine` holds what that changed.
     """
-    code = dtype_code_of(dtype or "float32")
+    code = output_code(dtype or "float32")
     out = Path(out)
-    check_output_target(out, chain.inputs, force)
+    output = choose_output(None, engine, base)
+    check_adapter_output(out, output, chain.inputs, force)
     reports, chain_norms = link_reports(chain)
     folded = fold_chain(
         [(link.adapter, link.weight) for link in chain.links], rank=rank, dtype=torch_dtype(code)
     )
-    to = "peft"
-    if engine is not None:
-        from loramerge.engines.profiles import engine_profile
-
-        to = engine_profile(engine).formats[0]
-    write_adapter(
-        folded.adapter, out, to, force=force, inputs=chain.inputs, engine=engine, base=base,
-        report=report,
-    )  # fmt: skip
-    return FoldResult(out, reports, chain_norms, folded=folded)
+    engine_report = write_adapter(folded.adapter, out, output, force=force, inputs=chain.inputs)
+    return FoldResult(out, reports, chain_norms, folded=folded, engine=engine_report)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from loramerge.errors import located
+from loramerge.errors import located, opt
 from loramerge.formats.cola_chain import Chain
+from loramerge.jobs.merge import rounding_warning
 from loramerge.model.stream import ERASED_SHARE
 from loramerge.ops.cola_fold import chain_update_norm, total_norm, update_norm
 
@@ -43,6 +45,25 @@ class LinkReport:
         if not counted or not elements:
             return None
         return sum(m.changed_share * m.elements for m in counted) / elements
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "path": str(self.path),
+            "weight": self.weight,
+            "base_model": self.base_model,
+            "update_norm": self.norm,
+            "changed_share": self.changed_share,
+            "modules": {
+                path: {
+                    "rank": m.rank,
+                    "scale": m.scale,
+                    "update_norm": m.norm,
+                    "changed_share": m.changed_share,
+                }
+                for path, m in self.modules.items()
+            },
+        }
 
 
 def base_model_warnings(chain: Chain) -> list[str]:
@@ -86,10 +107,10 @@ def knot_warnings(reports: list[LinkReport], dtype: str | None) -> list[str]:
             if m.changed_share is not None and m.elements and m.changed_share < ERASED_SHARE
         ]
         if erased:
-            warnings.append(
-                f"link {report.index}: rounding its knot to {dtype or 'the base dtype'} left "
-                f"only {min(erased):.0%}-{max(erased):.0%} of the update's elements changed in "
-                f"{len(erased)} of {len(report.modules)} modules; the default --rounding once "
-                "(or --dtype float32) keeps them"
+            where = (
+                f"link {report.index} ({len(erased)} of {len(report.modules)} modules, its knot)"
             )
+            kept = f"{min(erased):.0%}-{max(erased):.0%}"
+            remedy = f"the default {opt('rounding')} once (or {opt('dtype')} float32) keeps them"
+            warnings.append(rounding_warning(where, kept, dtype, remedy))
     return warnings

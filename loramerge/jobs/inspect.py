@@ -1,4 +1,5 @@
-"""What an adapter holds, and with a base, how large its updates are and what rounding keeps."""
+"""`inspect`: what an adapter holds, and with a base, how large its updates are and what
+rounding keeps."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter
+from loramerge.adapter_checks import read_checked
+from loramerge.errors import opt
 from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.formats.provenance import read_as
+from loramerge.formats.registry import ReadOptions, check_user_alpha
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
-from loramerge.model.folder import open_base
-from loramerge.model.plan import Action, plan_merge
+from loramerge.jobs.merge import rounding_warning
+from loramerge.model.folder import base_config_of, open_base
+from loramerge.model.plan import Action, TensorPlan, plan_merge
 from loramerge.model.sources import Sources, tile_buffer_bytes
-from loramerge.model.stream import ERASED_SHARE, count_changed, merged_tiles
+from loramerge.model.stream import ERASED_SHARE, Progress, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.rank_truncation import RankSize, dylora_rank_profile
 
@@ -60,7 +65,25 @@ class AdapterReport:
         return asdict(self)
 
 
-def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> AdapterReport:
+def inspect(
+    path: str | Path,
+    base: str | Path | None = None,
+    *,
+    fmt: str | None = None,
+    alpha: float | None = None,
+    progress: Progress | None = None,
+) -> AdapterReport:
+    """The `inspect` command: read and check the adapter at `path`, describe it; with `base`,
+    measure every update against its weight (`progress` gets bytes of base weights read)."""
+    config = base_config_of(base) if base is not None else None
+    adapter = read_checked(path, fmt, ReadOptions(alpha=alpha, base_config=config, base=base))
+    check_user_alpha(adapter, alpha)
+    return inspect_adapter(adapter, base, progress)
+
+
+def inspect_adapter(
+    adapter: Adapter, base_ref: str | Path | None = None, progress: Progress | None = None
+) -> AdapterReport:
     modules = []
     for module in adapter.modules.values():
         lora_b, lora_a = module.factors()
@@ -93,37 +116,44 @@ def inspect_adapter(adapter: Adapter, base_ref: str | Path | None = None) -> Ada
     if is_dylora(adapter):
         report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))
     if base_ref is not None:
-        _measure_against_base(adapter, base_ref, report)
+        _measure_against_base(adapter, base_ref, report, progress)
     return report
 
 
-def _measure_against_base(adapter: Adapter, base_ref: str | Path, report: AdapterReport) -> None:
+def _measure_against_base(
+    adapter: Adapter, base_ref: str | Path, report: AdapterReport, progress: Progress | None
+) -> None:
     base = open_base(base_ref)
     plan = plan_merge(base.tensors(), base.config, adapter)
     by_path = {m.path: m for m in report.modules}
+    merged = [t for shard in plan.shards for t in shard.tensors if t.action is Action.MERGE]
+    total, done = sum(t.nbytes for t in merged), 0
     with ExitStack() as stack:
         sources = Sources(base, adapter, stack, tile_buffer_bytes(plan, base))
-        for shard in plan.shards:
-            for tensor in shard.tensors:
-                if tensor.action is not Action.MERGE:
-                    continue
-                entry = by_path[tensor.module or ""]
-                entry.kind = (tensor.kind or adapter.modules[entry.path].kind).value
-                out_dtype = torch_dtype(tensor.dtype)
-                squares, changed, elements = 0.0, 0, 0
-                for base_rows, values in merged_tiles(tensor, sources, adapter):
-                    squares += float(base_rows.to(torch.float64).square().sum())
-                    changed += count_changed(values.to(out_dtype), base_rows.to(out_dtype))
-                    elements += values.numel()
-                    sources.give(base_rows, values)
-                entry.base_tensor = tensor.name
-                entry.base_dtype = tensor.dtype
-                entry.base_norm = squares**0.5
-                entry.relative_update = entry.update_norm / entry.base_norm if squares else None
-                entry.changed_share = changed / elements if elements else 0.0
-                if entry.changed_share < ERASED_SHARE:
-                    report.warnings.append(
-                        f"{entry.path}: rounding to {tensor.dtype} keeps only "
-                        f"{entry.changed_share:.0%} of the update's elements; merge with "
-                        "--dtype float32 to keep it"
-                    )
+        for tensor in merged:
+            entry = by_path[tensor.module or ""]
+            entry.kind = (tensor.kind or adapter.modules[entry.path].kind).value
+            _measure(entry, tensor, sources, adapter)
+            if entry.changed_share is not None and entry.changed_share < ERASED_SHARE:
+                kept = f"{entry.changed_share:.0%}"
+                remedy = f"merge with {opt('dtype')} float32 to keep it"
+                report.warnings.append(rounding_warning(entry.path, kept, tensor.dtype, remedy))
+            done += tensor.nbytes
+            if progress is not None:
+                progress(done, total)
+
+
+def _measure(entry: ModuleReport, tensor: TensorPlan, sources: Sources, adapter: Adapter) -> None:
+    """The base weight's norm and the share of elements the update changes after rounding."""
+    out_dtype = torch_dtype(tensor.dtype)
+    squares, changed, elements = 0.0, 0, 0
+    for base_rows, values in merged_tiles(tensor, sources, adapter):
+        squares += float(base_rows.to(torch.float64).square().sum())
+        changed += count_changed(values.to(out_dtype), base_rows.to(out_dtype))
+        elements += values.numel()
+        sources.give(base_rows, values)
+    entry.base_tensor = tensor.name
+    entry.base_dtype = tensor.dtype
+    entry.base_norm = squares**0.5
+    entry.relative_update = entry.update_norm / entry.base_norm if squares else None
+    entry.changed_share = changed / elements if elements else 0.0

@@ -1,19 +1,27 @@
-"""Merging an adapter into a base model folder: plan from headers, stream, finish the folder."""
+"""`merge`: an adapter merged into its base model folder: plan from headers, stream, finish the
+folder. `merge_adapter` is the building block the other jobs that write a model share."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.errors import OptionError, OutputError
+from loramerge.adapter_checks import read_checked
+from loramerge.errors import OutputError, opt
+from loramerge.formats.registry import check_output_name
 from loramerge.io.atomic import atomic_output, check_output_target
+from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import read_header
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
-from loramerge.model.plan import DTYPE_CODES, MergePlan, plan_merge
+from loramerge.model.plan import MergePlan, plan_merge
 from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
+
+KEEP_IT = f"pass {opt('dtype')} float32 to keep it"
 
 
 @dataclass
@@ -23,17 +31,102 @@ class MergeResult:
     modules: dict[str, ModuleStats]
     bytes_written: int
     warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "shards": [s.file_name for s in self.plan.shards],
+            "bytes": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "tensors": self.plan.counts(),
+            "untied_embeddings": self.plan.untied,
+            "modules": {
+                name: {"tensor": s.tensor, "changed_share": round(s.changed_share, 6)}
+                for name, s in self.modules.items()
+            },
+            "warnings": self.warnings,
+        }
 
 
-def dtype_code_of(name: str | None) -> str | None:
-    """ "bfloat16" -> "BF16"; None keeps each tensor's dtype."""
-    if name is None:
-        return None
-    try:
-        return DTYPE_CODES[name]
-    except KeyError:
-        choices = ", ".join(DTYPE_CODES)
-        raise OptionError(f"unknown dtype {name!r}; choose one of {choices}") from None
+def rounding_warning(where: str, kept: str, dtype: str | None, remedy: str = KEEP_IT) -> str:
+    """The one warning for an update that rounding to the output dtype mostly erased: `kept`
+    is the share of the update's elements that still changed the weights ("12%", "5%-20%")."""
+    return (
+        f"{where}: rounding to {dtype or 'the base dtype'} left only {kept} of the update's "
+        f"elements changed; {remedy}"
+    )
+
+
+def erased_warnings(modules: dict[str, ModuleStats], dtype: str | None) -> list[str]:
+    """A rounding warning for each module whose update rounding mostly erased."""
+    return [
+        rounding_warning(stats.module, f"{stats.changed_share:.0%}", dtype)
+        for stats in modules.values()
+        if stats.elements and stats.changed_share < ERASED_SHARE
+    ]
+
+
+def merge(
+    source: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    fmt: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+    allow_nonfinite: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    alpha: float | None = None,
+) -> MergeResult:
+    """The `merge` command: read and check the adapter at `source`, merge it into `base`.
+    `alpha` is the training lora_alpha of an input that stores none."""
+    output_code(dtype)
+    check_output_name(Path(out), None)
+    adapter = _read(source, fmt, base, alpha, allow_nonfinite)
+    return merge_adapter(
+        adapter,
+        base,
+        out,
+        dtype=dtype,
+        force=force,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )
+
+
+def preview(
+    source: str | Path,
+    base: str | Path,
+    *,
+    fmt: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+    allow_nonfinite: bool = False,
+    alpha: float | None = None,
+) -> MergePlan:
+    """`merge --dry-run`: the plan a merge would follow, from headers alone."""
+    output_code(dtype)
+    adapter = _read(source, fmt, base, alpha, allow_nonfinite)
+    return preview_merge(adapter, base, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def _read(
+    source: str | Path,
+    fmt: str | None,
+    base: str | Path,
+    alpha: float | None,
+    allow_nonfinite: bool,
+) -> Adapter:
+    """The adapter, read with what the base and the user supply for formats that store less
+    (torchtune's head counts and alpha, VeRA's input sizes, official DyLoRA's alpha)."""
+    from loramerge.formats.registry import ReadOptions, check_user_alpha
+
+    options = ReadOptions(alpha=alpha, base=base)
+    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
+    check_user_alpha(adapter, alpha)
+    return adapter
 
 
 def merge_adapter(
@@ -48,13 +141,15 @@ def merge_adapter(
     extra_inputs: list[Path] | None = None,
 ) -> MergeResult:
     """Write the fully merged model of `adapter` on `base_ref` into the folder `out`."""
+    started = time.perf_counter()
     out = Path(out)
+    check_output_name(out, None)
     base = open_base(base_ref)
     plan = plan_merge(
         base.tensors(),
         base.config,
         adapter,
-        dtype=dtype_code_of(dtype),
+        dtype=output_code(dtype),
         max_shard_bytes=max_shard_bytes,
     )
     inputs = [base.root, *(extra_inputs or [])]
@@ -65,13 +160,9 @@ def merge_adapter(
         streamed = stream_plan(plan, base, adapter, temp, progress)
         write_folder_files(base, plan, temp)
         check_written(plan, temp)
-    warnings = [
-        f"{stats.module}: rounding to the output dtype kept only {stats.changed_share:.0%} of the "
-        "update's elements; pass --dtype float32 to keep it"
-        for stats in streamed.modules.values()
-        if stats.elements and stats.changed_share < ERASED_SHARE
-    ]
-    return MergeResult(out, plan, streamed.modules, streamed.bytes_written, warnings)
+    warnings = erased_warnings(streamed.modules, dtype)
+    seconds = time.perf_counter() - started
+    return MergeResult(out, plan, streamed.modules, streamed.bytes_written, warnings, seconds)
 
 
 def write_folder_files(base: BaseModel, plan: MergePlan, folder: Path) -> None:
@@ -107,7 +198,7 @@ def check_written(plan: MergePlan, folder: Path) -> None:
         found = [(e.name, e.dtype, e.shape) for e in header.entries.values()]
         if expected != found:
             raise OutputError(
-                "a written shard does not match its plan", path=folder / shard.file_name
+                "a written shard does not match its plan", file=folder / shard.file_name
             )
 
 
@@ -124,6 +215,6 @@ def preview_merge(
         base.tensors(),
         base.config,
         adapter,
-        dtype=dtype_code_of(dtype),
+        dtype=output_code(dtype),
         max_shard_bytes=max_shard_bytes,
     )

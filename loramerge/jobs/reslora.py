@@ -1,32 +1,53 @@
-"""ResLoRA checkpoint + base -> plain LoRA, by the merge rules of rules.md section 4.
+"""`reslora`: a ResLoRA checkpoint on its base turned into a plain LoRA (written as an adapter or
+merged into the base) by the merge rules of docs/rules.md section 4, optionally checked against
+the ResLoRA forward on text.
 
-`convert_reslora` reads an official checkpoint, checks it against the base, applies the merge
-rules chain by chain (loramerge.ops.reslora_rules) and returns a plain `Adapter` with module
-paths as in the base, ready for `write_adapter` or `merge_adapter`. The ResLoRA forward that
-measures statistics and merge loss is run by loramerge.jobs.reslora_stats.
+`convert_reslora` reads an official checkpoint, checks it against the base, applies the rule of
+loramerge.ops.reslora_table that fits the checkpoint and the options, chain by chain, and
+returns a plain `Adapter` with module paths as in the base. The ResLoRA forward that measures
+statistics and merge loss is run by loramerge.jobs.reslora_stats.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
-from loramerge.errors import FormatError, OptionError, ShapeMismatchError
+from loramerge.errors import FormatError, OptionError, UsageError, opt
 from loramerge.formats import reslora_checkpoint as reslora_format
-from loramerge.formats.reslora_checkpoint import ResLoraCheckpoint
+from loramerge.formats.registry import check_output_name
+from loramerge.formats.reslora_checkpoint import ResLoraChain, ResLoraCheckpoint
 from loramerge.formats.reslora_stats import read_stats
+from loramerge.io.atomic import check_output_target
+from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import TensorEntry
 from loramerge.io.safetensors_reader import SafetensorsReader
+from loramerge.jobs.adapter_output import check_adapter_output, choose_output, write_adapter
+from loramerge.jobs.merge import merge_adapter
+from loramerge.jobs.options import check_choice, check_rank, exclusive, needs
+from loramerge.jobs.reslora_stats import CheckResult, TextOptions, check_batches, prepare_text
 from loramerge.model.folder import BaseModel, open_base
+from loramerge.model.reslora_fit import check_against_base
+from loramerge.model.stream import Progress
 from loramerge.ops import reslora_rules as rules
+from loramerge.ops.reslora_table import (
+    EXACT_KINDS,
+    INPUT_NORMS,
+    MIDDLE_NORMS,
+    MS_RULES,
+    NORMS,
+    OFFICIAL_WEIGHTS,
+    WEIGHTS,
+    Rule,
+    find_rule,
+    kinds_with,
+)
 
-NORMS = ("weights", "official", "inputs")
-MS_RULES = ("amerge", "scalar")
 TILE_BYTES = 32 << 20  # float64 bytes of base rows read at a time for the norms
 
 
@@ -36,9 +57,35 @@ class ResLoraOptions:
 
     norms: str | None = None
     stats: Path | None = None
-    ms_rule: str = "amerge"
+    ms_rule: str = MS_RULES[0]
     rank: int | None = None
     uniform_rank: bool = False
+
+    @property
+    def norm_source(self) -> str:
+        return self.norms or ("inputs" if self.stats else NORMS[0])
+
+    def check(self) -> None:
+        """Every check that needs no checkpoint: choices, ranges, options that fit together."""
+        if self.norms is not None:
+            check_choice(self.norms, NORMS, "norms")
+        check_choice(self.ms_rule, MS_RULES, "ms_rule")
+        exclusive("rank", self.rank is not None, "uniform_rank", self.uniform_rank)
+        if self.rank is not None:
+            check_rank(self.rank)
+        norms = self.norm_source
+        if norms == "inputs" and self.stats is None:
+            raise UsageError(
+                f"needs {opt('stats')}: a statistics file from loramerge reslora-stats",
+                option="norms",
+                value=norms,
+            )
+        if self.stats is not None and norms != "inputs":
+            raise UsageError(
+                f"gives input norms, and {opt('norms')} is {norms}",
+                option="stats",
+                hint="drop one of the two",
+            )
 
 
 @dataclass
@@ -68,47 +115,41 @@ class ResLoraConversion:
     estimator: str  # what produced the coefficients, e.g. "weight-based norms"
 
 
-def resolve_estimator(kind: str, options: ResLoraOptions) -> str:
-    """The norm source a checkpoint type uses under these options; refuses contradictions."""
-    if options.norms is not None and options.norms not in NORMS:
-        raise OptionError(f"unknown --norms {options.norms!r}; choose one of {', '.join(NORMS)}")
-    if options.ms_rule not in MS_RULES:
-        raise OptionError(f"unknown --ms-rule {options.ms_rule!r}; choose amerge or scalar")
-    if options.rank is not None and options.uniform_rank:
-        raise OptionError("--rank and --uniform-rank exclude each other", hint="pick one")
-    if options.rank is not None and options.rank < 1:
-        raise OptionError(f"--rank must be at least 1, got {options.rank}")
-    norms = options.norms or ("inputs" if options.stats else "weights")
-    if norms == "inputs" and options.stats is None:
-        raise OptionError("--norms inputs needs --stats FILE", hint="make one with reslora-stats")
-    if options.stats is not None and norms != "inputs":
+def choose_rule(kind: str, options: ResLoraOptions) -> Rule:
+    """The table's rule for a checkpoint type under these options; refuses options that do not
+    apply to it."""
+    if kind in EXACT_KINDS:
+        given = [("norms", options.norms), ("stats", options.stats)]
+        given.append(("ms_rule", options.ms_rule if options.ms_rule != MS_RULES[0] else None))
+        for option, value in given:
+            if value is not None:
+                raise OptionError(
+                    f"does not apply: {kind} blocks merge exactly", option=option, value=value
+                )
+    norms, ms_rule = options.norm_source, options.ms_rule
+    if kind not in kinds_with(ms_rule=ms_rule) and ms_rule != MS_RULES[0]:
+        only = ", ".join(kinds_with(ms_rule=ms_rule))
+        raise OptionError(f"applies to {only} checkpoints only", option="ms_rule", value=ms_rule)
+    if kind not in kinds_with(norms=norms) and kind not in EXACT_KINDS:
+        only = ", ".join(kinds_with(norms=norms))
+        raise OptionError(f"applies to {only} checkpoints only", option="norms", value=norms)
+    rule = find_rule(kind, norms, ms_rule)
+    if rule is None:
         raise OptionError(
-            f"--stats gives input norms but --norms is {norms}", hint="drop one of the two"
+            f"needs {opt('stats')}: a statistics file from loramerge reslora-stats",
+            option="ms_rule",
+            value=ms_rule,
         )
-    if kind in ("bs", "none"):
-        given = [
-            name
-            for name, value in (("--norms", options.norms), ("--stats", options.stats))
-            if value
-        ]
-        if options.ms_rule != "amerge":
-            given.append("--ms-rule")
-        if given:
-            raise OptionError(f"{given[0]} does not apply: {kind} blocks merge exactly")
-        return "exact"
-    if norms == "official" and kind != "is":
-        raise OptionError("--norms official applies to input-shortcut (is) checkpoints only")
-    if kind == "ms" and options.ms_rule == "scalar":
-        if options.stats is None:
-            raise OptionError("--ms-rule scalar needs --stats FILE (middle-vector norms)")
-        return "scalar rule from middle-vector norms"
-    if kind != "ms" and options.ms_rule != "amerge":
-        raise OptionError("--ms-rule applies to middle-shortcut (ms) checkpoints only")
-    return {
-        "weights": "weight-based norms",
-        "official": "official-code norms",
-        "inputs": "input norms",
-    }[norms]
+    return rule
+
+
+def estimator_text(rule: Rule, options: ResLoraOptions, pad_to: int | None) -> str:
+    text = rule.estimator
+    if options.rank is not None:
+        text += f", compressed to rank {options.rank} (QR-core SVD)"
+    elif pad_to is not None:
+        text += f", zero-padded to rank {pad_to}"
+    return text
 
 
 def convert_reslora(
@@ -116,49 +157,97 @@ def convert_reslora(
 ) -> ResLoraConversion:
     """The plain LoRA that a ResLoRA checkpoint merges into on its base."""
     options = options or ResLoraOptions()
+    options.check()
     checkpoint = reslora_format.read(checkpoint_path)
-    estimator = resolve_estimator(checkpoint.kind, options)
+    rule = choose_rule(checkpoint.kind, options)
     base = open_base(base_ref)
     check_against_base(checkpoint, base)
-    norms = options.norms or ("inputs" if options.stats else "weights")
-    if norms == "official" and checkpoint.kind == "is":
-        for _, _, block in checkpoint.blocks():
-            if block.shape[0] != block.shape[1]:
-                raise OptionError(
-                    f"--norms official adds (B A)^T to W, defined only for square weights; this "
-                    f"one is {block.shape[0]} x {block.shape[1]}",
-                    module=block.path,
-                    hint="use the default weight-based norms",
-                )
+    if rule.reads == OFFICIAL_WEIGHTS:
+        _check_square(checkpoint)
     stats = read_stats(options.stats, checkpoint) if options.stats else None
-    config = checkpoint.config
-    merged: list[tuple[str, int, Any, rules.PlainBlock]] = []
-    located = base.locate()
-    with ExitStack() as stack:
-        readers: dict[str, SafetensorsReader] = {}
-        for chain in checkpoint.chains:
-            factors = [block.factors(torch.float64) for block in chain.blocks]
-            for (B, A), block in zip(factors, chain.blocks, strict=True):
-                if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
-                    raise FormatError(
-                        "holds NaN or Inf values", path=checkpoint.source_path, module=block.path
-                    )
-            paths = [block.path for block in chain.blocks]
-
-            def products(official: bool, paths=paths, factors=factors) -> list:
-                return [
-                    base_products(base, located, readers, stack, path, B, official)
-                    for path, (B, _) in zip(paths, factors, strict=True)
-                ]
-
-            plain = _apply_rule(checkpoint, factors, norms, options, stats, paths, products)
-            merged += [(chain.name, n, chain.blocks[n], p) for n, p in enumerate(plain)]
+    merged = _merge_chains(checkpoint, base, rule, stats)
     pad_to = max(p.A.shape[0] for *_, p in merged) if options.uniform_rank else None
+    modules, reports = _plain_modules(checkpoint, merged, options.rank, pad_to)
+    estimator = estimator_text(rule, options, pad_to)
+    architectures = base.config.get("architectures") or []
+    causal = any(str(a).endswith("ForCausalLM") for a in architectures)
+    adapter = Adapter(
+        modules=modules,
+        base_model=str(base_ref),
+        source_format="reslora",
+        source_path=checkpoint.source_path,
+        task_type="CAUSAL_LM" if causal else None,
+        metadata={"reslora.type": checkpoint.kind, "reslora.estimator": estimator},
+    )
+    return ResLoraConversion(checkpoint, adapter, reports, estimator)
+
+
+def _check_square(checkpoint: ResLoraCheckpoint) -> None:
+    for _, _, block in checkpoint.blocks():
+        if block.shape[0] != block.shape[1]:
+            raise OptionError(
+                f"adds (B A)^T to W, defined only for square weights; this one is "
+                f"{block.shape[0]} x {block.shape[1]}",
+                module=block.path,
+                option="norms",
+                value="official",
+                hint="use the default weight-based norms",
+            )
+
+
+_Merged = tuple[str, int, Any, rules.PlainBlock]
+
+
+def _merge_chains(
+    checkpoint: ResLoraCheckpoint, base: BaseModel, rule: Rule, stats: dict | None
+) -> list[_Merged]:
+    """Every block merged into a plain block by `rule`, chain by chain."""
+    merged: list[_Merged] = []
+    with ExitStack() as stack:
+        reader = _BaseReader(base, stack)
+        for chain in checkpoint.chains:
+            factors = _chain_factors(checkpoint, chain)
+            data = _rule_data(rule, chain, factors, reader, stats)
+            plain = rule.apply(factors, checkpoint.config.scale, checkpoint.config.pre_num, data)
+            merged += [(chain.name, n, chain.blocks[n], p) for n, p in enumerate(plain)]
+    return merged
+
+
+def _chain_factors(checkpoint: ResLoraCheckpoint, chain: ResLoraChain) -> list:
+    factors = [block.factors(torch.float64) for block in chain.blocks]
+    for (B, A), block in zip(factors, chain.blocks, strict=True):
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            raise FormatError(
+                "holds NaN or Inf values", file=checkpoint.source_path, module=block.path
+            )
+    return factors
+
+
+def _rule_data(
+    rule: Rule, chain: ResLoraChain, factors: list, reader: _BaseReader, stats: dict | None
+) -> Any:
+    """What the rule reads besides the factors, for every block of the chain."""
+    paths = [block.path for block in chain.blocks]
+    if rule.reads in (WEIGHTS, OFFICIAL_WEIGHTS):
+        official = rule.reads == OFFICIAL_WEIGHTS
+        return [
+            reader.products(path, B, official) for path, (B, _) in zip(paths, factors, strict=True)
+        ]
+    assert stats is not None or rule.reads is None
+    if rule.reads == INPUT_NORMS:
+        return [stats[path]["input_norm"] for path in paths]
+    if rule.reads == MIDDLE_NORMS:
+        return [stats[path]["middle_norm"] for path in paths]
+    return None
+
+
+def _plain_modules(
+    checkpoint: ResLoraCheckpoint, merged: list[_Merged], rank: int | None, pad_to: int | None
+) -> tuple[dict[str, LoraModule], list[BlockReport]]:
+    config = checkpoint.config
     modules, reports = {}, []
     for chain_name, n, block, plain in merged:
-        out = rules.plain_factors(
-            plain, config.lora_alpha, config.rank, rank=options.rank, pad_to=pad_to
-        )
+        out = rules.plain_factors(plain, config.lora_alpha, config.rank, rank=rank, pad_to=pad_to)
         modules[block.path] = LoraModule(
             block.path, LazyTensor.of(out.A), LazyTensor.of(out.B), out.alpha
         )
@@ -179,120 +268,114 @@ def convert_reslora(
                 out.relative_error,
             )
         )
-    if options.rank is not None:
-        estimator += f", compressed to rank {options.rank} (QR-core SVD)"
-    elif pad_to is not None:
-        estimator += f", zero-padded to rank {pad_to}"
-    architectures = base.config.get("architectures") or []
-    causal = any(str(a).endswith("ForCausalLM") for a in architectures)
-    adapter = Adapter(
-        modules=modules,
-        base_model=str(base_ref),
-        source_format="reslora",
-        source_path=str(checkpoint_path),
-        task_type="CAUSAL_LM" if causal else None,
-        metadata={"reslora.type": checkpoint.kind, "reslora.estimator": estimator},
-    )
-    return ResLoraConversion(checkpoint, adapter, reports, estimator)
+    return modules, reports
 
 
-def _apply_rule(checkpoint, factors, norms, options, stats, paths, products):
-    config = checkpoint.config
-    s, kind = config.scale, checkpoint.kind
-    if kind == "none":
-        return rules.merge_none(factors, s)
-    if kind == "bs":
-        return rules.merge_bs(factors, s, config.pre_num)
-    if kind == "is":
-        if norms == "inputs":
-            return rules.merge_is_inputs(factors, s, [stats[p]["input_norm"] for p in paths])
-        if norms == "official":
-            return rules.merge_is_official(factors, s, products(True))
-        return rules.merge_is_weights(factors, s, products(False))
-    if options.ms_rule == "scalar":
-        middle = [stats[p]["middle_norm"] for p in paths]
-        return rules.merge_ms_scalar(factors, s, config.pre_num, middle)
-    if norms == "inputs":
-        inputs = [stats[p]["input_norm"] for p in paths]
-        return rules.merge_ms_amerge_inputs(factors, s, config.pre_num, inputs)
-    return rules.merge_ms_amerge_weights(factors, s, config.pre_num, products(False))
+class _BaseReader:
+    """Base weights read in row tiles for the weight-based norms, one reader per shard."""
+
+    def __init__(self, base: BaseModel, stack: ExitStack) -> None:
+        self.base = base
+        self.stack = stack
+        self.located: dict[str, tuple[str, TensorEntry]] = base.locate()
+        self.readers: dict[str, SafetensorsReader] = {}
+
+    def products(self, path: str, B: torch.Tensor, official: bool) -> rules.BaseProducts:
+        """||W||_F^2, B^T W and (official) W B for the base weight at `path`."""
+        name = f"{path}.weight"
+        shard, entry = self.located[name]
+        if shard not in self.readers:
+            reader = SafetensorsReader(self.base.shard_path(shard))
+            self.readers[shard] = self.stack.enter_context(reader)
+        reader = self.readers[shard]
+        rows, cols = entry.shape
+        tile = max(1, TILE_BYTES // (8 * cols))
+        norm_sq = 0.0
+        bt_w = torch.zeros(B.shape[1], cols, dtype=torch.float64)
+        w_b = torch.zeros(rows, B.shape[1], dtype=torch.float64) if official else None
+        for start in range(0, rows, tile):
+            stop = min(rows, start + tile)
+            w = reader.read(name, rows=(start, stop)).to(torch.float64)
+            norm_sq += float((w * w).sum())
+            bt_w += B[start:stop].T @ w
+            if w_b is not None:
+                w_b[start:stop] = w @ B
+        return rules.BaseProducts(norm_sq, bt_w, w_b)
 
 
-def base_products(
-    base: BaseModel,
-    located: dict[str, tuple[str, TensorEntry]],
-    readers: dict[str, SafetensorsReader],
-    stack: ExitStack,
-    path: str,
-    B: torch.Tensor,
-    official: bool,
-) -> rules.BaseProducts:
-    """||W||_F^2, B^T W and (official) W B for the base weight at `path`, read in row tiles."""
-    name = f"{path}.weight"
-    shard, entry = located[name]
-    if shard not in readers:
-        readers[shard] = stack.enter_context(SafetensorsReader(base.shard_path(shard)))
-    reader = readers[shard]
-    rows, cols = entry.shape
-    tile = max(1, TILE_BYTES // (8 * cols))
-    norm_sq = 0.0
-    bt_w = torch.zeros(B.shape[1], cols, dtype=torch.float64)
-    w_b = torch.zeros(rows, B.shape[1], dtype=torch.float64) if official else None
-    for start in range(0, rows, tile):
-        stop = min(rows, start + tile)
-        w = reader.read(name, rows=(start, stop)).to(torch.float64)
-        norm_sq += float((w * w).sum())
-        bt_w += B[start:stop].T @ w
-        if w_b is not None:
-            w_b[start:stop] = w @ B
-    return rules.BaseProducts(norm_sq, bt_w, w_b)
+# --- the command ---------------------------------------------------------------------------
 
 
-def check_against_base(checkpoint: ResLoraCheckpoint, base: BaseModel) -> None:
-    """Every block fits its base weight, and every base linear of a chain's name has a block."""
-    located = base.locate()
-    groups: dict[str, list] = {}
-    for _, _, block in checkpoint.blocks():
-        groups.setdefault(block.name, []).append(block)
-    for name, blocks in groups.items():
-        for block in blocks:
-            if f"{block.path}.weight" not in located:
-                raise ShapeMismatchError(
-                    f"the base has no tensor {block.path}.weight",
-                    path=base.root,
-                    module=block.path,
-                    hint="pass the base model the ResLoRA checkpoint was trained on",
-                )
-        blocks = sorted(blocks, key=lambda b: reslora_format.natural_order(b.path))
-        for before, block in zip([None, *blocks], blocks, strict=False):
-            shape = tuple(located[f"{block.path}.weight"][1].shape)
-            if shape == block.shape:
-                continue
-            where = ""
-            if before is not None and before.shape != block.shape:
-                where = (
-                    f" (the {name} factors change shape between {before.path} and this layer, "
-                    "while the base weights do not)"
-                )
-            raise ShapeMismatchError(
-                f"the factors make a {block.shape[0]} x {block.shape[1]} update but the base "
-                f"weight is {' x '.join(map(str, shape))}{where}",
-                path=checkpoint.source_path,
-                module=block.path,
-                hint="the checkpoint does not belong to this base, or it is damaged",
-            )
-        covered = {block.path for block in blocks}
-        for tensor, (_, entry) in located.items():
-            path = tensor.removesuffix(".weight")
-            if (
-                tensor.endswith(".weight")
-                and len(entry.shape) == 2
-                and path.rsplit(".", 1)[-1] == name
-                and path not in covered
-            ):
-                raise FormatError(
-                    f"has no block for {path}, which the base has: the {name} chain is "
-                    "missing a block",
-                    path=checkpoint.source_path,
-                    hint="ResLoRA wraps every linear of a target name; the file is incomplete",
-                )
+@dataclass
+class ResLoraResult:
+    """What `reslora` wrote and how it merged each block."""
+
+    out: Path
+    conversion: ResLoraConversion
+    output: str  # "peft" (or the engine's format) or "merged"
+    bytes_written: int = 0
+    warnings: list[str] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)
+    check: CheckResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        conversion = self.conversion
+        summary: dict[str, Any] = {
+            "out": str(self.out),
+            "type": conversion.checkpoint.kind,
+            "estimator": conversion.estimator,
+            "output": "merged" if self.output == "merged" else "peft",
+            "blocks": [vars(block) for block in conversion.blocks],
+        }
+        if self.output == "merged":
+            summary["bytes"] = self.bytes_written
+        summary["warnings"] = self.warnings
+        if self.engine:
+            summary["engine"] = self.engine
+        if self.check is not None:
+            summary["check"] = self.check.as_dict()
+        return summary
+
+
+def reslora(
+    checkpoint: str | Path,
+    base: str | Path,
+    out: str | Path,
+    options: ResLoraOptions | None = None,
+    *,
+    merge: bool = False,
+    engine: str | None = None,
+    dtype: str | None = None,
+    check_text: TextOptions | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ResLoraResult:
+    """The `reslora` command: every option and input checked, then the plain LoRA written as an
+    adapter (for `engine`) or, with `merge`, merged into the base; `check_text` then runs the
+    ResLoRA forward and the written plain model on that text."""
+    options = options or ResLoraOptions()
+    options.check()
+    needs("dtype", dtype is not None, "merge", merge, "it sets the merged model's dtype")
+    exclusive("engine", engine is not None, "merge", merge)
+    output_code(dtype)
+    out, inputs = Path(out), [Path(checkpoint), Path(base)]
+    output = None if merge else choose_output(None, engine, base)
+    if output is None:
+        check_output_name(out, None)
+        check_output_target(out, inputs, force)
+    else:
+        check_adapter_output(out, output, inputs, force)
+    batches = prepare_text(base, check_text) if check_text is not None else None
+    conversion = convert_reslora(checkpoint, base, options)
+    result = ResLoraResult(out, conversion, "merged" if output is None else output.entry.name)
+    if output is None:
+        merged = merge_adapter(
+            conversion.adapter, base, out, dtype=dtype, force=force, progress=progress,
+            extra_inputs=[Path(checkpoint)],
+        )  # fmt: skip
+        result.bytes_written, result.warnings = merged.bytes_written, merged.warnings
+    else:
+        result.engine = write_adapter(conversion.adapter, out, output, force=force, inputs=inputs)
+    if batches is not None:
+        result.check = check_batches(conversion, base, batches, merged=out if merge else None)
+    return result

@@ -5,32 +5,76 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loramerge.formats import reslora_checkpoint as reslora_format
-from loramerge.formats.reslora_stats import STATS_FORMAT, STATS_VERSION
-from loramerge.jobs.reslora import ResLoraConversion, check_against_base
+from loramerge.formats.reslora_stats import STATS_FORMAT, STATS_VERSION, stats_json
+from loramerge.io.atomic import atomic_output, check_output_target
+from loramerge.jobs.defaults import BATCH_SIZE, SEQ_LEN
+from loramerge.jobs.options import check_count
 from loramerge.model.folder import open_base
 from loramerge.model.hf_runtime import load_model, text_batches
-from loramerge.model.reslora_forward import PlainForward, ResLoraForward
+from loramerge.model.lora_forward import PlainForward
+from loramerge.model.reslora_fit import check_against_base
+from loramerge.model.reslora_forward import ResLoraForward
+
+if TYPE_CHECKING:
+    from loramerge.jobs.reslora import ResLoraConversion
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """Text to run models on, cut into `seq_len`-token sequences, `batch_size` per forward,
+    at most `max_batches` batches."""
+
+    text: Path
+    seq_len: int = SEQ_LEN
+    batch_size: int = BATCH_SIZE
+    max_batches: int | None = None
+
+    def check(self) -> None:
+        check_count(self.seq_len, "seq_len", least=2)
+        check_count(self.batch_size, "batch_size")
+        if self.max_batches is not None:
+            check_count(self.max_batches, "max_batches")
+
+
+def prepare_text(base_ref: str | Path, text: TextOptions) -> list[torch.Tensor]:
+    """The text read and tokenised by the base's tokenizer, in batches of token ids; done before
+    anything is written, so that a text that cannot be used leaves no output behind."""
+    text.check()
+    root = open_base(base_ref).root
+    return text_batches(root, Path(text.text), text.seq_len, text.batch_size, text.max_batches)
+
+
+def write_stats(
+    checkpoint_path: str | Path,
+    base_ref: str | Path,
+    text: TextOptions,
+    out: str | Path,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The `reslora-stats` command: the statistics written to the JSON file `out`."""
+    out = Path(out)
+    inputs = [Path(checkpoint_path), Path(text.text), Path(base_ref)]
+    check_output_target(out, inputs, force)
+    data = collect_stats(checkpoint_path, base_ref, text)
+    with atomic_output(out, is_dir=False) as temp:
+        temp.write_text(stats_json(data))
+    return data
 
 
 def collect_stats(
-    checkpoint_path: str | Path,
-    base_ref: str | Path,
-    text: str | Path,
-    *,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    max_batches: int | None = None,
+    checkpoint_path: str | Path, base_ref: str | Path, text: TextOptions
 ) -> dict[str, Any]:
     """Run the ResLoRA forward on calibration text; the statistics file's content."""
     checkpoint = reslora_format.read(checkpoint_path)
     base = open_base(base_ref)
     check_against_base(checkpoint, base)
-    batches = text_batches(base.root, Path(text), seq_len, batch_size, max_batches)
+    batches = prepare_text(base.root, text)
     model = load_model(base.root)
     forward = ResLoraForward(model, checkpoint, record=True)
     with torch.no_grad(), forward:
@@ -52,11 +96,11 @@ def collect_stats(
         "version": STATS_VERSION,
         "checkpoint": str(checkpoint_path),
         "base": str(base_ref),
-        "text": str(text),
+        "text": str(text.text),
         "type": checkpoint.kind,
         "res_flag": checkpoint.config.res_flag,
         "seq_len": int(batches[0].shape[1]),
-        "batch_size": batch_size,
+        "batch_size": text.batch_size,
         "batches": len(batches),
         "sequences": sum(int(b.shape[0]) for b in batches),
         "tokens": sum(int(b.numel()) for b in batches),
@@ -81,15 +125,12 @@ class CheckResult:
         return asdict(self)
 
 
-def check_text(
+def check_batches(
     conversion: ResLoraConversion,
     base_ref: str | Path,
-    text: str | Path,
+    batches: list[torch.Tensor],
     *,
     merged: Path | None = None,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    max_batches: int | None = None,
 ) -> CheckResult:
     """Loss and logits of the ResLoRA forward (residual paths kept) against the plain model.
 
@@ -97,7 +138,6 @@ def check_text(
     else the plain adapter applied to the float32 base (what PEFT computes).
     """
     base = open_base(base_ref)
-    batches = text_batches(base.root, Path(text), seq_len, batch_size, max_batches)
     model = load_model(base.root)
     plain_model = load_model(merged) if merged is not None else None
     residual = ResLoraForward(model, conversion.checkpoint)

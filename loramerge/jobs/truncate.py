@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import check_adapter
-from loramerge.errors import OptionError
+from loramerge.adapter_checks import read_checked
+from loramerge.engines.profiles import combine_reports
+from loramerge.errors import OptionError, UsageError, located, opt
 from loramerge.formats import dylora
-from loramerge.formats.registry import ReadOptions, check_user_alpha, output_format, read_adapter
+from loramerge.formats.registry import ReadOptions, check_output_name, check_user_alpha
 from loramerge.io.atomic import atomic_output, check_output_target
-from loramerge.jobs.adapter_output import write_adapter
+from loramerge.io.dtypes import output_code
+from loramerge.jobs.adapter_output import AdapterOutput, choose_output, write_adapter
+from loramerge.jobs.defaults import TRUNCATE_METHODS
+from loramerge.jobs.merge import merge_adapter
+from loramerge.jobs.options import check_choice, check_rank, check_share, exclusive, needs
+from loramerge.model.fit import rename_to_base
 from loramerge.model.stream import Progress
 from loramerge.ops.rank_truncation import ModuleRow, check_prefix_rank, reduce_svd, truncate_prefix
 
-METHODS = ("prefix", "svd", "dylora")  # dylora = prefix, declaring the input to be DyLoRA
+METHODS = TRUNCATE_METHODS
 
 
 @dataclass
@@ -39,40 +44,74 @@ class TruncateResult:
     output: str  # "peft", "kohya" or "merged"
     outputs: list[TruncateOutput] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)  # the engine profile's report
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.engine:
+            del data["engine"]
+        return data
 
 
-def parse_ranks(text: str) -> list[int]:
-    """'8' -> [8]; '4,8,16' -> [4, 8, 16] (sorted, duplicates dropped)."""
-    ranks = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part.lstrip("-").isdigit():
-            raise OptionError(f"--rank takes integers like 8 or 4,8,16, got {text!r}")
-        ranks.add(int(part))
-    return sorted(ranks)
+@dataclass(frozen=True)
+class TruncateOptions:
+    """How to truncate: target `ranks` (one output each) or an `energy` share per module
+    (capped at `max_rank`), by `method`; written as `to` (or for `engine`), or with `merge`
+    as merged models in `dtype`."""
+
+    ranks: tuple[int, ...] = ()
+    method: str | None = None
+    energy: float | None = None
+    max_rank: int | None = None
+    to: str | None = None
+    engine: str | None = None
+    merge: bool = False
+    dtype: str | None = None
+
+    def check(self, base: str | Path | None) -> None:
+        """Every check that needs no input: values in range, options that fit together."""
+        for rank in self.ranks:
+            check_rank(rank)
+        if self.method is not None:
+            check_choice(self.method, METHODS, "method")
+        exclusive("rank", bool(self.ranks), "energy", self.energy is not None)
+        if not self.ranks and self.energy is None:
+            raise UsageError(
+                f"give a target rank (e.g. 8 or 4,8,16) or an energy share ({opt('energy')})",
+                option="rank",
+            )
+        if self.energy is not None:
+            check_share(self.energy, "energy")
+        needs("max_rank", self.max_rank is not None, "energy", self.energy is not None)
+        if self.max_rank is not None:
+            check_rank(self.max_rank, "max_rank")
+        if self.energy is not None and self.method in ("prefix", "dylora"):
+            raise UsageError(
+                f"chooses ranks by SVD energy; it works with {opt('method')} svd only",
+                option="energy",
+            )
+        needs("merge", self.merge, "base", base is not None, "the merged model is the base's")
+        exclusive("to", self.to is not None, "merge", self.merge)
+        exclusive("engine", self.engine is not None, "merge", self.merge)
+        needs("dtype", self.dtype is not None, "merge", self.merge, "it sets the model's dtype")
+        output_code(self.dtype)
 
 
 def resolve_method(adapter: Adapter, method: str | None, energy: float | None) -> str:
     """prefix for DyLoRA inputs, svd otherwise; `dylora` declares any input to be DyLoRA."""
-    if method is not None and method not in METHODS:
-        raise OptionError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if energy is not None:
-        if method in ("prefix", "dylora"):
-            raise OptionError(
-                "--energy chooses ranks by SVD energy; it works with --method svd only"
-            )
         return "svd"
     if method == "dylora":
         return "prefix"
     if method == "prefix" and not dylora.is_dylora(adapter):
         raise OptionError(
-            f"--method prefix keeps the first ranks of a DyLoRA adapter, and this input is "
+            f"keeps the first ranks of a DyLoRA adapter, and this input is "
             f"{adapter.source_format}, not DyLoRA",
-            path=adapter.source_path,
-            hint="pass --method dylora if it was trained with DyLoRA, or use --method svd",
+            file=adapter.source_path,
+            option="method",
+            value=method,
+            hint=f"pass {opt('method')} dylora if it was trained with DyLoRA, or use "
+            f"{opt('method')} svd",
         )
     if method is None:
         return "prefix" if dylora.is_dylora(adapter) else "svd"
@@ -82,145 +121,142 @@ def resolve_method(adapter: Adapter, method: str | None, energy: float | None) -
 def truncate_adapter(
     source: str | Path,
     out: str | Path,
+    options: TruncateOptions,
     *,
-    ranks: list[int] | None = None,
-    method: str | None = None,
-    energy: float | None = None,
-    max_rank: int | None = None,
     alpha: float | None = None,
-    to: str | None = None,
     base: str | Path | None = None,
-    merge: bool = False,
-    dtype: str | None = None,
     fmt: str | None = None,
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
-    engine: str | None = None,
-    report: dict[str, Any] | None = None,
 ) -> TruncateResult:
-    """Truncate or reduce SOURCE to each rank in `ranks` (or by `energy`) and write OUT.
+    """Truncate or reduce SOURCE to each rank of `options` (or by energy) and write OUT.
 
     One rank writes OUT itself; several write OUT/rank-<b> (a PEFT or merged folder, or a kohya
     `rank-<b>.safetensors`) inside one atomically created folder OUT.
     """
     source, out = Path(source), Path(out)
-    _check_options(ranks, energy, max_rank, to, base, merge, dtype)
-    if engine is not None:  # --engine: rewrite each output for that engine (loramerge.engines)
-        from loramerge.engines.profiles import engine_profile
-
-        if merge:
-            raise OptionError("--engine rewrites an adapter; with --merge the output is a model")
-        to = to or engine_profile(engine).formats[0]
-    adapter = read_adapter(source, fmt, ReadOptions(alpha=alpha, base=base))
-    check_user_alpha(adapter, alpha, source)
-    check_adapter(adapter, allow_nonfinite)
-    chosen = resolve_method(adapter, method, energy)
-    if base is not None and not merge:
-        from loramerge.model.fit import rename_to_base
-
+    options.check(base)
+    adapter = _read(source, fmt, alpha, allow_nonfinite, base)
+    method = resolve_method(adapter, options.method, options.energy)
+    if base is not None and not options.merge:
         adapter = rename_to_base(adapter, base)
         if adapter.base_model is None:
             adapter = replace(adapter, base_model=str(base))
-    target = "merged" if merge else (to or _default_output(adapter))
-    if not merge:
-        output_format(target)
-    result = TruncateResult(str(source), adapter.source_format, chosen, target)
-
-    jobs: list[tuple[int | None, Adapter, list[ModuleRow]]] = []
-    if energy is not None:
-        reduced, rows = reduce_svd(adapter, energy=energy, max_rank=max_rank)
-        jobs.append((None, reduced, rows))
-    else:
-        for rank in ranks or []:
-            if chosen == "prefix":
-                r_by_module = {path: m.r for path, m in adapter.modules.items()}
-                try:
-                    unit = dylora.unit_of(adapter)
-                    result.warnings += check_prefix_rank(rank, r_by_module, unit)
-                except OptionError as exc:  # name the adapter whose rank is out of range
-                    raise OptionError(
-                        exc.message, path=source, module=exc.module, hint=exc.hint
-                    ) from None
-                new, rows = truncate_prefix(adapter, rank)
-            else:
-                _check_svd_rank(rank, adapter)
-                new, rows = reduce_svd(adapter, rank=rank)
-            jobs.append((rank, new, rows))
-
-    def write(new: Adapter, path: Path) -> None:
-        new = replace(new, metadata=_output_metadata(new, chosen))
-        if merge:
-            from loramerge.jobs.merge import merge_adapter
-
-            merged = merge_adapter(
-                new, base, path, dtype=dtype, force=force, progress=progress, extra_inputs=[source]
-            )
-            result.warnings.extend(merged.warnings)
-        else:
-            part: dict[str, Any] = {}
-            write_adapter(
-                new, path, target, force=force, inputs=[source], engine=engine, base=base,
-                report=part,
-            )  # fmt: skip
-            if report is not None and part:
-                from loramerge.engines.profiles import combine_reports
-
-                combine_reports(report, part)
-
-    if len(jobs) == 1:
-        rank, new, rows = jobs[0]
-        write(new, out)
+    output = None
+    if not options.merge:
+        output = choose_output(options.to, options.engine, base, default=_default_output(adapter))
+    target = output.entry.name if output is not None else "merged"
+    result = TruncateResult(str(source), adapter.source_format, method, target)
+    _check_outputs(out, options, output, [source], base, force)
+    reduced = _reduce(adapter, method, options, result)
+    writer = _Writer(method, output, base, options.dtype, force, [source], progress, result)
+    if len(reduced) == 1:
+        rank, new, rows = reduced[0]
+        writer.write(new, out)
         result.outputs.append(TruncateOutput(rank, str(out), new.parameter_count(), rows))
         return result
-    inputs = [source] + ([Path(base)] if base is not None else [])
-    check_output_target(out, inputs, force)
     with atomic_output(out, is_dir=True) as temp:
-        for rank, new, _ in jobs:
-            write(new, temp / _output_name(rank, target))
-    for rank, new, rows in jobs:
+        for rank, new, _ in reduced:
+            writer.write(new, temp / _output_name(rank, target))
+    for rank, new, rows in reduced:
         path = out / _output_name(rank, target)
         result.outputs.append(TruncateOutput(rank, str(path), new.parameter_count(), rows))
     return result
 
 
-def _check_options(
-    ranks: list[int] | None,
-    energy: float | None,
-    max_rank: int | None,
-    to: str | None,
+def _read(
+    source: Path,
+    fmt: str | None,
+    alpha: float | None,
+    allow_nonfinite: bool,
     base: str | Path | None,
-    merge: bool,
-    dtype: str | None,
+) -> Adapter:
+    options = ReadOptions(alpha=alpha, base=base)
+    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
+    check_user_alpha(adapter, alpha)
+    return adapter
+
+
+def _check_outputs(
+    out: Path,
+    options: TruncateOptions,
+    output: AdapterOutput | None,
+    inputs: list[Path],
+    base: str | Path | None,
+    force: bool,
 ) -> None:
-    if ranks and energy is not None:
-        raise OptionError("give --rank or --energy, not both")
-    if not ranks and energy is None:
-        raise OptionError("give a target --rank (e.g. 8 or 4,8,16) or an --energy share")
-    if energy is not None and (
-        isinstance(energy, bool) or not math.isfinite(energy) or not 0 < energy <= 1
-    ):
-        raise OptionError(f"--energy must be a share in (0, 1], e.g. 0.9, got {energy!r}")
-    if max_rank is not None and energy is None:
-        raise OptionError("--max-rank caps the ranks that --energy chooses; give --energy too")
-    if max_rank is not None and max_rank < 1:
-        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
-    if merge and base is None:
-        raise OptionError("--merge needs the base model: give --base")
-    if merge and to is not None:
-        raise OptionError("--to names an adapter format; with --merge the output is a model")
-    if dtype is not None and not merge:
-        raise OptionError("--dtype sets the merged model's dtype; it needs --merge")
+    """OUT checked before any work: one output is OUT itself, several live in the folder OUT."""
+    if len(options.ranks) > 1:
+        check_output_name(out, None, what="a folder of outputs, one per rank")
+    else:
+        check_output_name(out, output.entry if output is not None else None)
+    bases = [Path(base)] if base is not None else []
+    check_output_target(out, [*inputs, *bases], force)
+
+
+def _reduce(
+    adapter: Adapter, method: str, options: TruncateOptions, result: TruncateResult
+) -> list[tuple[int | None, Adapter, list[ModuleRow]]]:
+    """(rank, reduced adapter, rows) for each output; rank None for an energy reduction."""
+    if options.energy is not None:
+        reduced, rows = reduce_svd(adapter, energy=options.energy, max_rank=options.max_rank)
+        return [(None, reduced, rows)]
+    found = []
+    for rank in options.ranks:
+        if method == "prefix":
+            r_by_module = {path: m.r for path, m in adapter.modules.items()}
+            with located(adapter.source_path):
+                result.warnings += check_prefix_rank(rank, r_by_module, dylora.unit_of(adapter))
+            new, rows = truncate_prefix(adapter, rank)
+        else:
+            _check_svd_rank(rank, adapter)
+            new, rows = reduce_svd(adapter, rank=rank)
+        found.append((rank, new, rows))
+    return found
+
+
+@dataclass
+class _Writer:
+    """Writes each reduced adapter as the job's output: an adapter, or a merged model."""
+
+    method: str
+    output: AdapterOutput | None  # None: merged models
+    base: str | Path | None
+    dtype: str | None
+    force: bool
+    inputs: list[Path]
+    progress: Progress | None
+    result: TruncateResult
+
+    def write(self, new: Adapter, path: Path) -> None:
+        new = replace(new, metadata=_output_metadata(new, self.method))
+        if self.output is None:
+            assert self.base is not None
+            merged = merge_adapter(
+                new,
+                self.base,
+                path,
+                dtype=self.dtype,
+                force=self.force,
+                progress=self.progress,
+                extra_inputs=self.inputs,
+            )
+            self.result.warnings.extend(merged.warnings)
+            return
+        part = write_adapter(new, path, self.output, force=self.force, inputs=self.inputs)
+        if part:
+            combine_reports(self.result.engine, part)
 
 
 def _check_svd_rank(rank: int, adapter: Adapter) -> None:
-    if rank < 1:
-        raise OptionError(f"rank must be an integer >= 1, got {rank}")
     r_max = max(adapter.ranks, default=0)
     if rank > r_max:
         raise OptionError(
-            f"rank {rank} is above the adapter's largest rank r_max = {r_max}: nothing to reduce",
-            path=adapter.source_path,
+            f"is above the adapter's largest rank r_max = {r_max}: nothing to reduce",
+            file=adapter.source_path,
+            option="rank",
+            value=rank,
             hint=f"choose a rank from 1 to {r_max}",
         )
 

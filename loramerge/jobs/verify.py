@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,17 +11,18 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
-from loramerge.errors import OptionError, located
-from loramerge.formats import gguf, peft
-from loramerge.formats.registry import ReadOptions, read_adapter
-from loramerge.model.folder import base_config_of
-from loramerge.model.hf_runtime import quiet_transformers
+from loramerge.adapter_checks import read_checked
+from loramerge.errors import FormatError, MismatchError, OptionError, UsageError, located, opt
+from loramerge.formats.registry import ReadOptions
+from loramerge.io.hub import resolve
+from loramerge.jobs.defaults import VERIFY_ATOL, VERIFY_MAX_TOKENS, VERIFY_RTOL
+from loramerge.jobs.options import check_tolerance, needs
+from loramerge.model.fit import rename_to_base
+from loramerge.model.folder import base_config_of, open_base, resolve_base
+from loramerge.model.hf_runtime import load_model, quiet_transformers
+from loramerge.model.lora_forward import PlainForward
 from loramerge.model.names import resolve_tensor_name
 from loramerge.ops.lowrank import difference_frobenius_norm, update_frobenius_norm
-
-DEFAULT_ATOL = 1e-6
-DEFAULT_RTOL = 1e-4
-MAX_TOKENS = 512  # of --text, further capped by the base's max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,19 @@ class VerifyResult:
         worst = self.worst
         return worst is None or worst.excess(self.atol, self.rtol) <= 1.0
 
+    def failure(self, source: str | Path, candidate: str | Path) -> MismatchError | None:
+        """The error that says where the candidate differs most, or None when it passed."""
+        worst = self.worst
+        if self.passed or worst is None:
+            return None
+        allowed = self.atol + self.rtol * worst.source_norm
+        return MismatchError(
+            f"differs from {source}: {worst.name}: difference {worst.diff_norm:.3e} (relative "
+            f"{worst.relative:.3e}) > tolerance {allowed:.3e} (atol {self.atol:g} + rtol "
+            f"{self.rtol:g} x {worst.source_norm:.3e})",
+            file=candidate,
+        )
+
     def to_json(self) -> dict[str, Any]:
         worst = self.worst
         return {
@@ -108,17 +121,10 @@ def is_model_folder(path: Path) -> bool:
 def read_side(
     path: Path, base_config: Mapping[str, Any] | None, base: str | Path | None = None
 ) -> Adapter:
-    """Any adapter format loramerge reads; GGUF with the base config when it is needed, and
-    the base for formats that leave sizes or head counts to it. Refused like every other
-    command refuses it: empty, or NaN / Inf values."""
-    from loramerge.adapter_checks import check_adapter
-
-    if gguf.sniff(path):
-        adapter = gguf.read(path, base_config)
-    else:
-        adapter = read_adapter(path, options=ReadOptions(base=base))
-    check_adapter(adapter)
-    return adapter
+    """Any adapter format loramerge reads (GGUF with the base config when it needs it; VeRA,
+    MiSS and torchtune with the base), refused like every other command refuses it: empty, or
+    NaN / Inf values."""
+    return read_checked(path, options=ReadOptions(base_config=base_config, base=base))
 
 
 def verify(
@@ -127,42 +133,53 @@ def verify(
     *,
     base: str | Path | None = None,
     text: str | Path | None = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float = VERIFY_ATOL,
+    rtol: float = VERIFY_RTOL,
 ) -> VerifyResult:
-    """Compare `candidate` with `source`.
+    """Compare `candidate` with `source` (each a local path or a cached hub repo id).
 
     Without `text`: per module, ||dW_candidate - dW_source||_F from the factors (QR core; no
-    out x in matrix), passing when it is <= atol + rtol * ||dW_source||_F for every module.
-    With `base` and `text`: both run through transformers on the base (adapters via PEFT, a
-    merged folder as is) and pass when max |logits difference| <= atol + rtol * max |logits|.
+    out x in matrix), passing when it is <= atol + rtol * ||dW_source||_F for every module;
+    with `base`, a saved table on one side only is compared with the base's own. With `base`
+    and `text`: both run through transformers on the base (adapters through loramerge's own
+    forward hooks, a merged folder as is) and pass when max |logits difference| <= atol +
+    rtol * max |logits|.
     """
-    if atol < 0 or rtol < 0:
-        raise OptionError("--atol and --rtol must not be negative")
-    source, candidate = Path(source), Path(candidate)
-    if text is not None and base is None:
-        raise OptionError("--text needs --base: the text runs through the base model")
+    check_tolerance(atol, "atol")
+    check_tolerance(rtol, "rtol")
+    needs("text", text is not None, "base", base is not None, "the text runs through the base")
+    source = resolve(source, what="adapter or model folder")
+    candidate = resolve(candidate, what="adapter or model folder")
     merged = [p for p in (source, candidate) if is_model_folder(p)]
     if merged and text is None:
-        raise OptionError(
-            f"{merged[0]} is a merged model: comparing it needs --base and --text",
-            hint="pass --base BASE --text FILE",
+        raise UsageError(
+            f"{merged[0]} is a merged model: comparing it needs {opt('base')} and {opt('text')}",
+            option="text",
         )
     base_config = base_config_of(base) if base is not None else None
     if text is not None:
+        assert base is not None
         return _compare_logits(source, candidate, base, Path(text), base_config, atol, rtol)
     left, right = read_side(source, base_config, base), read_side(candidate, base_config, base)
+    base_tensor = None
     if base is not None:
-        from loramerge.model.fit import rename_to_base
-
         left, right = rename_to_base(left, base), rename_to_base(right, base)
+        base_tensor = open_base(base).read_tensor
     result = VerifyResult("factors", atol, rtol)
-    compare_adapters(left, right, result)
+    compare_adapters(left, right, result, base_tensor)
     return result
 
 
-def compare_adapters(source: Adapter, candidate: Adapter, result: VerifyResult) -> None:
-    """Every module, magnitude, bias and saved tensor of either side, matched by name."""
+def compare_adapters(
+    source: Adapter,
+    candidate: Adapter,
+    result: VerifyResult,
+    base_tensor: Callable[[str], torch.Tensor | None] | None = None,
+) -> None:
+    """Every module, magnitude, bias and saved tensor of either side, matched by name.
+
+    A saved base table on one side only stands for the base's own tensor on the other, which
+    `base_tensor` reads (without a base it is not compared, and a note says so)."""
     pairs = _match(source.modules, candidate.modules)
     for name, left, right in pairs:
         result.differences.append(_update_difference(name, left, right))
@@ -181,14 +198,19 @@ def compare_adapters(source: Adapter, candidate: Adapter, result: VerifyResult) 
         b = b if b is not None else torch.zeros_like(a)
         result.differences.append(_tensor_difference(f"{name} (modules_to_save)", a, b))
     for name, left, right in _match(source.base_tables, candidate.base_tables):
-        if left is None or right is None:
-            side = "source" if right is None else "candidate"
-            result.notes.append(
-                f"saved table {name} only in the {side}: not compared (it matters only "
-                "where it differs from the base's)"
-            )
-            continue
-        a, b = left.load().double(), right.load().double()
+        a = left.load().double() if left is not None else None
+        b = right.load().double() if right is not None else None
+        if a is None or b is None:
+            found = base_tensor(name) if base_tensor is not None else None
+            if found is None:
+                side = "source" if b is None else "candidate"
+                result.notes.append(
+                    f"saved table {name} only in the {side}: not compared (it matters only "
+                    f"where it differs from the base's; pass {opt('base')} to compare it)"
+                )
+                continue
+            a = a if a is not None else found.double()
+            b = b if b is not None else found.double()
         result.differences.append(_tensor_difference(f"{name} (base table)", a, b))
 
 
@@ -262,23 +284,9 @@ def _compare_logits(
     atol: float,
     rtol: float,
 ) -> VerifyResult:
-    from transformers import AutoTokenizer
-
-    from loramerge.model.folder import resolve_base
-
     root = resolve_base(base)
-    if not text.is_file():
-        raise OptionError("does not exist or is not a file", hint="pass a text file to --text")
-    config = base_config or {}
-    limit = min(
-        MAX_TOKENS, int(config.get("max_position_embeddings") or config.get("n_positions") or 1e9)
-    )
+    ids = _token_ids(root, text, base_config or {})
     with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(root)
-        tokens = tokenizer(text.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"]
-        ids = tokens[:, :limit]
-        if ids.shape[1] < 2:
-            raise OptionError(f"{text} holds fewer than two tokens", hint="pass a longer text")
         logits_a, loss_a = _run(source, root, ids, base_config)
         logits_b, loss_b = _run(candidate, root, ids, base_config)
     if logits_a.shape != logits_b.shape:
@@ -303,27 +311,43 @@ def _compare_logits(
     return result
 
 
+def _token_ids(root: Path, text: Path, config: Mapping[str, Any]) -> torch.Tensor:
+    """The text's first tokens (at most the model's context) by the base's tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise FormatError(
+            f"cannot be read as UTF-8 text ({reason or exc})", file=text, option="text"
+        ) from None
+    limit = min(
+        VERIFY_MAX_TOKENS,
+        int(config.get("max_position_embeddings") or config.get("n_positions") or 1e9),
+    )
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(root)
+        tokens = tokenizer(content, return_tensors="pt")["input_ids"]
+    ids = tokens[:, :limit]
+    if ids.shape[1] < 2:
+        raise FormatError("holds fewer than two tokens", file=text, hint="pass a longer text")
+    return ids
+
+
 def _run(
     side: Path, root: Path, ids: torch.Tensor, base_config: Mapping[str, Any] | None
 ) -> tuple[torch.Tensor, float]:
-    """Logits and loss of one side in float32: a merged folder as is, an adapter through PEFT."""
-    from transformers import AutoModelForCausalLM
-
+    """Logits and loss of one side in float32: a merged folder as is, an adapter applied to
+    the base by loramerge's own forward hooks (PEFT's forward, without PEFT)."""
     if is_model_folder(side):
-        model = AutoModelForCausalLM.from_pretrained(side, dtype=torch.float32)
-        return _forward(model, ids)
+        return _forward(load_model(side), ids)
     adapter = read_side(side, base_config, root)
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32)
-    with tempfile.TemporaryDirectory(prefix="loramerge-verify-") as temp:
-        folder = side
-        if adapter.source_format != "peft":
-            from loramerge.model.fit import rename_to_base
-
-            folder = Path(temp)
-            peft.write(rename_to_base(adapter, root), folder)
-        from peft import PeftModel
-
-        return _forward(PeftModel.from_pretrained(model, folder), ids)
+    if adapter.source_format != "peft":
+        adapter = rename_to_base(adapter, root)
+    model = load_model(root)
+    with PlainForward(model, adapter):
+        return _forward(model, ids)
 
 
 def _forward(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, float]:

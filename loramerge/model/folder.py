@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loramerge.errors import FormatError, LoramergeError
+from loramerge.errors import FormatError
+from loramerge.io.hub import MODEL_FILES, resolve
 from loramerge.io.json_files import read_json
 from loramerge.io.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+from loramerge.io.safetensors_reader import SafetensorsReader
+from loramerge.model.names import resolve_tensor_name
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Files that are weights or adapters: never copied into a merged folder.
 _WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -51,6 +55,16 @@ class BaseModel:
     def shard_path(self, shard: str) -> Path:
         return self.root / shard
 
+    def read_tensor(self, name: str) -> torch.Tensor | None:
+        """The base tensor `name` refers to (matched the way merges match names), or None."""
+        located = self.locate()
+        found = resolve_tensor_name(name, located)
+        if found is None:
+            return None
+        shard, _ = located[found]
+        with SafetensorsReader(self.shard_path(shard)) as reader:
+            return reader.read(found)
+
     def extra_files(self) -> list[Path]:
         """Config, tokenizer, generation and other small top-level files to copy."""
         files = []
@@ -67,31 +81,12 @@ class BaseModel:
 
 def resolve_base(ref: str | Path) -> Path:
     """A local folder, or a hub repo id looked up in huggingface-hub's cache (then online)."""
-    path = Path(ref)
-    if path.exists():
-        if not path.is_dir():
-            raise FormatError(
-                "is a file; the base must be a model folder", path=path, hint="pass the folder"
-            )
-        return path
-    text = str(ref)
-    if not _REPO_ID.match(text):
-        raise FormatError("does not exist", path=path, hint="pass a model folder or a hub repo id")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(text, local_files_only=True, allow_patterns=patterns))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as exc:
-        raise LoramergeError(
-            f"is neither a local folder nor a cached hub model ({type(exc).__name__})",
-            path=text,
-            hint="download it first with `hf download` or pass a local folder",
-        ) from None
+    path = resolve(ref, what="base model folder", files=MODEL_FILES)
+    if not path.is_dir():
+        raise FormatError(
+            "is a file; the base must be a model folder", file=path, hint="pass the folder"
+        )
+    return path
 
 
 def _allowed_roots(root: Path) -> list[Path]:
@@ -108,7 +103,7 @@ def _shard_inside(root: Path, index_path: Path, shard: object) -> str:
     """The shard name, if it names an existing file inside the model folder; else refused."""
     leaves = FormatError(
         f"names shard {shard!r}, which leaves the model folder",
-        path=index_path,
+        file=index_path,
         hint="an index may only name files inside its own folder",
     )
     if not isinstance(shard, str) or not shard or "\0" in shard:
@@ -123,13 +118,13 @@ def _shard_inside(root: Path, index_path: Path, shard: object) -> str:
     if not any(allowed in target.parents for allowed in _allowed_roots(root)):
         raise FormatError(
             f"names shard {shard!r}, which links outside the model folder (to {target})",
-            path=index_path,
+            file=index_path,
             hint="an index may only name files inside its own folder",
         )
     if not target.is_file():
         raise FormatError(
             f"names shard {shard!r}, which does not exist",
-            path=index_path,
+            file=index_path,
             hint="the download is incomplete; fetch the missing shard",
         )
     return shard
@@ -144,13 +139,13 @@ def open_base(ref: str | Path) -> BaseModel:
         index = read_json(index_path)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError("has no weight_map", path=index_path)
+            raise FormatError("has no weight_map", file=index_path)
         shards = sorted({_shard_inside(root, index_path, s) for s in weight_map.values()})
         headers = {s: read_header(root / s) for s in shards}
         for name, shard in weight_map.items():
             if name not in headers[shard].entries:
                 raise FormatError(
-                    f"maps tensor {name!r} to {shard}, which does not hold it", path=index_path
+                    f"maps tensor {name!r} to {shard}, which does not hold it", file=index_path
                 )
         has_index = True
     elif (root / SINGLE_NAME).is_file():
@@ -164,7 +159,7 @@ def open_base(ref: str | Path) -> BaseModel:
             what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
             raise FormatError(
                 f"holds {what}; loramerge merges into safetensors models",
-                path=root,
+                file=root,
                 hint="pass a folder with model.safetensors or sharded safetensors and an index",
             )
         shards = found
@@ -174,7 +169,7 @@ def open_base(ref: str | Path) -> BaseModel:
     for shard in shards:
         for name in headers[shard].entries:
             if name in seen:
-                raise FormatError(f"tensor {name!r} is in both {seen[name]} and {shard}", path=root)
+                raise FormatError(f"tensor {name!r} is in both {seen[name]} and {shard}", file=root)
             seen[name] = shard
     return BaseModel(root, config, shards, headers, has_index)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge.errors import FormatError, OptionError
+from loramerge.errors import FormatError
 
 
 @contextmanager
@@ -43,7 +43,7 @@ def load_model(folder: Path):
             )
     except (OSError, ValueError, KeyError) as exc:
         raise FormatError(
-            f"transformers cannot load it as a causal language model ({exc})", path=folder
+            f"transformers cannot load it as a causal language model ({exc})", file=folder
         ) from None
     return model.eval()
 
@@ -51,28 +51,27 @@ def load_model(folder: Path):
 def text_batches(
     folder: Path, text: Path, seq_len: int, batch_size: int, max_batches: int | None
 ) -> list[torch.Tensor]:
-    """The text tokenised by the base's tokenizer, cut into sequences of seq_len, batched."""
+    """The text tokenised by the base's tokenizer, cut into sequences of seq_len (at least 2),
+    batch_size (at least 1) to a batch, at most max_batches batches."""
     from transformers import AutoTokenizer
 
-    if seq_len < 2 or batch_size < 1 or (max_batches is not None and max_batches < 1):
-        raise OptionError("--seq-len must be >= 2, --batch-size and --max-batches >= 1")
     try:
         content = text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"cannot be read as UTF-8 text ({exc})", path=text) from None
+        raise FormatError(f"cannot be read as UTF-8 text ({exc})", file=text) from None
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise FormatError(
             f"has no tokenizer transformers can load ({exc})",
-            path=folder,
+            file=folder,
             hint="the text needs the base's tokenizer files",
         ) from None
     with quiet_transformers():  # the whole text is longer than one sequence: no warning
         ids = tokenizer(content)["input_ids"]
     if len(ids) < 2:
-        raise FormatError("holds fewer than 2 tokens", path=text)
+        raise FormatError("holds fewer than 2 tokens", file=text)
     length = min(seq_len, len(ids))
     count = len(ids) // length
     chunks = torch.tensor(ids[: count * length], dtype=torch.long).view(count, length)

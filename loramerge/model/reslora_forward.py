@@ -1,66 +1,18 @@
-"""The training-time ResLoRA forward (residual paths kept) and the plain LoRA forward, as
-forward hooks on a transformers model's target linears (rules.md section 4)."""
+"""The training-time ResLoRA forward (residual paths kept), as forward hooks on a transformers
+model's target linears (docs/rules.md section 4)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import torch
 
-from loramerge.adapter import Adapter
-from loramerge.errors import LoramergeError, ShapeMismatchError
+from loramerge.errors import LoramergeError
 from loramerge.formats.reslora_checkpoint import ResLoraCheckpoint
+from loramerge.model.lora_forward import Hooks
+from loramerge.ops.reslora_rules import window
 
 
-class _Hooks(ABC):
-    """Forward hooks registered on entry and removed on exit; reusable."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self._handles: list = []
-
-    def _module(self, path: str):
-        try:
-            return self.model.get_submodule(path)
-        except AttributeError:
-            raise ShapeMismatchError(
-                "the transformers model has no such module", module=path
-            ) from None
-
-    @abstractmethod
-    def _register(self) -> None:
-        """Register this object's hooks, appending their handles to self._handles."""
-
-    def __enter__(self):
-        self._register()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-class PlainForward(_Hooks):
-    """h += s B A x on every module of a plain adapter (PEFT's forward, without PEFT)."""
-
-    def __init__(self, model, adapter: Adapter) -> None:
-        super().__init__(model)
-        self.adapter = adapter
-
-    def _register(self) -> None:
-        for module in self.adapter.modules.values():
-            B, A = module.factors()
-            scale = module.scale
-
-            def hook(_layer, args, output, B=B, A=A, scale=scale):
-                return output + ((args[0] @ A.T) @ B.T) * scale
-
-            self._handles.append(self._module(module.path).register_forward_hook(hook))
-
-
-class ResLoraForward(_Hooks):
-    """The training-time forwards of rules.md section 4 as hooks on the target linears.
+class ResLoraForward(Hooks):
+    """The training-time forwards of docs/rules.md section 4 as hooks on the target linears.
 
     is: h_n += s B_n A_n (x_n + x_{n-1}) (x_{-1} := x_0); bs: h_n += s (sum_k B_{n-k} A_{n-k}) x_n;
     ms: h_n += s B_n (sum_k A_{n-k} x_{n-k}). Chains run in layer order within one model
@@ -100,7 +52,7 @@ class ResLoraForward(_Hooks):
 
     def _hook(self, c: int, n: int, path: str, factors: list):
         config = self.checkpoint.config
-        kind, scale, m = self.checkpoint.kind, config.scale, config.window(n)
+        kind, scale, m = self.checkpoint.kind, config.scale, window(config.pre_num, n)
         B, A = factors[n]
 
         def hook(_layer, args, output):

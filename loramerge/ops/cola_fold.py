@@ -22,12 +22,6 @@ from loramerge.ops.lowrank import Reduction, concat_factors, svd_reduce, update_
 Term = tuple[torch.Tensor, torch.Tensor, float]  # (B (out x r), A (r x in), scale)
 
 
-def fold_terms(terms: Sequence[Term], *, dtype: torch.dtype = torch.float32) -> Term:
-    """One exact LoRA for sum_j s_j B_j A_j: (B', A', 1.0), the scales folded into A' in float64."""
-    lora_b, lora_a = concat_factors(terms, dtype=dtype)
-    return lora_b, lora_a, 1.0
-
-
 def reduce_terms(
     terms: Sequence[Term], rank: int, *, dtype: torch.dtype = torch.float32
 ) -> Reduction:
@@ -36,10 +30,6 @@ def reduce_terms(
     The concatenation is formed in float64 and reduced through its QR core; the result has
     scale 1 (r = lora_alpha = k) and reports the energy kept.
     """
-    if rank < 1:
-        raise OptionError(
-            f"the target rank must be at least 1, got {rank}", hint="pass --rank 1 or more"
-        )
     lora_b, lora_a = concat_factors(terms, dtype=torch.float64)
     k = min(rank, lora_b.shape[1], lora_b.shape[0], lora_a.shape[1])
     return svd_reduce(lora_b, lora_a, 1.0, max(k, 1), dtype=dtype)
@@ -115,7 +105,7 @@ def _members(
                 f"(B {list(module.lora_B.shape)}, A {list(module.lora_A.shape)}) does not fit "
                 f"link {first_index}'s {first.kind.value} update on the same module "
                 f"(B {list(first.lora_B.shape)}, A {list(first.lora_A.shape)})",
-                path=links[index - 1][0].source_path,
+                file=links[index - 1][0].source_path,
                 module=path,
                 hint="every link of a chain must be trained on the same base model",
             )
@@ -203,7 +193,7 @@ def _fold_module(
     """One module's folded factors: the exact concatenation, or its best rank-`rank` form."""
     if rank is None:
         exact_b, exact_a = concat_factors(terms, dtype=torch.float64)
-        # the same values fold_terms gives: the scales are applied in float64, then cast
+        # the exact concatenation: the scales are applied in float64, then cast
         lora_b, lora_a = exact_b.to(dtype), exact_a.to(dtype)
         energy = update_frobenius_norm(exact_b, exact_a, 1.0) ** 2
         return ModuleFold(path, link_ranks, lora_a.shape[0], total_energy=energy), lora_b, lora_a

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramerge.errors import LoramergeError, OptionError, ShapeMismatchError
+from loramerge.errors import LoramergeError, OptionError, ShapeMismatchError, opt
 
 # Notation (rules.md section 3): A is (r x in), B is (out x r), the update is dW = s * B @ A.
 # Nothing here ever forms an out x in matrix; every function costs O((in + out) r^2).
@@ -277,7 +277,7 @@ def _prepare(
     if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
         raise LoramergeError(
             "LoRA factors contain NaN or infinite values, which have no SVD or norm",
-            hint="remove them from the adapter; --allow-nonfinite only lets plain merges and "
-            "conversions through",
+            hint=f"remove them from the adapter; {opt('allow_nonfinite')} only lets plain merges "
+            "and conversions through",
         )
     return b, a

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, lora_scale
-from loramerge.errors import OptionError, located
+from loramerge.errors import OptionError, located, opt
 from loramerge.ops.lowrank import (
     difference_frobenius_norm,
     qr_core,
@@ -52,15 +52,16 @@ def prefix_factors(
 
 
 def check_prefix_rank(b: int, ranks: dict[str, int], unit: int) -> list[str]:
-    """Refuse b < 1 or b above a module's trained rank; warn when b is not a multiple of unit."""
-    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-        raise OptionError(f"rank must be an integer >= 1, got {b!r}")
+    """Refuse b (at least 1) above a module's trained rank; warn when b is not a multiple of
+    unit."""
     too_small = {path: r for path, r in ranks.items() if r < b}
     if too_small:
         path, r = next(iter(too_small.items()))
         raise OptionError(
-            f"rank {b} is above the trained rank r_max = {r}",
+            f"is above the trained rank r_max = {r}",
             module=path,
+            option="rank",
+            value=b,
             hint=f"choose a rank from 1 to {min(ranks.values())}",
         )
     if b % unit:
@@ -84,7 +85,9 @@ def truncate_prefix(adapter: Adapter, b: int) -> tuple[Adapter, list[ModuleRow]]
                 "has a DoRA magnitude or a LoRA bias, which DyLoRA prefix truncation does not "
                 "define",
                 module=path,
-                hint="use --method svd",
+                option="method",
+                value="prefix",
+                hint=f"use {opt('method')} svd",
             )
         lora_b, lora_a = prefix_factors(module.lora_B.load(), module.lora_A.load(), b)
         cut = replace(module, lora_A=LazyTensor.of(lora_a), lora_B=LazyTensor.of(lora_b))
@@ -107,7 +110,7 @@ def reduce_svd(
     LoRA bias is multiplied by the old scale to stay exact. DoRA magnitudes are kept.
     """
     if (rank is None) == (energy is None):
-        raise OptionError("give exactly one of a target rank and an energy threshold")
+        raise ValueError("give exactly one of a target rank and an energy threshold")
     modules, rows = {}, []
     for path, module in adapter.modules.items():
         lora_b, lora_a = module.factors()

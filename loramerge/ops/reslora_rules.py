@@ -93,7 +93,9 @@ def official_norm(products: BaseProducts, B: torch.Tensor, A: torch.Tensor) -> f
     if products.w_b is None:
         raise ShapeMismatchError(
             "the official-code norm adds (B A)^T to W, which needs a square weight",
-            hint="use the default weight-based norms (drop --norms official)",
+            option="norms",
+            value="official",
+            hint="use the default weight-based norms",
         )
     cross = float((products.w_b * A.T).sum())
     update = float(((B.T @ B @ A) * A).sum())

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import ADAPTERS, BASES
+from helpers import ADAPTERS, BASES, assert_usage_error
 
 
 def _assert_user_error(result, out, *needles):
@@ -60,7 +60,8 @@ def test_unsupported_output_dtype(cli, tmp_path):
     result = cli(
         "merge", ADAPTERS / "llama-lora", "--base", BASES / "llama", "-o", out, "--dtype", "int8"
     )
-    _assert_user_error(result, out, "int8", "float32")
+    assert_usage_error(result, "'--dtype int8'", "float32")
+    assert not out.exists()
 
 
 def test_quantized_base_is_refused(cli, tmp_path):

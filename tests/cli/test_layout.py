@@ -1,11 +1,15 @@
-"""Packaging and layering rules: the library never loads the terminal libraries."""
+"""Packaging, layering and code rules: the library never loads the terminal libraries nor spells
+command-line flags, every option it names is a real flag, functions fit on a screen."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers import ADAPTERS, BASES, console_script
 
@@ -96,3 +100,116 @@ def test_exit_status_follows_sys_exit():
     assert _exit_status(None) == 0
     assert _exit_status(3) == 3
     assert _exit_status("bye") == 1
+
+
+# ---------------------------------------------------------------- code rules
+
+ROOT = Path(__file__).resolve().parents[2]
+# Rewritten for issue 18 at the time of issue 19, and held to these rules once that lands.
+PENDING = {
+    "loramerge/model/plan.py",
+    "loramerge/model/names.py",
+    "loramerge/model/shapes.py",
+    "loramerge/model/fit.py",
+    "loramerge/model/stream.py",
+    "loramerge/model/sources.py",
+    "loramerge/formats/peft.py",
+    "loramerge/adapter.py",
+}
+MAX_LINES = 60
+
+
+def _sources(*packages: str) -> list[Path]:
+    return sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
+
+
+def _strings(tree: ast.AST) -> list[ast.Constant]:
+    """String constants that are not docstrings."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            docstrings.add(id(first.value))
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if id(node) not in docstrings
+    ]
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """A function reads in one screen. A command's option list is declarative and does not
+    count: lines are counted from the first statement of the body."""
+    long = []
+    for path in _sources("loramerge", "cli"):
+        name = str(path.relative_to(ROOT))
+        if name in PENDING:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.body[0].lineno + 2
+                if lines > MAX_LINES:
+                    long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_the_library_spells_no_command_line_flags():
+    """Messages name options with opt("id"); the command line adds the flags."""
+    flag = re.compile(r"(^|[\s(`'\"])--[a-z]")
+    found = []
+    for path in _sources("loramerge"):
+        for node in _strings(ast.parse(path.read_text())):
+            if flag.search(node.value):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value[:60]!r}")
+    assert not found, found
+
+
+# the option-check helpers of loramerge.jobs.options: which positional arguments are ids
+_ID_ARGUMENTS = {
+    "exclusive": (0, 2),
+    "needs": (0, 2),
+    "check_choice": (2,),
+    "check_rank": (1,),
+    "check_count": (1,),
+    "check_share": (1,),
+    "check_tolerance": (1,),
+}
+
+
+def _option_ids() -> set[str]:
+    ids = set()
+    for path in _sources("loramerge"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name == "opt" and node.args and isinstance(node.args[0], ast.Constant):
+                ids.add(node.args[0].value)
+            ids.update(
+                keyword.value.value
+                for keyword in node.keywords
+                if keyword.arg == "option"
+                and isinstance(keyword.value, ast.Constant)
+                and isinstance(keyword.value.value, str)
+            )
+            for index in _ID_ARGUMENTS.get(name, ()):
+                if index < len(node.args) and isinstance(node.args[index], ast.Constant):
+                    ids.add(node.args[index].value)
+    return ids
+
+
+def test_every_option_the_library_names_is_a_flag_of_the_command_line():
+    import typer.main
+    from loramerge_cli.app import app
+    from loramerge_cli.errors import flag
+
+    group = typer.main.get_command(app)
+    flags = {
+        opt for command in group.commands.values() for param in command.params for opt in param.opts
+    }
+    ids = _option_ids()
+    assert {"rank", "base", "dtype", "force", "stats", "max_shard_size"} <= ids
+    missing = sorted(f"{option} -> {flag(option)}" for option in ids if flag(option) not in flags)
+    assert not missing, missing

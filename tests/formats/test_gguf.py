@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from helpers import ADAPTERS, BASES
+from helpers import ADAPTERS, BASES, assert_usage_error
 from safetensors import safe_open
 
 # llama.cpp's names for the LLaMA projections (gguf-py tensor_mapping.py)
@@ -167,11 +167,11 @@ def _config_only_base(tmp_path: Path, architecture: str, model_type: str) -> Pat
 )
 def test_llama_family_architectures(tmp_path, architecture, model_type, arch, permuted):
     from loramerge.formats.registry import read_adapter
-    from loramerge.jobs.adapter_output import write_adapter
+    from loramerge.jobs.adapter_output import choose_output, write_adapter
 
     base = _config_only_base(tmp_path, architecture, model_type)
     out = tmp_path / "out.gguf"
-    write_adapter(read_adapter(ADAPTERS / "llama-lora"), out, "gguf", base=base)
+    write_adapter(read_adapter(ADAPTERS / "llama-lora"), out, choose_output("gguf", None, base))
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == arch
     found = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
@@ -199,7 +199,8 @@ def test_embedding_lora_transposes_lora_a_for_token_embd(cli, tmp_path):
 def test_gguf_needs_a_supported_base(cli, tmp_path):
     out = tmp_path / "x.gguf"
     result = cli("convert", ADAPTERS / "llama-lora", "--to", "gguf", "-o", out)
-    assert result.exit_code == 1 and "--base" in result.output and not out.exists()
+    assert_usage_error(result, "'--to gguf'", "needs --base")
+    assert not out.exists()
     result = cli(
         "convert", ADAPTERS / "gpt2-lora", "--to", "gguf", "--base", BASES / "gpt2", "-o", out
     )
@@ -215,6 +216,7 @@ def test_foreign_gguf_without_our_metadata_needs_the_base(cli, tmp_path):
     map, and the permutation can only be undone with the base's head counts."""
     from loramerge.errors import FormatError
     from loramerge.formats.gguf import read
+    from loramerge.formats.registry import ReadOptions
 
     ours = gguf.GGUFReader(_gguf(cli, tmp_path, "llama-lora"))
     foreign = tmp_path / "foreign.gguf"
@@ -231,7 +233,7 @@ def test_foreign_gguf_without_our_metadata_needs_the_base(cli, tmp_path):
     with pytest.raises(FormatError, match="permuted"):
         read(foreign)
     config = json.loads((BASES / "llama" / "config.json").read_text())
-    adapter = read(foreign, config)
+    adapter = read(foreign, ReadOptions(base_config=config))
     _, tensors = _source("llama-lora")
     for path, module in adapter.modules.items():
         assert torch.equal(module.lora_B.load(), tensors[path + ".lora_B.weight"]), path

@@ -77,7 +77,7 @@ def test_peft_tuners_rebuilt_by_peft(tmp_path):
     for name in PEFT_NAMES:
         fresh = sandbox / "peft-tuners" / name
         out = tmp_path / "out" / name
-        convert_adapter(fresh, "peft", out, base=LLAMA)
+        convert_adapter(fresh, out, to="peft", base=LLAMA)
         assert_matches_tool(out, LLAMA, fresh)
 
 
@@ -90,7 +90,7 @@ def test_mlx_lm_rebuilt_and_loads_the_mlx_writer(tmp_path):
     for name in ("lora", "dora", "lora-scale"):
         fresh = sandbox / "mlx-lm" / name
         out = tmp_path / "out" / name
-        convert_adapter(fresh, "peft", out)
+        convert_adapter(fresh, out, to="peft")
         assert_matches_tool(out, LLAMA, fresh)
 
     # mlx-lm loads what the writer wrote, and computes the source tool's logits with it
@@ -100,7 +100,7 @@ def test_mlx_lm_rebuilt_and_loads_the_mlx_writer(tmp_path):
         "lora-scale": sandbox / "mlx-lm" / "lora-scale",
     }
     for name, source in written.items():
-        convert_adapter(source, "mlx-lm", tmp_path / "mlx" / name, base=LLAMA)
+        convert_adapter(source, tmp_path / "mlx" / name, to="mlx-lm", base=LLAMA)
     script = tmp_path / "mlx_check.py"
     script.write_text(_MLX_CHECK)
     cases = [f"{tmp_path / 'mlx' / n}={source}" for n, source in written.items()]
@@ -153,5 +153,5 @@ def test_torchtune_rebuilt_by_torchtune(tmp_path):
         fresh = sandbox / "torchtune" / name
         assert reference(fresh)["logits"].shape[0] == 2
         out = tmp_path / "out" / name
-        convert_adapter(fresh / "adapter_model.pt", "peft", out, base=base)
+        convert_adapter(fresh / "adapter_model.pt", out, to="peft", base=base)
         assert_matches_tool(out, base, fresh)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BASES, FIXTURES, load_causal_lm, model_logits, token_ids
+from helpers import BASES, FIXTURES, assert_usage_error, load_causal_lm, model_logits, token_ids
 from safetensors.torch import load_file, save_file
 
 CHAIN = FIXTURES / "cola"
@@ -417,17 +417,19 @@ def test_dora_link_is_refused(cli, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "needles"),
     [
-        (("--rank", "2"), "--as-lora"),
-        (("--as-lora", "--rounding", "per-link"), "--rounding"),
-        (("--rounding", "twice"), "--rounding"),
-        (("--as-lora", "--rank", "0"), "--rank"),
+        (("--rank", "2"), ("'--rank'", "needs --as-lora")),
+        (("--as-lora", "--rounding", "per-link"), ("'--rounding'", "--as-lora")),
+        (("--rounding", "twice"), ("'--rounding twice'", "once, per-link")),
+        (("--as-lora", "--rank", "0"), ("'--rank 0'", "at least 1")),
+        (("--max-shard-size", "2"), ("'--max-shard-size'", "needs a unit")),
     ],
 )
-def test_option_errors(cli, tmp_path, args, needle):
+def test_option_errors(cli, tmp_path, args, needles):
     out = tmp_path / "out"
-    _assert_user_error(cli("fold", CHAIN, "--base", BASE, "-o", out, *args), out, needle)
+    assert_usage_error(cli("fold", CHAIN, "--base", BASE, "-o", out, *args), *needles)
+    assert not out.exists()
 
 
 def test_output_inside_the_chain_is_refused(cli, tmp_path):

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import BASES, FIXTURES, load_causal_lm, model_logits, token_ids
+from helpers import BASES, FIXTURES, assert_usage_error, load_causal_lm, model_logits, token_ids
 from safetensors import safe_open
 
 RESLORA = FIXTURES / "reslora"
@@ -574,16 +574,30 @@ def test_missing_lora_b_is_refused(cli, tmp_path):
 @pytest.mark.parametrize(
     ("kind", "extra", "needles"),
     [
-        ("ms", ("--ms-rule", "scalar"), ("--ms-rule scalar needs --stats",)),
-        ("ms", ("--norms", "official"), ("is) checkpoints only",)),
-        ("is", ("--norms", "inputs"), ("--norms inputs needs --stats",)),
-        ("bs", ("--rank", "4", "--uniform-rank"), ("exclude each other",)),
-        ("bs", ("--dtype", "float32"), ("needs --merge",)),
-        ("bs", ("--norms", "weights"), ("--norms does not apply", "merge exactly")),
-        ("is", ("--norms", "sideways"), ("unknown --norms",)),
+        ("is", ("--norms", "inputs"), ("'--norms inputs'", "needs --stats")),
+        ("bs", ("--rank", "4", "--uniform-rank"), ("'--rank'", "--uniform-rank")),
+        ("bs", ("--dtype", "float32"), ("'--dtype'", "needs --merge")),
+        ("is", ("--norms", "sideways"), ("'--norms sideways'", "weights, official, inputs")),
     ],
 )
-def test_contradicting_options_are_refused(cli, tmp_path, kind, extra, needles):
+def test_contradicting_options_are_usage_errors(cli, tmp_path, kind, extra, needles):
+    """Options wrong whatever the checkpoint: exit 2, Click's message, nothing written."""
+    out = tmp_path / "out"
+    result = cli("reslora", RESLORA / kind, "--base", BASE, "-o", out, *extra)
+    assert_usage_error(result, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "needles"),
+    [
+        ("ms", ("--ms-rule", "scalar"), ("--ms-rule scalar: needs --stats",)),
+        ("ms", ("--norms", "official"), ("--norms official: applies to is checkpoints only",)),
+        ("bs", ("--norms", "weights"), ("--norms weights: does not apply", "merge exactly")),
+    ],
+)
+def test_options_that_do_not_fit_the_checkpoint_are_refused(cli, tmp_path, kind, extra, needles):
+    """Options that this checkpoint's type cannot take: exit 1 naming the option."""
     out = tmp_path / "out"
     result = cli("reslora", RESLORA / kind, "--base", BASE, "-o", out, *extra)
     _assert_user_error(result, out, *needles)

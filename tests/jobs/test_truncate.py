@@ -13,7 +13,16 @@ import re
 
 import pytest
 import torch
-from helpers import ADAPTERS, BASES, FIXTURES, load_causal_lm, model_logits, peft_logits, token_ids
+from helpers import (
+    ADAPTERS,
+    BASES,
+    FIXTURES,
+    assert_usage_error,
+    load_causal_lm,
+    model_logits,
+    peft_logits,
+    token_ids,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -272,12 +281,13 @@ def test_peft_declared_dylora_truncates_like_official(cli, tmp_path):
 
 
 def test_bad_ranks(cli, tmp_path):
-    out = tmp_path / "out"
-    _user_error(cli("truncate", KOHYA_DY, "--rank", "0", "-o", out), ">= 1")
+    out = tmp_path / "out.safetensors"
+    assert_usage_error(cli("truncate", KOHYA_DY, "--rank", "0", "-o", out), "at least 1")
     _user_error(cli("truncate", KOHYA_DY, "--rank", "9", "-o", out), "above", "r_max = 8")
-    _user_error(cli("truncate", KOHYA_DY, "--rank", "four", "-o", out), "--rank")
-    _user_error(cli("truncate", ADAPTERS / "llama-lora", "--rank", "9", "-o", out), "r_max = 8")
-    assert not out.exists()
+    assert_usage_error(cli("truncate", KOHYA_DY, "--rank", "four", "-o", out), "'--rank'")
+    folder = tmp_path / "out"
+    _user_error(cli("truncate", ADAPTERS / "llama-lora", "--rank", "9", "-o", folder), "r_max = 8")
+    assert not out.exists() and not folder.exists()
     # a file trained with unit 2: rank 3 was never a trained prefix -> a warning, still written
     with safe_open(KOHYA_DY, "pt") as handle:
         metadata = handle.metadata()
@@ -297,7 +307,7 @@ def test_official_needs_alpha(cli, tmp_path):
     _user_error(cli("truncate", OFFICIAL, "--rank", "4", "-o", out), "--alpha is needed")
     _user_error(cli("inspect", OFFICIAL), "--alpha is needed")
     result = cli("truncate", KOHYA_DY, "--alpha", "8", "--rank", "4", "-o", out)
-    _user_error(result, "--alpha is for official DyLoRA")
+    _user_error(result, "--alpha 8.0: is for official DyLoRA")
     assert not out.exists()
 
 
@@ -354,7 +364,7 @@ def test_merge_matches_peft_on_truncated_adapter(cli, tmp_path):
     assert (expected - model_logits(LLAMA, ids)).abs().max() > 1e-3
     got = model_logits(merged, ids)
     assert (got - expected).abs().max().item() <= LOGITS_TOL
-    _user_error(cli("truncate", KOHYA_DY, "--rank", "3", "--merge", "-o", merged), "--base")
+    assert_usage_error(cli("truncate", KOHYA_DY, "--rank", "3", "--merge", "-o", merged), "--base")
 
 
 # ---------------------------------------------------------------- SVD reduction
@@ -495,12 +505,16 @@ def test_energy_picks_ranks_via_rank_pattern(cli, tmp_path):
 def test_option_conflicts(cli, tmp_path):
     out = tmp_path / "out"
     lora = ADAPTERS / "llama-lora"
-    _user_error(cli("truncate", lora, "-o", out), "--rank", "--energy")
-    _user_error(cli("truncate", lora, "--rank", "4", "--energy", "0.9", "-o", out), "not both")
-    _user_error(cli("truncate", lora, "--rank", "4", "--max-rank", "3", "-o", out), "--energy")
-    _user_error(cli("truncate", lora, "--energy", "1.5", "-o", out), "(0, 1]")
+    assert_usage_error(cli("truncate", lora, "-o", out), "'--rank'", "--energy")
+    result = cli("truncate", lora, "--rank", "4", "--energy", "0.9", "-o", out)
+    assert_usage_error(result, "'--rank'", "cannot be combined with --energy")
+    result = cli("truncate", lora, "--rank", "4", "--max-rank", "3", "-o", out)
+    assert_usage_error(result, "'--max-rank'", "needs --energy")
+    assert_usage_error(cli("truncate", lora, "--energy", "1.5", "-o", out), "(0, 1]")
     result = cli("truncate", KOHYA_DY, "--method", "prefix", "--energy", "0.9", "-o", out)
-    _user_error(result, "--method svd")
+    assert_usage_error(result, "--method svd")
+    result = cli("truncate", lora, "--rank", "4", "--dtype", "float16", "-o", out)
+    assert_usage_error(result, "'--dtype'", "needs --merge")
     assert not out.exists()
 
 

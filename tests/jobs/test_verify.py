@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ADAPTERS, BASES, FIXTURES
+from helpers import ADAPTERS, BASES, FIXTURES, assert_usage_error
 from helpers import assert_one_error as _one_error
 
 KOHYA = FIXTURES / "kohya" / "llama-lora.safetensors"
@@ -112,8 +112,9 @@ def test_logits_against_the_merged_folder(cli, tmp_path):
 
 def test_option_errors(cli, tmp_path):
     merged = BASES / "llama"  # any model folder
-    _one_error(cli("verify", ADAPTERS / "llama-lora", merged), "merged model", "--text")
-    _one_error(
-        cli("verify", ADAPTERS / "llama-lora", ADAPTERS / "llama-lora", "--text", TEXT), "--base"
-    )
+    result = cli("verify", ADAPTERS / "llama-lora", merged)
+    assert_usage_error(result, "merged model", "--base and --text")
+    result = cli("verify", ADAPTERS / "llama-lora", ADAPTERS / "llama-lora", "--text", TEXT)
+    assert_usage_error(result, "'--text'", "needs --base")
+    assert_usage_error(cli("verify", ADAPTERS / "llama-lora", merged, "--rtol", "-1"), "'--rtol")
     _one_error(cli("verify", ADAPTERS / "llama-lora", tmp_path / "nope"), "does not exist")
