@@ -182,6 +182,15 @@ def warn_all(messages: Sequence[str]) -> None:
         warn(message)
 
 
+def json_done(result: Any, json_output: bool) -> bool:
+    """A job's result reported the common way: its warnings on stderr, then with --json the
+    result itself on stdout. True when that was all (the command renders nothing more)."""
+    warn_all(result.warnings)
+    if json_output:
+        print_json(result.to_json())
+    return json_output
+
+
 def print_engine_report(report: dict[str, Any], quiet: bool) -> None:
     """What an --engine profile changed (notes, stderr) and how to start the engine (stdout)."""
     for message in report.get("notes", []):

@@ -18,11 +18,10 @@ from loramerge_cli.common import (
     Quiet,
     byte_progress,
     choices,
+    json_done,
     note,
     print_engine_report,
-    print_json,
     stdout,
-    warn_all,
 )
 
 from loramerge.jobs.defaults import ROUNDINGS
@@ -111,13 +110,10 @@ def fold(
             force=force,
             progress=progress,
         )
-    warn_all(result.warnings)
-    summary = result.to_json()
-    if json_output:
-        print_json(summary)
+    if json_done(result, json_output):
         return
     if not quiet:
-        _render(summary)
+        _render(result.to_json())
     print_engine_report(result.engine, quiet)
     if result.merge is not None and result.merge.plan.untied:
         note("tied embeddings were untied: the chain changed one side of them", quiet)

@@ -13,9 +13,8 @@ from loramerge_cli.common import (
     JsonOutput,
     Quiet,
     byte_progress,
-    print_json,
+    json_done,
     stdout,
-    warn_all,
 )
 
 
@@ -46,9 +45,7 @@ def inspect(
 
     with byte_progress("reading the base", quiet or json_output) as progress:
         report = run_inspect(path, base, fmt=fmt, alpha=alpha, progress=progress)
-    warn_all(report.warnings)
-    if json_output:
-        print_json(report.to_json())
+    if json_done(report, json_output):
         return
     if not quiet:
         _render(report, base is not None)

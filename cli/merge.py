@@ -17,10 +17,10 @@ from loramerge_cli.common import (
     OutDtype,
     Quiet,
     byte_progress,
+    json_done,
     note,
     print_json,
     show,
-    warn_all,
 )
 
 
@@ -78,9 +78,7 @@ def merge(
             progress=progress,
             **options,
         )
-    warn_all(result.warnings)
-    if json_output:
-        print_json(result.to_json())
+    if json_done(result, json_output):
         return
     counts = result.plan.counts()
     show(

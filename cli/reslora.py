@@ -15,12 +15,12 @@ from loramerge_cli.common import (
     Quiet,
     byte_progress,
     choices,
+    json_done,
     note,
     print_engine_report,
     print_json,
     show,
     stdout,
-    warn_all,
 )
 
 from loramerge.jobs.defaults import BATCH_SIZE, SEQ_LEN
@@ -133,11 +133,9 @@ def reslora(
             checkpoint, base, out, options, merge=merge, engine=engine, dtype=dtype,
             check_text=text, force=force, progress=progress,
         )  # fmt: skip
-    warn_all(result.warnings)
-    summary = result.to_json()
-    if json_output:
-        print_json(summary)
+    if json_done(result, json_output):
         return
+    summary = result.to_json()
     if not quiet:
         _print_blocks(summary)
     conversion = result.conversion

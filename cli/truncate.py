@@ -20,11 +20,10 @@ from loramerge_cli.common import (
     Ranks,
     byte_progress,
     choices,
+    json_done,
     parse_ranks,
     print_engine_report,
-    print_json,
     stdout,
-    warn_all,
 )
 
 from loramerge.formats.registry import OUTPUT_FORMAT_NAMES
@@ -142,10 +141,7 @@ def truncate(
             allow_nonfinite=allow_nonfinite,
             progress=progress,
         )
-    warn_all(result.warnings)
-    if json_output:
-        print_json(result.to_json())
-    elif not quiet:
+    if not json_done(result, json_output) and not quiet:
         _render(result)
         print_engine_report(result.engine, quiet)
 

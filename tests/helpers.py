@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +28,21 @@ MERGE_CASES = [
     ("gpt2-dora", "gpt2"),
 ]
 MERGE_CASES = [(a, b) for a, b in MERGE_CASES if (ADAPTERS / a).exists()]
+
+
+def kohya_dylora_with_unit(folder: Path, unit: int) -> Path:
+    """The kohya DyLoRA fixture as if trained with `unit` (only multiples of it are prefixes)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = FIXTURES / "dylora" / "kohya-dylora.safetensors"
+    with safe_open(source, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    metadata["ss_network_args"] = json.dumps({"unit": str(unit)})
+    path = folder / f"unit{unit}.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return path
 
 
 def token_ids(base: Path, length: int = 48) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""PEFT tuners other than LoRA, read into their exact plain-LoRA form, or refused naming
-`peft_type` where no low-rank form exists.
+"""PEFT tuners other than LoRA, read into their exact plain-LoRA form (docs/rules.md section 6),
+or refused naming `peft_type` where no low-rank form exists.
 
 Formulas and key names are those of PEFT 0.21.2 (checked against its forward on the fixtures in
 fixtures/peft-tuners/; docs/formats.md). Saved keys are `base_model.model.<module path>.<param>`

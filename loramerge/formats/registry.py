@@ -110,26 +110,22 @@ FILE_SUFFIXES = frozenset(
 )
 
 
-def input_format(name: str, option: str = "format") -> InputFormat:
-    for entry in INPUT_FORMATS:
+def _find(entries: list[Any], name: str, option: str, what: str) -> Any:
+    for entry in entries:
         if entry.name == name:
             return entry
+    names = ", ".join(entry.name for entry in entries)
     raise UsageError(
-        f"is not a format loramerge reads; choose one of {', '.join(INPUT_FORMAT_NAMES)}",
-        option=option,
-        value=name,
+        f"is not a format loramerge {what}; choose one of {names}", option=option, value=name
     )
+
+
+def input_format(name: str, option: str = "format") -> InputFormat:
+    return _find(INPUT_FORMATS, name, option, "reads")
 
 
 def output_format(name: str, option: str = "to") -> OutputFormat:
-    for entry in OUTPUT_FORMATS:
-        if entry.name == name:
-            return entry
-    raise UsageError(
-        f"is not a format loramerge writes; choose one of {', '.join(OUTPUT_FORMAT_NAMES)}",
-        option=option,
-        value=name,
-    )
+    return _find(OUTPUT_FORMATS, name, option, "writes")
 
 
 def check_output_name(out: Path, entry: OutputFormat | None, what: str | None = None) -> None:

@@ -1,9 +1,9 @@
-"""COLA folding math (rules.md section 5): a chain of plain LoRAs as one exact or reduced LoRA.
+"""COLA folding math (docs/rules.md section 5): a chain of plain LoRAs as one exact or reduced LoRA.
 
 A chain L_1..L_T with updates s_j B_j A_j sums to one LoRA by concatenation,
 A' = [s_1 A_1; ...; s_T A_T], B' = [B_1, ..., B_T], written with r = lora_alpha = sum r_j (scale
 1); a module a link does not touch contributes a zero term. With a target rank the concatenation
-is compressed by the QR-core SVD (rules.md section 3), and the energy kept is reported. Nothing
+is compressed by the QR-core SVD (docs/rules.md section 3), and the energy kept is reported. Nothing
 here forms an out x in matrix.
 """
 

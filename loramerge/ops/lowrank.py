@@ -9,7 +9,7 @@ import torch
 
 from loramerge.errors import LoramergeError, OptionError, ShapeMismatchError, opt
 
-# Notation (rules.md section 3): A is (r x in), B is (out x r), the update is dW = s * B @ A.
+# Notation (docs/rules.md section 3): A is (r x in), B is (out x r), the update is dW = s * B @ A.
 # Nothing here ever forms an out x in matrix; every function costs O((in + out) r^2).
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -198,7 +198,8 @@ def svd_reduce(
 
     B is (out x r), A is (r x in), any floating dtype. Returns B' (out x rank) and A'
     (rank x in) in `dtype` with B' @ A' = Qb U_k S_k V_k^T Qa^T, split as B' = Qb U_k sqrt(S_k)
-    and A' = sqrt(S_k) V_k^T Qa^T (rules.md section 3), to be written with r = lora_alpha = rank.
+    and A' = sqrt(S_k) V_k^T Qa^T (docs/rules.md section 3), to be written with
+    r = lora_alpha = rank.
     When `rank` exceeds min(r, out, in), the number of singular values there are, B' and A' are
     padded with zero columns / rows so that the output rank is exactly `rank`; singular values
     that are zero inside that range give zero (or round-off sized) factors as well.

@@ -1,5 +1,5 @@
 """Choosing a rank from a spectrum: the numerical rank, and the smallest rank that keeps a share
-of an update's energy (rules.md section 3)."""
+of an update's energy (docs/rules.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Rank truncation: DyLoRA prefixes (rules.md section 2) and optimal SVD reduction (section 3)."""
+"""Rank truncation: DyLoRA prefixes (docs/rules.md section 2) and optimal SVD reduction
+(section 3)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def check_prefix_rank(b: int, ranks: dict[str, int], unit: int) -> list[str]:
 
 
 def truncate_prefix(adapter: Adapter, b: int) -> tuple[Adapter, list[ModuleRow]]:
-    """Every module cut to its first b ranks, alpha kept, r = b (rules.md section 2).
+    """Every module cut to its first b ranks, alpha kept, r = b (docs/rules.md section 2).
 
     Call `check_prefix_rank` first. DoRA magnitudes and LoRA biases are refused: DyLoRA trains
     neither, so nothing says how they would follow a truncation.
@@ -102,7 +103,7 @@ def reduce_svd(
     energy: float | None = None,
     max_rank: int | None = None,
 ) -> tuple[Adapter, list[ModuleRow]]:
-    """The Frobenius-optimal reduction of every module via the QR core (rules.md section 3).
+    """The Frobenius-optimal reduction of every module via the QR core (docs/rules.md section 3).
 
     A fixed `rank` gives each module min(rank, its r); `energy` gives each module the smallest
     rank keeping that share of its update's energy, capped at `max_rank`. The scale is folded

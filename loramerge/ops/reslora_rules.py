@@ -1,4 +1,5 @@
-"""ResLoRA merge rules (rules.md section 4): one chain of blocks in, one plain LoRA per block out.
+"""ResLoRA merge rules (docs/rules.md section 4): one chain of blocks in, one plain LoRA per
+block out.
 
 Notation: a chain holds blocks n = 0..N-1 with factors (B_n, A_n), B_n (out x R), A_n (R x in),
 and one scale s = lora_alpha / r. Every function here is pure: it takes float tensors (float64 for

@@ -1,6 +1,6 @@
 """The dense update of one LoRA module in its base tensor's stored layout, a tile of rows at a time.
 
-Layouts (rules.md section 1): LINEAR and CONV tensors have one row per output; CONV1D
+Layouts (docs/rules.md section 1): LINEAR and CONV tensors have one row per output; CONV1D
 (GPT-2, in x out) and EMBEDDING (num x dim) tables are stored transposed, one row per input.
 """
 

@@ -23,6 +23,7 @@ from helpers import (
     assert_one_error,
     assert_usage_error,
     console_script,
+    kohya_dylora_with_unit,
 )
 from safetensors.torch import save_file
 
@@ -30,7 +31,6 @@ LORA = ADAPTERS / "llama-lora"
 BASE = BASES / "llama"
 TEXT = FIXTURES / "text" / "eval.txt"
 RESLORA = FIXTURES / "reslora" / "bs"
-KOHYA_DY = FIXTURES / "dylora" / "kohya-dylora.safetensors"
 
 
 def _run_script(*args: object, **kwargs) -> subprocess.CompletedProcess:
@@ -106,14 +106,7 @@ def test_quiet_silences_tables_and_summaries(cli, tmp_path):
 
 
 def test_quiet_keeps_warnings_and_errors_on_stderr(cli, tmp_path):
-    from safetensors import safe_open
-
-    with safe_open(KOHYA_DY, "pt") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    metadata["ss_network_args"] = json.dumps({"unit": "2"})
-    unit2 = tmp_path / "unit2.safetensors"
-    save_file(tensors, unit2, metadata=metadata)
+    unit2 = kohya_dylora_with_unit(tmp_path, 2)
     result = cli("truncate", unit2, "--rank", "3", "-o", tmp_path / "r3.safetensors", "-q")
     assert result.exit_code == 0, result.output
     assert result.stdout == ""

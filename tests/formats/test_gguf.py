@@ -11,32 +11,11 @@ import gguf
 import pytest
 import torch
 from helpers import ADAPTERS, BASES, assert_usage_error
+from oracles import GGUF_LLAMA_NAMES, llama_cpp_permute
 from safetensors import safe_open
 
-# llama.cpp's names for the LLaMA projections (gguf-py tensor_mapping.py)
-GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
+GGUF_NAMES = {hf: gguf_name for gguf_name, hf in GGUF_LLAMA_NAMES.items()}
 HEADS, KV_HEADS = 4, 2  # fixtures/bases/llama
-
-
-def llama_cpp_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py LlamaModel.permute, written out here as the oracle."""
-    out = rows.shape[0]
-    half = out // heads // 2
-    result = torch.empty_like(rows)
-    for h in range(heads):
-        for i in range(half):
-            # row (h, half-block k, i) of HF moves to (h, i, k): the halves interleave
-            result[h * 2 * half + 2 * i] = rows[h * 2 * half + i]
-            result[h * 2 * half + 2 * i + 1] = rows[h * 2 * half + half + i]
-    return result
 
 
 def _source(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -86,6 +65,7 @@ def _expected_tensors(name: str, fold: bool) -> dict[str, tuple[torch.Tensor, to
     return expected
 
 
+@pytest.mark.oracle
 def test_uniform_scales_write_alpha_and_the_converter_layout(cli, tmp_path):
     out = _gguf(cli, tmp_path, "llama-lora")
     reader = gguf.GGUFReader(out)
@@ -106,6 +86,7 @@ def test_uniform_scales_write_alpha_and_the_converter_layout(cli, tmp_path):
         assert torch.equal(torch.from_numpy(b.data.copy()), lora_b), stem
 
 
+@pytest.mark.oracle
 def test_mixed_scales_are_folded_into_lora_b_without_alpha(cli, tmp_path):
     out = _gguf(cli, tmp_path, "llama-rslora-patterns")
     reader = gguf.GGUFReader(out)
@@ -118,24 +99,28 @@ def test_mixed_scales_are_folded_into_lora_b_without_alpha(cli, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_permuting_lora_b_permutes_the_update_like_the_weight():
+def test_llama_cpp_permutation_oracle_on_a_known_answer():
+    """The oracle itself: one head of 8 rows is two rotary halves 0-3 and 4-7, interleaved;
+    with two heads each head's rows are interleaved within the head."""
+    assert llama_cpp_permute(torch.arange(8), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert llama_cpp_permute(torch.arange(8), 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+@pytest.mark.oracle
+def test_permute_rows_is_llama_cpps_permutation():
     from loramerge.formats.gguf import permute_rows, unpermute_rows
 
     torch.manual_seed(0)
-    lora_b, lora_a = (
-        torch.randn(32, 4, dtype=torch.float64),
-        torch.randn(4, 64, dtype=torch.float64),
-    )
-    for heads in (1, 2, 4, 8):
-        # the base conversion permutes W's rows; W + s B A stays consistent when B's rows follow
-        assert torch.equal(
-            permute_rows(lora_b, heads) @ lora_a, permute_rows(lora_b @ lora_a, heads)
-        )
+    for heads, rows in ((1, 8), (2, 8), (2, 32), (4, 32), (8, 64), (32, 4096 // 16)):
+        lora_b = torch.randn(rows, 3, dtype=torch.float64)
         assert torch.equal(permute_rows(lora_b, heads), llama_cpp_permute(lora_b, heads))
-        assert torch.equal(unpermute_rows(permute_rows(lora_b, heads), heads), lora_b)
+        assert torch.equal(unpermute_rows(llama_cpp_permute(lora_b, heads), heads), lora_b)
 
 
-def test_reader_undoes_the_permutation_exactly(cli, tmp_path):
+def test_reader_undoes_the_permutation_self_consistency(cli, tmp_path):
+    """Self-consistency (loramerge reads back what loramerge wrote). The oracle tests of the
+    same behaviour: the writer above (gguf package + llama.cpp's permutation) and the reader
+    on a file written here without loramerge (test_foreign_gguf_...)."""
     from loramerge.formats.gguf import read
 
     adapter = read(_gguf(cli, tmp_path, "llama-lora"))
@@ -158,6 +143,7 @@ def _config_only_base(tmp_path: Path, architecture: str, model_type: str) -> Pat
     return folder
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     ("architecture", "model_type", "arch", "permuted"),
     [
@@ -181,6 +167,7 @@ def test_llama_family_architectures(tmp_path, architecture, model_type, arch, pe
     assert torch.equal(found["blk.0.attn_q.weight.lora_b"], expected)
 
 
+@pytest.mark.oracle
 def test_embedding_lora_transposes_lora_a_for_token_embd(cli, tmp_path):
     out = _gguf(cli, tmp_path, "llama-tied-embedding", BASES / "llama-tied")
     found = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(out).tensors}
@@ -211,32 +198,37 @@ def test_gguf_needs_a_supported_base(cli, tmp_path):
     assert result.exit_code == 1 and "DoRA" in result.output and not out.exists()
 
 
-def test_foreign_gguf_without_our_metadata_needs_the_base(cli, tmp_path):
-    """A file as llama.cpp's own converter writes it (no loramerge keys): names come from gguf's
-    map, and the permutation can only be undone with the base's head counts."""
+@pytest.mark.oracle
+def test_foreign_gguf_without_our_metadata_needs_the_base(tmp_path):
+    """A file as llama.cpp's own converter writes it, made here with the gguf package from the
+    PEFT fixture and llama.cpp's permutation (no loramerge keys): names come from gguf's map,
+    and the permutation can only be undone with the base's head counts."""
     from loramerge.errors import FormatError
     from loramerge.formats.gguf import read
     from loramerge.formats.registry import ReadOptions
 
-    ours = gguf.GGUFReader(_gguf(cli, tmp_path, "llama-lora"))
+    config, tensors = _source("llama-lora")
     foreign = tmp_path / "foreign.gguf"
     writer = gguf.GGUFWriter(foreign, "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 16.0)
-    for tensor in ours.tensors:
-        writer.add_tensor(tensor.name, tensor.data.copy())
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+    for stem, (lora_a, lora_b) in _expected_tensors("llama-lora", fold=False).items():
+        writer.add_tensor(stem + ".lora_a", lora_a.numpy())
+        writer.add_tensor(stem + ".lora_b", lora_b.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(FormatError, match="permuted"):
         read(foreign)
-    config = json.loads((BASES / "llama" / "config.json").read_text())
-    adapter = read(foreign, ReadOptions(base_config=config))
-    _, tensors = _source("llama-lora")
+    base_config = json.loads((BASES / "llama" / "config.json").read_text())
+    adapter = read(foreign, ReadOptions(base_config=base_config))
+    assert len(adapter.modules) == 28
     for path, module in adapter.modules.items():
+        assert torch.equal(module.lora_A.load(), tensors[path + ".lora_A.weight"]), path
         assert torch.equal(module.lora_B.load(), tensors[path + ".lora_B.weight"]), path
+        assert module.scale == config["lora_alpha"] / config["r"]
 
 
 def test_writing_streams_module_by_module(tmp_path):

@@ -18,10 +18,20 @@ from helpers import (
     BASES,
     FIXTURES,
     assert_usage_error,
+    kohya_dylora_with_unit,
     load_causal_lm,
-    model_logits,
-    peft_logits,
     token_ids,
+)
+from oracles import (
+    PLANTED,
+    PeftOracle,
+    assert_logits_match,
+    base_logits,
+    load64,
+    logits64,
+    logits_with_deltas,
+    reference_from_updates,
+    reference_logits,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -33,7 +43,7 @@ LLAMA = BASES / "llama"
 ALPHA = 8.0  # the fixture's training alpha (fixtures/builders_dylora.py)
 R_MAX = 8
 LAYOUTS = ["official", "kohya"]
-LOGITS_TOL = 1e-5  # float32 forward, same base weights
+F32 = torch.float32
 
 
 # ---------------------------------------------------------------- independent oracles
@@ -96,29 +106,25 @@ def kohya_updates(file) -> dict[str, tuple[int, torch.Tensor]]:
     return found
 
 
-def hooked_logits(updates: dict, ids: torch.Tensor) -> torch.Tensor:
-    """The base model (float32) with `x @ A.T @ B.T * s` added to each module's output by a
-    forward hook; `updates` maps module path -> (A, B, s)."""
-    model = load_causal_lm(LLAMA)
-    for path, (lora_a, lora_b, scale) in updates.items():
-        hook = _adding_hook(lora_a.float(), lora_b.float(), scale)
-        model.get_submodule(path).register_forward_hook(hook)
-    with torch.no_grad():
-        return model(ids).logits
+def hooked_logits(updates: dict, ids: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """The base model in float64 with s * B @ A added to each module's weight; `updates` maps
+    module path -> (A, B, s); `factor` multiplies every s (the planted error)."""
+    deltas = {
+        f"{path}.weight": factor * scale * (lora_b.double() @ lora_a.double())
+        for path, (lora_a, lora_b, scale) in updates.items()
+    }
+    return logits_with_deltas(LLAMA, deltas, ids)
 
 
-def _adding_hook(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float):
-    def hook(module, inputs, output):
-        return output + ((inputs[0] @ lora_a.T) @ lora_b.T) * scale
-
-    return hook
-
-
-def dylora_logits(layout: str, b: int, ids: torch.Tensor) -> torch.Tensor:
-    """Our own DyLoRA forward at rank b: W x + (alpha / b) B[:, :b] A[:b] x."""
+def dylora_updates(layout: str, b: int) -> dict:
+    """module path -> (A[:b], B[:, :b], alpha / b): DyLoRA's rank-b adapter, from the files."""
     factors = fixture_factors(layout)
-    updates = {p: (a[:b], bb[:, :b], alpha / b) for p, (a, bb, alpha) in factors.items()}
-    return hooked_logits(updates, ids)
+    return {p: (a[:b], bb[:, :b], alpha / b) for p, (a, bb, alpha) in factors.items()}
+
+
+def dylora_logits(layout: str, b: int, ids: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """Our own DyLoRA forward at rank b: W x + (alpha / b) B[:, :b] A[:b] x, in float64."""
+    return hooked_logits(dylora_updates(layout, b), ids, factor)
 
 
 def train_chunks(length: int = 32) -> torch.Tensor:
@@ -217,20 +223,21 @@ def test_truncation_equals_dylora_formula_for_every_rank(cli, tmp_path, layout):
             assert (update - expected).abs().max() <= 1e-12 * expected.abs().max(), (path, b)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_peft_output_reproduces_dylora_forward(cli, tmp_path, layout):
     out = tmp_path / "ranks"
     _run(cli, *_source(layout), "--rank", "1,3,8", "--to", "peft", "-o", out)
     ids = token_ids(LLAMA)
-    plain = model_logits(LLAMA, ids)
+    plain = base_logits(LLAMA, ids)
     full = dylora_logits(layout, R_MAX, ids)
     for b in (1, 3, 8):
         expected = dylora_logits(layout, b, ids)
-        assert (expected - plain).abs().max() > 1e-3, "the adapter must change the model"
         if b < R_MAX:
             assert (expected - full).abs().max() > 1e-3, "rank b must differ from full rank"
-        got = peft_logits(out / f"rank-{b}", LLAMA, ids)
-        assert (got - expected).abs().max().item() <= LOGITS_TOL, b
+        got = PeftOracle(out / f"rank-{b}", LLAMA).logits(ids)
+        planted = dylora_logits(layout, b, ids, 1 + PLANTED)
+        assert_logits_match(got, expected, planted, plain, f"rank {b}")
 
 
 def test_truncated_losses_stay_in_band(cli, tmp_path):
@@ -262,6 +269,7 @@ def test_truncated_losses_stay_in_band(cli, tmp_path):
     assert losses[R_MAX] <= min(losses.values()) + 0.05
 
 
+@pytest.mark.oracle
 def test_peft_declared_dylora_truncates_like_official(cli, tmp_path):
     full = tmp_path / "full"
     _run(cli, *_source("official"), "--rank", str(R_MAX), "-o", full)  # a PEFT DyLoRA adapter
@@ -269,9 +277,11 @@ def test_peft_declared_dylora_truncates_like_official(cli, tmp_path):
     _run(cli, *_source("official"), "--rank", "3", "-o", direct)
     _run(cli, full, "--method", "dylora", "--rank", "3", "-o", declared)
     a, b = peft_updates(direct), peft_updates(declared)
-    assert a.keys() == b.keys()
-    for path in a:
+    assert a.keys() == b.keys() == set(fixture_factors("official"))
+    for path, (lora_a, lora_b, alpha) in fixture_factors("official").items():
+        expected = dylora_update(lora_a, lora_b, alpha, 3)
         assert a[path][0] == b[path][0] == 3
+        assert (b[path][1] - expected).abs().max() <= 1e-12 * expected.abs().max(), path
         assert torch.equal(a[path][1], b[path][1])
     result = cli("truncate", full, "--method", "prefix", "--rank", "3", "-o", tmp_path / "x")
     _user_error(result, "not DyLoRA", "--method dylora")
@@ -289,12 +299,7 @@ def test_bad_ranks(cli, tmp_path):
     _user_error(cli("truncate", ADAPTERS / "llama-lora", "--rank", "9", "-o", folder), "r_max = 8")
     assert not out.exists() and not folder.exists()
     # a file trained with unit 2: rank 3 was never a trained prefix -> a warning, still written
-    with safe_open(KOHYA_DY, "pt") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    metadata["ss_network_args"] = json.dumps({"unit": "2"})
-    unit2 = tmp_path / "unit2.safetensors"
-    save_file(tensors, unit2, metadata=metadata)
+    unit2 = kohya_dylora_with_unit(tmp_path, 2)
     result = cli("truncate", unit2, "--rank", "3", "-o", tmp_path / "r3.safetensors")
     assert result.exit_code == 0, result.output
     assert "warning" in result.output and "not a multiple of the DyLoRA unit 2" in result.output
@@ -354,16 +359,33 @@ def test_two_ranks_write_two_outputs(cli, tmp_path):
     _user_error(result, "already exists", "--force")
 
 
-def test_merge_matches_peft_on_truncated_adapter(cli, tmp_path):
-    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    _run(cli, *_source("official"), "--rank", "3", "-o", adapter)
+@pytest.mark.oracle
+def test_merge_of_a_truncated_rank_is_the_dylora_update_rounded_once(cli, tmp_path):
+    """--merge at rank 3 writes the base plus DyLoRA's rank-3 update (alpha / 3)
+    B[:, :3] A[:3], formed from the fixture files in float32 in PEFT's order and rounded once,
+    bit for bit; its logits equal that reference's (1e-8 x the effect, which a 1e-6 scale
+    error exceeds)."""
+    merged = tmp_path / "merged"
     args = ["--rank", "3", "--base", LLAMA, "--merge", "--dtype", "float32", "-o", merged]
     _run(cli, *_source("official"), *args)
+    updates = {
+        f"{path}.weight": (lora_b, lora_a, scale)
+        for path, (lora_a, lora_b, scale) in dylora_updates("official", 3).items()
+    }
+    reference = reference_from_updates(LLAMA, updates)
+    written = {}
+    for shard in merged.glob("*.safetensors"):
+        written.update(load_file(shard))
+    assert set(written) == set(reference)
+    for name, value in reference.items():
+        assert torch.equal(written[name].view(torch.int32), value.view(torch.int32)), name
     ids = token_ids(LLAMA)
-    expected = peft_logits(adapter, LLAMA, ids)
-    assert (expected - model_logits(LLAMA, ids)).abs().max() > 1e-3
-    got = model_logits(merged, ids)
-    assert (got - expected).abs().max().item() <= LOGITS_TOL
+    planted_updates = {n: (b, a, s * (1 + PLANTED)) for n, (b, a, s) in updates.items()}
+    planted = reference_logits(merged, reference_from_updates(LLAMA, planted_updates), F32, ids)
+    expected = reference_logits(merged, reference, F32, ids)
+    got = logits64(load64(merged), ids)
+    plain = base_logits(LLAMA, ids)
+    assert_logits_match(got, expected, planted, plain, "truncate --merge", 1e-8)
     assert_usage_error(cli("truncate", KOHYA_DY, "--rank", "3", "--merge", "-o", merged), "--base")
 
 
@@ -446,6 +468,7 @@ FULL_RANK_CASES = [
 ]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(("adapter", "base", "rank"), FULL_RANK_CASES, ids=lambda c: str(c))
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_svd_at_full_rank_keeps_the_model(cli, tmp_path, adapter, base, rank):
@@ -457,14 +480,15 @@ def test_svd_at_full_rank_keeps_the_model(cli, tmp_path, adapter, base, rank):
     config = json.loads((out / "adapter_config.json").read_text())
     assert not config["use_rslora"]
     ids = token_ids(BASES / base)
-    expected = peft_logits(ADAPTERS / adapter, BASES / base, ids)
-    assert (expected - model_logits(BASES / base, ids)).abs().max() > 1e-3
-    got = peft_logits(out, BASES / base, ids)
-    assert (got - expected).abs().max().item() <= LOGITS_TOL
+    oracle = PeftOracle(ADAPTERS / adapter, BASES / base)
+    expected, planted = oracle.logits(ids), oracle.logits(ids, 1 + PLANTED)
+    plain = base_logits(BASES / base, ids)
+    got = PeftOracle(out, BASES / base).logits(ids)
+    assert_logits_match(got, expected, planted, plain, f"{adapter} at full rank")
 
 
+@pytest.mark.oracle
 def test_energy_picks_ranks_via_rank_pattern(cli, tmp_path):
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     out = tmp_path / "out"
@@ -477,24 +501,24 @@ def test_energy_picks_ranks_via_rank_pattern(cli, tmp_path):
         share = torch.cumsum(S.square(), 0) / S.square().sum()
         expected_ranks[path] = int((share < 0.9 - 1e-12).sum()) + 1
     assert len(set(expected_ranks.values())) > 1
-    model = PeftModel.from_pretrained(load_causal_lm(LLAMA), out).eval()
+    oracle = PeftOracle(out, LLAMA)
     built = {
         name.removeprefix("base_model.model."): layer.r["default"]
-        for name, layer in model.named_modules()
+        for name, layer in oracle.model.named_modules()
         if isinstance(layer, LoraLayer)
     }
     assert built == expected_ranks
     ids = token_ids(LLAMA)
-    with torch.no_grad():
-        got = model(ids).logits
+    got = oracle.logits(ids)
     tensors = load_file(out / "adapter_model.safetensors")
     updates = {}
     for path in expected_ranks:  # r = alpha: the reduced factors apply with scale 1
         stem = f"base_model.model.{path}"
         updates[path] = (tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"], 1.0)
     expected = hooked_logits(updates, ids)
-    assert (expected - model_logits(LLAMA, ids)).abs().max() > 1e-3
-    assert (got - expected).abs().max().item() <= LOGITS_TOL
+    planted = hooked_logits(updates, ids, 1 + PLANTED)
+    plain = base_logits(LLAMA, ids)
+    assert_logits_match(got, expected, planted, plain, "PEFT reading the rank_pattern")
     capped = tmp_path / "capped"
     report = _json(
         cli, ADAPTERS / "llama-lora", "--energy", "0.999", "--max-rank", "3", "-o", capped

@@ -85,16 +85,36 @@ def test_a_failure_reaches_the_take_of_its_tile(stage):
     prefetcher.close()
 
 
-def test_closing_with_tiles_in_flight_returns():
+def test_closing_with_tiles_in_flight_waits_for_them_and_cancels_the_rest():
+    """close() while reads are blocked: it waits for the reads that started (never abandoning a
+    thread that holds a buffer), returns once they finish, and the tiles not started yet are
+    never read. Bounded: a hang fails the test instead of stalling the suite."""
+    started: list[int] = []
     release = threading.Event()
 
     def read(key: int) -> int:
-        release.wait(5)
+        started.append(key)
+        assert release.wait(10), "never released"
         return key
 
+    before = set(threading.enumerate())
     prefetcher = Prefetcher(range(100), read, depth=8, readers=2)
+    deadline = threading.Event()
+    for _ in range(100):  # both reader threads are inside read()
+        if len(started) == 2:
+            break
+        deadline.wait(0.05)
+    assert sorted(started) == [0, 1]
+    closer = threading.Thread(target=prefetcher.close, daemon=True)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() returned while two reads were still running"
     release.set()
-    prefetcher.close()  # cancels what has not started, waits for the rest
+    closer.join(10)
+    assert not closer.is_alive(), "close() did not return after the reads finished"
+    assert sorted(started) == [0, 1], "tiles queued behind the running reads were read anyway"
+    alive = [t.name for t in set(threading.enumerate()) - before if t.name != closer.name]
+    assert not alive, f"threads left running after close(): {alive}"
 
 
 def test_the_writer_runs_calls_in_order_and_reports_the_first_failure():
