@@ -21,6 +21,7 @@ from rich.console import Console
 
 from loramerge.engines.profiles import ENGINE_NAMES
 from loramerge.formats.registry import INPUT_FORMAT_NAMES
+from loramerge.formats.sd_names import COMPONENT_ORDER
 from loramerge.io.dtypes import OUTPUT_DTYPES
 
 
@@ -74,6 +75,15 @@ OutDtype = Annotated[
         "--dtype",
         metavar=choices(list(OUTPUT_DTYPES)),
         help="Output dtype of floating tensors (default: each base tensor's).",
+    ),
+]
+Component = Annotated[
+    str | None,
+    typer.Option(
+        "--component",
+        metavar=choices(COMPONENT_ORDER),
+        help="The model of a pipeline adapter (kohya, LyCORIS, diffusers) to use, or the one a "
+        "single-model adapter is for.",
     ),
 ]
 AllowNonfinite = Annotated[

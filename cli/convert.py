@@ -9,6 +9,7 @@ import typer
 from loramerge_cli.common import (
     AllowNonfinite,
     BaseOption,
+    Component,
     Debug,
     DyloraAlpha,
     Engine,
@@ -39,7 +40,7 @@ def convert(
             "--out",
             "-o",
             metavar="OUT",
-            help="Output folder (peft) or file (kohya: .safetensors, gguf: .gguf).",
+            help="Output folder (peft, diffusers) or file (kohya: .safetensors, gguf: .gguf).",
         ),
     ],
     to: Annotated[
@@ -56,7 +57,8 @@ def convert(
         typer.Option(
             "--max-rank",
             metavar="K",
-            help="Reduce modules above rank K to K (QR-core SVD); with --energy, a cap.",
+            help="Reduce modules above rank K, and forms with no low-rank form, to at most K "
+            "(QR-core SVD); with --energy, a cap.",
         ),
     ] = None,
     energy: Annotated[
@@ -72,17 +74,20 @@ def convert(
     engine: Engine = None,
     base: BaseOption = None,
     fmt: InputFormatOption = None,
+    component: Component = None,
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Rewrite ADAPTER as a PEFT folder, a kohya file, an mlx-lm folder or a llama.cpp GGUF.
+    """Rewrite ADAPTER as a PEFT folder, a kohya file, a diffusers LoRA, a llama.cpp GGUF or an
+    mlx-lm folder, module for module.
 
-    Adapters of other tuners (PEFT AdaLoRA, LoHa, LoKr, VeRA, MiSS, DeLoRA), mlx-lm folders and
-    torchtune checkpoints are written in their exact LoRA form; --max-rank / --energy reduce
-    ranks that come out large and report the energy kept.
+    Adapters of other tuners (PEFT AdaLoRA, LoHa, LoKr, VeRA, MiSS, DeLoRA, LyCORIS), mlx-lm
+    folders and torchtune checkpoints are written in their exact LoRA form. Forms whose exact
+    rank is larger than the matrix they update are refused unless --max-rank or --energy
+    reduce them; the energy each reduction keeps is reported.
 
     With --base, module names are matched against the base model's tensors exactly (kohya
     names lose their dots; without a base they are reconstructed from common layer names).
@@ -95,6 +100,8 @@ def convert(
     Example: loramerge convert ADAPTER --engine vllm -o for-vllm
 
     Example: loramerge convert ADAPTER --to gguf --base BASE -o adapter.gguf
+
+    Example: loramerge convert sdxl-lora.safetensors --to peft --component unet -o unet-peft
 
     Example: loramerge convert fixtures/peft-tuners/lokr-full-w1 --to peft -o lokr --max-rank 8
     """
@@ -109,6 +116,7 @@ def convert(
         fmt=fmt,
         force=force,
         allow_nonfinite=allow_nonfinite,
+        component=component,
         alpha=alpha,
         max_rank=max_rank,
         energy=energy,
@@ -122,24 +130,17 @@ def convert(
 
 
 def _print_ranks(result: dict, quiet: bool) -> None:
-    """What the reader read, the ranks it produced, and what a reduction kept."""
-    read_as = result.get("read_as") or {}
-    if read_as.get("notes"):
-        note(f"{result['source_format']}: {read_as['notes']}", quiet)
+    """Notes of the reader, the ranks it produced, and what a reduction kept."""
+    notes = (result.get("read") or {}).get("notes")
+    if notes:
+        note(f"{result['source_format']}: {notes}", quiet)
     ranks = result.get("ranks_read") or []
     rows = result.get("reduction")
     if rows is None:
-        full = result.get("full_rank_modules") or []
-        if full:
-            note(
-                f"{len(full)} modules have an exact rank as large as their matrix (e.g. "
-                f"{full[0]}): --max-rank or --energy reduce them, at a stated error",
-                quiet,
-            )
         if ranks and result.get("source_format") not in ("peft", "kohya"):
             show(f"ranks: {_span(ranks)} (exact)", quiet)
         return
-    reduced = [r for r in rows if r["rank_after"] < r["rank_before"]]
+    reduced = [r for r in rows if r["rank_after"] < r["rank_before"] or r["relative_error"] > 0]
     if not reduced:
         show(f"ranks: {_span(ranks)}, none reduced", quiet)
         return

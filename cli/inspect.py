@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from loramerge_cli.common import (
     BaseOption,
+    Component,
     Debug,
     DyloraAlpha,
     InputFormatOption,
@@ -30,6 +31,7 @@ def inspect(
     base: BaseOption = None,
     fmt: InputFormatOption = None,
     alpha: DyloraAlpha = None,
+    component: Component = None,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -44,7 +46,9 @@ def inspect(
     from loramerge.jobs.inspect import inspect as run_inspect
 
     with byte_progress("reading the base", quiet or json_output) as progress:
-        report = run_inspect(path, base, fmt=fmt, alpha=alpha, progress=progress)
+        report = run_inspect(
+            path, base, fmt=fmt, alpha=alpha, progress=progress, component=component
+        )
     if json_done(report, json_output):
         return
     if not quiet:
@@ -58,7 +62,6 @@ def _render(report, with_base: bool) -> None:
     for key, value in (
         ("path", report.path),
         ("format", report.format),
-        *((f"read as: {key}", value) for key, value in report.read_as.items()),
         ("base model", report.base_model or "unknown"),
         ("modules", report.module_count),
         ("ranks", ", ".join(map(str, report.ranks))),
@@ -67,6 +70,7 @@ def _render(report, with_base: bool) -> None:
         ("dtypes", ", ".join(report.dtypes)),
         ("parameters", f"{report.parameter_count:,}"),
         ("modules_to_save", ", ".join(report.modules_to_save) or "none"),
+        *((f"read: {key}", value) for key, value in report.read.items()),
     ):
         summary.add_row(f"[bold]{key}[/]", str(value))
     stdout.print(summary)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from loramerge_cli.common import (
     AllowNonfinite,
+    Component,
     Debug,
     DyloraAlpha,
     Force,
@@ -44,6 +45,7 @@ def merge(
     dtype: OutDtype = None,
     max_shard_size: MaxShardSize = None,
     fmt: InputFormatOption = None,
+    component: Component = None,
     alpha: DyloraAlpha = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would be written and write nothing.")
@@ -63,7 +65,13 @@ def merge(
     """
     from loramerge.jobs import merge as job
 
-    options = {"fmt": fmt, "dtype": dtype, "max_shard_bytes": max_shard_size, "alpha": alpha}
+    options = {
+        "fmt": fmt,
+        "dtype": dtype,
+        "max_shard_bytes": max_shard_size,
+        "component": component,
+        "alpha": alpha,
+    }
     if dry_run:
         plan = job.preview(adapter, base, allow_nonfinite=allow_nonfinite, **options)
         _print_plan(plan, json_output, quiet)

@@ -10,6 +10,7 @@ import torch
 
 from loramerge.adapter import LazyTensor
 from loramerge.errors import located
+from loramerge.formats.derived_factors import DerivedFactor
 
 DTYPE = torch.float32  # derived factors are products: kept in float32 whatever the source dtype
 
@@ -21,13 +22,18 @@ def derived(
     *,
     path: object = None,
     module: str | None = None,
+    merge_only: str | None = None,
 ) -> LazyTensor:
-    """A LazyTensor whose value is `compute()` cast to `dtype` (errors name path and module)."""
+    """A LazyTensor whose value is `compute()` cast to `dtype` (errors name path and module).
+    With `merge_only` (why the form has no useful LoRA), a float32 DerivedFactor that
+    `convert` refuses unless a rank reduction is asked for (formats/derived_factors)."""
 
     def load() -> torch.Tensor:
         with located(str(path) if path is not None else None, module):
             return compute().to(dtype).contiguous()
 
+    if merge_only is not None:
+        return DerivedFactor(shape, load, merge_only)
     return LazyTensor(shape, dtype, load)
 
 
@@ -39,9 +45,11 @@ def derived_pair(
     *,
     path: object = None,
     module: str | None = None,
+    merge_only: str | None = None,
 ) -> tuple[LazyTensor, LazyTensor]:
     """(B, A) computed together by one call of `compute()`; the pair is held only until both
-    halves have been taken once, so a streaming merge does not keep it."""
+    halves have been taken once, so a streaming merge does not keep it. `merge_only` as for
+    `derived`."""
     held: dict[int, torch.Tensor] = {}
     taken: set[int] = set()
 
@@ -60,6 +68,10 @@ def derived_pair(
 
         return load
 
+    if merge_only is not None:
+        return DerivedFactor(b_shape, part(0), merge_only), DerivedFactor(
+            a_shape, part(1), merge_only
+        )
     return LazyTensor(b_shape, dtype, part(0)), LazyTensor(a_shape, dtype, part(1))
 
 

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 OFFICIAL = "dylora"  # Adapter.source_format of official checkpoints
 KOHYA = "kohya-dylora"  # Adapter.source_format of kohya DyLoRA files
-FORMATS = (OFFICIAL, KOHYA)
+LYCORIS = "lycoris-dylora"  # Adapter.source_format of LyCORIS DyLoRA files (formats/lycoris.py)
+FORMATS = (OFFICIAL, KOHYA, LYCORIS)
 UNIT_KEY = "dylora.unit"  # Adapter.metadata key: ranks were trained as multiples of this
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B)$")

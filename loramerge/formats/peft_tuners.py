@@ -34,6 +34,7 @@ from loramerge.errors import FormatError, OptionError, located, opt
 from loramerge.formats import provenance
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
 from loramerge.formats.derived import derived, derived_pair
+from loramerge.formats.derived_factors import high_rank_reason
 from loramerge.formats.read_context import current_base
 from loramerge.ops.lowrank import qr_core, reduce_core
 from loramerge.ops.lowrank_forms import (
@@ -513,8 +514,9 @@ def _loha(ctx: _Context) -> Adapter:
             return face_splitting(w1b.read().double().T, w2b.read().double().T).T
 
         if rank <= full:
-            lora_b = derived(b_of, (out, rank), path=ctx.weights, module=path)
-            lora_a = derived(a_of, (rank, fan_in), path=ctx.weights, module=path)
+            dense = high_rank_reason(rank, out, fan_in, "this LoHa")
+            lora_b = derived(b_of, (out, rank), path=ctx.weights, module=path, merge_only=dense)
+            lora_a = derived(a_of, (rank, fan_in), path=ctx.weights, module=path, merge_only=dense)
         else:  # r^2 above the matrix size: the same update at rank min(out, in), exactly
 
             def both(b_of=b_of, a_of=a_of, full=full) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,8 +524,9 @@ def _loha(ctx: _Context) -> Adapter:
                 return reduced.B, reduced.A
 
             rank = full
+            dense = high_rank_reason(rank, out, fan_in, "this LoHa")
             lora_b, lora_a = derived_pair(
-                both, (out, rank), (rank, fan_in), path=ctx.weights, module=path
+                both, (out, rank), (rank, fan_in), path=ctx.weights, module=path, merge_only=dense
             )
         modules[path] = _module(ctx, path, lora_b, lora_a, scale)
     return ctx.adapter(
@@ -562,11 +565,12 @@ def _lokr(ctx: _Context) -> Adapter:
         def a_of(a1=a1, a2=a2) -> torch.Tensor:
             return kron(a1, a2)
 
+        dense = high_rank_reason(k, out, fan_in, "this LoKr")
         modules[path] = _module(
             ctx,
             path,
-            derived(b_of, (out, k), path=ctx.weights, module=path),
-            derived(a_of, (k, fan_in), path=ctx.weights, module=path),
+            derived(b_of, (out, k), path=ctx.weights, module=path, merge_only=dense),
+            derived(a_of, (k, fan_in), path=ctx.weights, module=path, merge_only=dense),
             alpha / expected_r,
         )
     return ctx.adapter(

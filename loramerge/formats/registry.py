@@ -91,13 +91,27 @@ INPUT_FORMATS: list[InputFormat] = [
         "kohya-dylora", "kohya DyLoRA .safetensors", "dylora", "sniff_kohya", "read_kohya", True
     ),
     InputFormat("gguf", "llama.cpp LoRA GGUF file", "gguf", takes_options=True),
+    InputFormat("lycoris", "LyCORIS .safetensors (LoCon, LoHa, LoKr, full, DyLoRA)", "lycoris"),
+    InputFormat(
+        "diffusers",
+        "diffusers LoRA (pytorch_lora_weights.safetensors or its folder)",
+        "diffusers_lora",
+    ),
 ]
 
 OUTPUT_FORMATS: list[OutputFormat] = [
-    OutputFormat("peft", "PEFT adapter folder", "peft", None),
+    OutputFormat(
+        "peft", "PEFT adapter folder (one per component for a pipeline)", "peft_components", None
+    ),
     OutputFormat("kohya", "kohya .safetensors file", "kohya", ".safetensors"),
     OutputFormat(
         "gguf", "llama.cpp LoRA GGUF file (needs the base)", "gguf", ".gguf", True, "llama.cpp"
+    ),
+    OutputFormat(
+        "diffusers",
+        "diffusers LoRA folder (pytorch_lora_weights.safetensors)",
+        "diffusers_lora",
+        None,
     ),
     OutputFormat("mlx-lm", "mlx-lm adapter folder", "mlx_lm", None),
 ]

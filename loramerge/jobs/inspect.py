@@ -13,12 +13,15 @@ import torch
 from loramerge.adapter import Adapter
 from loramerge.adapter_checks import read_checked
 from loramerge.errors import opt
+from loramerge.formats.components import components, for_component, select
+from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.formats.provenance import read_as
 from loramerge.formats.registry import ReadOptions, check_user_alpha
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.jobs.merge import rounding_warning
-from loramerge.model.folder import base_config_of, open_base
+from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora, model_config
+from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, TensorPlan, plan_merge
 from loramerge.model.sources import Sources, tile_buffer_bytes
 from loramerge.model.stream import ERASED_SHARE, Progress, count_changed, merged_tiles
@@ -36,6 +39,8 @@ class ModuleReport:
     dtype: str
     update_norm: float
     dora: bool = False
+    component: str | None = None  # the pipeline model of a multi-model adapter
+    merge_only: bool = False  # its exact LoRA form is no smaller than the dense update
     base_tensor: str | None = None
     base_dtype: str | None = None
     base_norm: float | None = None
@@ -55,11 +60,11 @@ class AdapterReport:
     dtypes: list[str]
     parameter_count: int
     modules_to_save: list[str]
+    # what the reader read: tool, algorithm, scale rule, components, names (Adapter.metadata)
+    read: dict[str, str] = field(default_factory=dict)
     modules: list[ModuleReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dylora_ranks: list[RankSize] = field(default_factory=list)  # DyLoRA: update size per rank b
-    # what the reader read: tool, algorithm, scale rule (and notes), formats/provenance.py
-    read_as: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,24 +77,36 @@ def inspect(
     fmt: str | None = None,
     alpha: float | None = None,
     progress: Progress | None = None,
+    component: str | None = None,
 ) -> AdapterReport:
     """The `inspect` command: read and check the adapter at `path`, describe it; with `base`,
-    measure every update against its weight (`progress` gets bytes of base weights read)."""
-    config = base_config_of(base) if base is not None else None
+    measure every update against its weight (`progress` gets bytes of base weights read).
+    `component` narrows a pipeline adapter to one model (needed with a base)."""
+    config = model_config(base) if base is not None else None
     adapter = read_checked(path, fmt, ReadOptions(alpha=alpha, base_config=config, base=base))
     check_user_alpha(adapter, alpha)
-    return inspect_adapter(adapter, base, progress)
+    return inspect_adapter(adapter, base, progress, component)
 
 
 def inspect_adapter(
-    adapter: Adapter, base_ref: str | Path | None = None, progress: Progress | None = None
+    adapter: Adapter,
+    base_ref: str | Path | None = None,
+    progress: Progress | None = None,
+    component: str | None = None,
 ) -> AdapterReport:
+    adapter = for_component(adapter, component)
+    if base_ref is not None:
+        if len(components(adapter)) > 1:
+            adapter = select(adapter, None)  # refuses, naming the components
+        base_ref = component_root(base_ref, components(adapter)[0])
+        adapter = fold_lycoris_dora(adapter, base_ref, "measuring it against the base")
+    merge_only = merge_only_modules(adapter)
     modules = []
-    for module in adapter.modules.values():
+    for key, module in adapter.modules.items():
         lora_b, lora_a = module.factors()
         modules.append(
             ModuleReport(
-                path=module.path,
+                path=key,
                 kind=module.kind.value,
                 r=module.r,
                 alpha=module.alpha,
@@ -97,6 +114,8 @@ def inspect_adapter(
                 dtype=dtype_code(module.lora_A.dtype),
                 update_norm=update_frobenius_norm(lora_b, lora_a, module.scale),
                 dora=module.magnitude is not None,
+                component=module.component,
+                merge_only=key in merge_only,
             )
         )
     report = AdapterReport(
@@ -110,9 +129,15 @@ def inspect_adapter(
         dtypes=sorted({m.dtype for m in modules}),
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
+        read=read_as(adapter),
         modules=modules,
-        read_as=read_as(adapter),
     )
+    if merge_only:
+        key, reason = next(iter(merge_only.items()))
+        report.warnings.append(
+            f"{len(merge_only)} modules have no low-rank form and can only be merged, e.g. "
+            f"{key}: {reason}"
+        )
     if is_dylora(adapter):
         report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))
     if base_ref is not None:

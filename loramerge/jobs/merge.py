@@ -17,6 +17,7 @@ from loramerge.formats.registry import check_output_name
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import read_header
+from loramerge.jobs.pipeline_base import one_model
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import MergePlan, plan_merge
 from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
@@ -78,6 +79,7 @@ def merge(
     allow_nonfinite: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    component: str | None = None,
     alpha: float | None = None,
 ) -> MergeResult:
     """The `merge` command: read and check the adapter at `source`, merge it into `base`.
@@ -93,6 +95,7 @@ def merge(
         force=force,
         max_shard_bytes=max_shard_bytes,
         progress=progress,
+        component=component,
     )
 
 
@@ -104,12 +107,15 @@ def preview(
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
     allow_nonfinite: bool = False,
+    component: str | None = None,
     alpha: float | None = None,
 ) -> MergePlan:
     """`merge --dry-run`: the plan a merge would follow, from headers alone."""
     output_code(dtype)
     adapter = _read(source, fmt, base, alpha, allow_nonfinite)
-    return preview_merge(adapter, base, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return preview_merge(
+        adapter, base, dtype=dtype, max_shard_bytes=max_shard_bytes, component=component
+    )
 
 
 def _read(
@@ -139,12 +145,17 @@ def merge_adapter(
     max_shard_bytes: int | None = None,
     progress: Progress | None = None,
     extra_inputs: list[Path] | None = None,
+    component: str | None = None,
 ) -> MergeResult:
-    """Write the fully merged model of `adapter` on `base_ref` into the folder `out`."""
+    """Write the fully merged model of `adapter` on `base_ref` into the folder `out`.
+
+    A pipeline adapter (kohya, LyCORIS, diffusers) merges one model at a time: `component`, or
+    the one the base folder is named after (`<pipeline>/unet`)."""
     started = time.perf_counter()
     out = Path(out)
     check_output_name(out, None)
-    base = open_base(base_ref)
+    adapter, root = one_model(adapter, base_ref, component, "merging it")
+    base = open_base(root)
     plan = plan_merge(
         base.tensors(),
         base.config,
@@ -208,9 +219,11 @@ def preview_merge(
     *,
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
+    component: str | None = None,
 ) -> MergePlan:
     """The plan `merge_adapter` would follow, from headers alone (nothing is written)."""
-    base = open_base(base_ref)
+    adapter, root = one_model(adapter, base_ref, component, "planning its merge")
+    base = open_base(root)
     return plan_merge(
         base.tensors(),
         base.config,

@@ -19,7 +19,7 @@ from loramerge.jobs.adapter_output import AdapterOutput, choose_output, write_ad
 from loramerge.jobs.defaults import TRUNCATE_METHODS
 from loramerge.jobs.merge import merge_adapter
 from loramerge.jobs.options import check_choice, check_rank, check_share, exclusive, needs
-from loramerge.model.fit import rename_to_base
+from loramerge.jobs.pipeline_base import fit_components
 from loramerge.model.stream import Progress
 from loramerge.ops.rank_truncation import ModuleRow, check_prefix_rank, reduce_svd, truncate_prefix
 
@@ -140,7 +140,7 @@ def truncate_adapter(
     adapter = _read(source, fmt, alpha, allow_nonfinite, base)
     method = resolve_method(adapter, options.method, options.energy)
     if base is not None and not options.merge:
-        adapter = rename_to_base(adapter, base)
+        adapter = fit_components(adapter, base)
         if adapter.base_model is None:
             adapter = replace(adapter, base_model=str(base))
     output = None
@@ -262,8 +262,9 @@ def _check_svd_rank(rank: int, adapter: Adapter) -> None:
 
 
 def _default_output(adapter: Adapter) -> str:
-    """kohya inputs stay kohya files; everything else (official DyLoRA too) becomes PEFT."""
-    return "kohya" if adapter.source_format.startswith("kohya") else "peft"
+    """kohya and LyCORIS inputs become kohya files; everything else (official DyLoRA too)
+    becomes PEFT."""
+    return "kohya" if adapter.source_format.startswith(("kohya", "lycoris")) else "peft"
 
 
 def _output_name(rank: int | None, target: str) -> str:

@@ -77,7 +77,9 @@ def test_peft_tuners_rebuilt_by_peft(tmp_path):
     for name in PEFT_NAMES:
         fresh = sandbox / "peft-tuners" / name
         out = tmp_path / "out" / name
-        convert_adapter(fresh, out, to="peft", base=LLAMA)
+        # lokr-full-w1's q_proj is a full-rank form: written when capped at its own rank
+        cap = 64 if name == "lokr-full-w1" else None
+        convert_adapter(fresh, out, to="peft", base=LLAMA, max_rank=cap)
         assert_matches_tool(out, LLAMA, fresh)
 
 

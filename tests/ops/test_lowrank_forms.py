@@ -99,3 +99,11 @@ def test_precision_threshold_drops_the_rounding_of_stored_values():
     b, a = exact_factors(low, rtol=precision_rtol(torch.float32, 6))
     assert b.shape == (6, 2)
     torch.testing.assert_close(b @ a, low.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_kronecker_takes_transposed_columns():
+    """torch.kron itself fails on a transposed (n x 1) factor; the factors must not."""
+    b2, a2 = _rand(1, 4, seed=1).T, _rand(1, 18, seed=2)
+    b1, a1 = _rand(2, 2, seed=3).T, _rand(2, 2, seed=4).T
+    b, a = kronecker_factors(b1, a1, b2, a2)
+    torch.testing.assert_close(b @ a, torch.kron((b1 @ a1).contiguous(), (b2 @ a2).contiguous()))
