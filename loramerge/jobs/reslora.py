@@ -324,7 +324,7 @@ class ResLoraResult:
             "out": str(self.out),
             "type": conversion.checkpoint.kind,
             "estimator": conversion.estimator,
-            "output": "merged" if self.output == "merged" else "peft",
+            "output": self.output,
             "blocks": [vars(block) for block in conversion.blocks],
         }
         if self.output == "merged":

@@ -23,8 +23,6 @@ from loramerge.jobs.pipeline_base import fit_components
 from loramerge.model.stream import Progress
 from loramerge.ops.rank_truncation import ModuleRow, check_prefix_rank, reduce_svd, truncate_prefix
 
-METHODS = TRUNCATE_METHODS
-
 
 @dataclass
 class TruncateOutput:
@@ -73,7 +71,7 @@ class TruncateOptions:
         for rank in self.ranks:
             check_rank(rank)
         if self.method is not None:
-            check_choice(self.method, METHODS, "method")
+            check_choice(self.method, TRUNCATE_METHODS, "method")
         exclusive("rank", bool(self.ranks), "energy", self.energy is not None)
         if not self.ranks and self.energy is None:
             raise UsageError(
