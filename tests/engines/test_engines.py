@@ -247,6 +247,7 @@ def test_vllm_prints_the_max_lora_rank(cli, tmp_path):
     assert "--max-lora-rank 16" in result.stdout  # largest rank 12 -> 16
 
 
+@pytest.mark.oracle
 def test_uniform_adapter_keeps_its_tensors_byte_for_byte(cli, tmp_path):
     for engine in ("vllm", "tgi", "sglang"):
         out = tmp_path / engine
@@ -345,6 +346,7 @@ def test_sglang_completes_stacked_groups_from_the_base_config(cli, tmp_path):
     _assert_reads_like_peft(source, out, sglang_reading)
 
 
+@pytest.mark.oracle
 def test_vllm_rank_choices_and_limit():
     from loramerge.adapter import Adapter, LazyTensor, LoraModule
     from loramerge.engines.profiles import apply_engine, vllm_max_lora_rank

@@ -39,6 +39,7 @@ def _file(path: Path, header: bytes, data: bytes = b"") -> Path:
 # --- safetensors headers: what the basic header tests do not reach ---------------------------
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     ("header", "message"),
     [
@@ -176,6 +177,7 @@ def scratch(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("scratch")
 
 
+@pytest.mark.oracle
 def test_fuzzed_files_read_only_inside_themselves(scratch):
     """Every byte range the reader asks for lies inside the file and holds the file's bytes;
     counts what the fuzzer reached, so the check cannot silently exercise refusals only."""

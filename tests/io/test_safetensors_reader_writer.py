@@ -28,6 +28,7 @@ def _raw_file(path, header: dict, data: bytes = b"", pad: bool = True):
     return path
 
 
+@pytest.mark.oracle
 def test_reads_what_safetensors_writes(tmp_path):
     tensors = {
         "a": torch.randn(3, 5),
@@ -44,6 +45,7 @@ def test_reads_what_safetensors_writes(tmp_path):
         assert torch.equal(reader.read("a", (1, 3)), tensors["a"][1:3])
 
 
+@pytest.mark.oracle
 def test_writer_output_loads_with_safetensors(tmp_path):
     tensors = {"z": torch.randn(7, 3), "y": torch.randn(2).half(), "s": torch.tensor(1.0)}
     save_tensors(tmp_path / "w.safetensors", tensors, {"format": "pt"})
@@ -56,6 +58,7 @@ def test_writer_output_loads_with_safetensors(tmp_path):
     assert length % 8 == 0
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
@@ -87,6 +90,7 @@ def test_rejects_bad_headers(tmp_path, header, data, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.oracle
 def test_rejects_oversized_and_short_headers(tmp_path):
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes(struct.pack("<Q", 200_000_000) + b"{}")
@@ -270,6 +274,7 @@ def headers_with_tensors(draw) -> tuple[dict, bytes, str]:
     return header, data, change
 
 
+@pytest.mark.oracle
 def test_fuzzed_headers_with_tensor_entries(tmp_path):
     """Files with 1-5 real tensor entries (every dtype loramerge reads, shapes with zero and
     empty dims, header order different from data order), most with one subtle change. The
@@ -361,6 +366,7 @@ def mutated_real_files(draw) -> tuple[bytes, str]:
     return bytes(content), kind
 
 
+@pytest.mark.oracle
 def test_fuzzed_real_files(tmp_path):
     """Real fixture files (a PEFT adapter, a kohya file with metadata, a bf16 base shard), each
     mutated once. Whatever loramerge accepts, it reads exactly as the safetensors package reads

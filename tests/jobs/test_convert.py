@@ -116,6 +116,7 @@ def test_peft_to_kohya_and_back_self_consistency(cli, tmp_path):
     )
 
 
+@pytest.mark.oracle
 def test_kohya_names_map_without_a_base(cli, tmp_path):
     out = tmp_path / "guessed"
     assert cli("convert", KOHYA, "--to", "peft", "-o", out).exit_code == 0

@@ -103,6 +103,7 @@ def test_merge_is_deterministic_and_keeps_layout(cli, tmp_path, adapter, base):
     assert (first / "tokenizer.json").read_bytes() == (BASES / base / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.oracle
 def test_untouched_tensors_are_byte_copies(cli, tmp_path):
     out = _merge(cli, "llama-lora", "llama", tmp_path / "merged")
     merged, original = _tensors(out), _tensors(BASES / "llama")
@@ -112,6 +113,7 @@ def test_untouched_tensors_are_byte_copies(cli, tmp_path):
         assert torch.equal(merged[name].view(torch.int16), original[name].view(torch.int16))
 
 
+@pytest.mark.oracle
 def test_tied_embeddings_are_untied_when_changed(cli, tmp_path):
     out = _merge(cli, "llama-tied-embedding", "llama-tied", tmp_path / "merged")
     config = json.loads((out / "config.json").read_text())

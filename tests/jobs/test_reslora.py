@@ -292,6 +292,7 @@ def test_plain_deltas_follow_the_rules(cli, tmp_path, stats_files, kind, estimat
     _assert_deltas(_peft_deltas(out), _expected(RESLORA / kind, estimator, stats))
 
 
+@pytest.mark.oracle
 def test_bs_stacks_ranks_through_rank_pattern(cli, tmp_path):
     out = tmp_path / "plain"
     _run(cli, RESLORA / "bs", "-o", out)

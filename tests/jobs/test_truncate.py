@@ -201,6 +201,7 @@ def test_official_bin_is_read_like_safetensors(tmp_path):
 # ---------------------------------------------------------------- the DyLoRA rule
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_truncation_equals_dylora_formula_for_every_rank(cli, tmp_path, layout):
     out = tmp_path / "ranks"
@@ -428,6 +429,7 @@ def _llama_lora_factors():
     return found
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", ["random-small", "llama-lora"])
 def test_svd_reduction_matches_full_svd(cli, tmp_path, case):
     if case == "random-small":
@@ -545,6 +547,7 @@ def test_option_conflicts(cli, tmp_path):
 # ---------------------------------------------------------------- inspect
 
 
+@pytest.mark.oracle
 def test_inspect_shows_update_size_per_rank(cli):
     result = cli("inspect", KOHYA_DY, "--json")
     assert result.exit_code == 0, result.output

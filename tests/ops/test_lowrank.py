@@ -62,6 +62,7 @@ def assert_close_rel(actual: float, expected: float, scale_ref: float) -> None:
 # --- spectra and norms -------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 @FAST
 @given(lora_factors())
 def test_singular_values_match_formed_update(factors):
@@ -76,6 +77,7 @@ def test_singular_values_match_formed_update(factors):
     assert float(ref[n:].abs().sum()) <= 1e-12 * top * ref.numel()  # the rest of dW's spectrum is 0
 
 
+@pytest.mark.oracle
 @FAST
 @given(lora_factors())
 def test_frobenius_norm_matches_formed_update(factors):
@@ -85,6 +87,7 @@ def test_frobenius_norm_matches_formed_update(factors):
     assert_close_rel(update_frobenius_norm(B, A, s), ref, ref)
 
 
+@pytest.mark.oracle
 @FAST
 @given(lora_factors(), st.integers(1, 8), st.floats(-3.0, 3.0), st.integers(0, 2**31 - 1))
 def test_difference_norm_matches_formed_difference(first, r2, s2, seed):
@@ -114,6 +117,7 @@ def test_difference_norm_of_equal_updates_written_differently_is_zero():
     assert difference_frobenius_norm(B2, A2, 1.0, B, A, 1.0) == pytest.approx(1e-9, rel=1e-6)
 
 
+@pytest.mark.oracle
 def test_qr_core_reconstructs_update_with_orthonormal_bases():
     g = torch.Generator().manual_seed(2)
     for out, inp, r in [(7, 5, 3), (3, 8, 6), (8, 2, 5), (4, 4, 0)]:
@@ -133,6 +137,7 @@ def test_qr_core_reconstructs_update_with_orthonormal_bases():
 # --- svd_reduce --------------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 @FAST
 @given(lora_factors(), st.integers(1, 12))
 def test_reduction_error_energy_match_full_svd(factors, k):
@@ -152,6 +157,7 @@ def test_reduction_error_energy_match_full_svd(factors, k):
     assert red.energy_kept + red.relative_error**2 == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.oracle
 @FAST
 @given(lora_factors(), st.integers(1, 9))
 def test_reduced_product_equals_full_svd_truncation(factors, k):
@@ -169,6 +175,7 @@ def test_reduced_product_equals_full_svd_truncation(factors, k):
     assert torch.allclose(torch.linalg.vector_norm(red.A, dim=1), sqrt_s, rtol=1e-7)
 
 
+@pytest.mark.oracle
 def test_default_output_is_float32_and_close_to_float64_result():
     g = torch.Generator().manual_seed(3)
     B = torch.randn(30, 8, generator=g)
@@ -212,6 +219,7 @@ def test_rank_larger_than_in_features():
     assert padded.energy_kept == 1.0 and padded.relative_error == 0.0
 
 
+@pytest.mark.oracle
 def test_rank_above_numerical_rank_reproduces_update():
     g = torch.Generator().manual_seed(6)
     B = torch.randn(12, 5, generator=g, dtype=torch.float64)
@@ -280,6 +288,7 @@ def test_float32_compute_dtype_is_available():
 # --- rank_for_energy ---------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_rank_for_energy_on_a_known_spectrum():
     S = torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)  # energies 9/14, 13/14, 1
     assert rank_for_energy(S, 0.5) == 1
@@ -296,6 +305,7 @@ def test_rank_for_energy_on_a_known_spectrum():
     assert rank_for_energy(torch.zeros(0), 1.0) == 1
 
 
+@pytest.mark.oracle
 @FAST
 @given(
     st.lists(st.floats(0.0, 100.0), min_size=1, max_size=12),
@@ -329,6 +339,7 @@ def test_rank_for_energy_rejects_bad_options(threshold, max_rank):
 # --- concat_factors and conv -------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 @FAST
 @given(
     st.lists(st.tuples(st.integers(0, 5), st.floats(-3.0, 3.0)), min_size=1, max_size=4),
@@ -365,6 +376,7 @@ def test_concat_factors_checks_its_inputs():
     assert B.shape == (4, 2) and torch.equal(B @ A, torch.full((4, 3), 1.0))
 
 
+@pytest.mark.oracle
 def test_conv_factors_round_trip_and_reduce():
     g = torch.Generator().manual_seed(10)
     out, inp, r, kh, kw = 6, 3, 4, 3, 2

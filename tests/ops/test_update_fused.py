@@ -20,6 +20,7 @@ def _factors(rows: int, columns: int, rank: int, magnitude: float, seed: int):
     return lora_b, lora_a, base.to(torch.bfloat16).float()
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("rank", [1, 2, 16, 64, 256])
 @pytest.mark.parametrize("magnitude", [1e-3, 0.05, 2.0])
 @pytest.mark.parametrize(("rows", "columns"), [(512, 2048), (96, 5632), (7, 33), (1, 64)])
@@ -45,6 +46,7 @@ def test_the_common_tile_shapes_are_fused_here():
     assert add_update_in_place(base, lora_b, lora_a, 1.0, ModuleKind.LINEAR, 0, 1024)
 
 
+@pytest.mark.oracle
 def test_fused_add_handles_conv2d_rows():
     lora_b, lora_a, _ = _factors(96, 16 * 3 * 3, 8, 0.1, seed=5)
     base = torch.randn(96, 16, 3, 3)

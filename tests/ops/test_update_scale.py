@@ -14,6 +14,7 @@ def _peft_order(lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float) -> tor
     return (lora_b @ lora_a) * scale
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("scale", [2.0, 4.0, 64.0])
 @pytest.mark.parametrize("magnitude", [1e-4, 0.02, 3.0])
 @pytest.mark.parametrize("rank", [1, 16, 64])

@@ -31,6 +31,7 @@ def _tilings(size: int):
     yield size - 1, size
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("rank", [1, 2, 16])
 @pytest.mark.parametrize("scale", [1.0, 2.0, 0.3])
 def test_row_tiles_are_slices_of_the_whole_product(rank, scale):
@@ -44,6 +45,7 @@ def test_row_tiles_are_slices_of_the_whole_product(rank, scale):
         )
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("kind", [ModuleKind.EMBEDDING, ModuleKind.CONV1D])
 @pytest.mark.parametrize("rank", [1, 2, 16])
 def test_transposed_tiles_are_slices_of_the_whole_product(kind, rank):
@@ -56,6 +58,7 @@ def test_transposed_tiles_are_slices_of_the_whole_product(kind, rank):
         assert torch.equal(tile.contiguous().view(torch.int32), whole[start:stop].view(torch.int32))
 
 
+@pytest.mark.oracle
 def test_the_fused_add_of_a_tail_matches_the_whole_product():
     lora_b, lora_a = _factors(1027, 256, 16, seed=3)
     base = torch.randn(1027, 256)
