@@ -25,6 +25,7 @@ def _layout(path) -> dict:
     return {name: (e.dtype, list(e.shape)) for name, e in read_header(path).entries.items()}
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", FIXTURES)
 def test_mlx_adapter_as_peft_reproduces_mlx(cli, tmp_path, name):
     out = tmp_path / name
@@ -70,6 +71,7 @@ def test_mlx_roundtrip_keeps_mlx_layout(cli, tmp_path, name):
     assert config["lora_parameters"]["keys"] == sorted(adapter.modules)
 
 
+@pytest.mark.oracle
 def test_other_adapters_written_for_mlx_keep_their_meaning(cli, tmp_path):
     """LoHa's exact form has ranks 4 and 16 and three scales: mlx-lm takes one rank and one
     scale, so ranks are zero-padded and scales folded into lora_b; reading it back and

@@ -50,6 +50,7 @@ MERGE_ONLY = {
 }
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", sorted(EXACT))
 def test_exact_lora_form_reproduces_peft(cli, tmp_path, name):
     """lokr-full-w1's q_proj is a LoRA of rank 64 on a 64 x 64 matrix: larger than the dense
@@ -73,6 +74,7 @@ def test_adalora_drops_modules_pruned_to_rank_zero():
         assert module.scale == pytest.approx(12 / 6.00001, rel=1e-12)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", ["loha", "lokr-full-w1"])
 def test_merge_of_an_exact_form_reproduces_peft(cli, tmp_path, name):
     out = tmp_path / "merged"

@@ -1,6 +1,7 @@
 """Fuzzed configs and options of the readers for other tools' adapters (PEFT tuners, mlx-lm,
 torchtune): whatever the values, a read either succeeds with usable modules or raises one of
-loramerge's own errors, never anything else."""
+loramerge's own errors, never anything else. Each test counts what it reached: reads accepted,
+not only refused."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from loramerge.adapter_checks import check_adapter
 from loramerge.errors import LoramergeError
 from loramerge.formats.registry import ReadOptions, read_adapter
 
-_json = st.recursive(
+_scalars = (
     st.none()
     | st.booleans()
     | st.integers(-5, 300)
     | st.floats(allow_nan=True)
-    | st.text(max_size=5),
+    | st.text(max_size=5)
+)
+_json = st.recursive(
+    _scalars,
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
     ),
@@ -33,6 +37,7 @@ _json = st.recursive(
 _numbers = (
     st.sampled_from([0, 1, 2, 3, 4, 6, 8, 12, 16, 2.5, -4, 1e308, "4", True, 10**400]) | _json
 )
+_FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _folder(root: Path, source: Path) -> Path:
@@ -42,7 +47,9 @@ def _folder(root: Path, source: Path) -> Path:
     return folder
 
 
-def _read(path: Path, options: ReadOptions | None = None) -> None:
+def _read(path: Path, options: ReadOptions | None, counts: dict[str, int]) -> None:
+    """Read and check; count the reads accepted, and use every accepted module's factors."""
+    counts["runs"] += 1
     try:
         adapter = read_adapter(path, options=options)
         check_adapter(adapter)
@@ -51,6 +58,7 @@ def _read(path: Path, options: ReadOptions | None = None) -> None:
     for module in adapter.modules.values():
         assert module.r >= 1 and math.isfinite(module.scale) and module.scale > 0
         module.factors()
+    counts["accepted"] += 1
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +85,24 @@ _tuner_changes = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    name=st.sampled_from(["adalora", "loha", "lokr-full-w1", "vera", "miss", "delora"]),
-    changes=_tuner_changes,
-)
-def test_fuzzed_tuner_configs(scratch, name, changes):
-    folder = _folder(scratch, PEFT_TUNERS / name)
-    config = json.loads((PEFT_TUNERS / name / "adapter_config.json").read_text())
-    config.update(changes)
-    (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
-    _read(folder, ReadOptions(base=BASES / "llama"))
+def test_fuzzed_tuner_configs(scratch):
+    counts = {"runs": 0, "accepted": 0}
+    options = ReadOptions(base=BASES / "llama")
+
+    @_FUZZ
+    @given(
+        name=st.sampled_from(["adalora", "loha", "lokr-full-w1", "vera", "miss", "delora"]),
+        changes=_tuner_changes,
+    )
+    def run(name, changes):
+        folder = _folder(scratch, PEFT_TUNERS / name)
+        config = json.loads((PEFT_TUNERS / name / "adapter_config.json").read_text())
+        config.update(changes)
+        (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
+        _read(folder, options, counts)
+
+    run()
+    assert counts["runs"] >= 100 and counts["accepted"] >= 10, counts
 
 
 _mlx_changes = st.fixed_dictionaries(
@@ -104,39 +119,63 @@ _mlx_changes = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=st.sampled_from(["lora", "dora", "lora-scale"]), changes=_mlx_changes)
-def test_fuzzed_mlx_configs(scratch, name, changes):
-    folder = _folder(scratch, MLX_LM / name)
-    config = json.loads((MLX_LM / name / "adapter_config.json").read_text())
-    config.update(changes)
-    (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
-    _read(folder)
+def test_fuzzed_mlx_configs(scratch):
+    counts = {"runs": 0, "accepted": 0}
+
+    @_FUZZ
+    @given(name=st.sampled_from(["lora", "dora", "lora-scale"]), changes=_mlx_changes)
+    def run(name, changes):
+        folder = _folder(scratch, MLX_LM / name)
+        config = json.loads((MLX_LM / name / "adapter_config.json").read_text())
+        config.update(changes)
+        (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
+        _read(folder, None, counts)
+
+    run()
+    assert counts["runs"] >= 100 and counts["accepted"] >= 10, counts
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    config=st.fixed_dictionaries({}, optional={"r": _numbers, "lora_alpha": _numbers}) | _json,
-    model=st.fixed_dictionaries(
-        {},
-        optional={
-            "model_type": st.sampled_from(["llama", "mistral", "qwen2"]) | _json,
-            "num_attention_heads": _numbers,
-            "num_key_value_heads": _numbers,
-            "hidden_size": _numbers,
-            "head_dim": _numbers,
-        },
-    ),
-    alpha=st.none() | st.sampled_from([8.0, 4.0, -1.0, float("inf"), float("nan")]),
+# mostly the real values (4 heads, 2 kv heads, 64 wide, alpha 4), so that reads are also
+# accepted, not only refused
+def _mostly(*valid: object) -> st.SearchStrategy:
+    return st.one_of(
+        st.sampled_from(valid), st.sampled_from(valid), st.sampled_from(valid), _numbers
+    )
+
+
+_model_changes = st.fixed_dictionaries(
+    {},
+    optional={
+        "model_type": st.sampled_from(["llama", "mistral", "qwen2"]) | _json,
+        "num_attention_heads": _mostly(4, 2, 8),
+        "num_key_value_heads": _mostly(2, 4, 1),
+        "hidden_size": _mostly(64, 32),
+        "head_dim": _mostly(16, None),
+    },
 )
-def test_fuzzed_torchtune_side_files(scratch, config, model, alpha):
+_side_config = st.fixed_dictionaries(
+    {}, optional={"r": _mostly(4, 8), "lora_alpha": _mostly(4.0, 4)}
+)
+
+
+def test_fuzzed_torchtune_side_files(scratch):
+    counts = {"runs": 0, "accepted": 0}
     folder = scratch / "torchtune"
     folder.mkdir(exist_ok=True)
     weights = folder / "adapter_model.pt"
-    if not weights.exists():
-        shutil.copyfile(TORCHTUNE / "dora" / "adapter_model.pt", weights)
-    (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
+    shutil.copyfile(TORCHTUNE / "dora" / "adapter_model.pt", weights)
     base_config = json.loads((TORCHTUNE / "base" / "config.json").read_text())
-    base_config.update(model)
-    (folder / "config.json").write_text(json.dumps(base_config, allow_nan=True))
-    _read(weights, ReadOptions(alpha=alpha))
+
+    @_FUZZ
+    @given(
+        config=_side_config | _side_config | _json,
+        model=_model_changes,
+        alpha=st.sampled_from([None, None, None, 4.0, 8.0, -1.0, float("inf"), float("nan")]),
+    )
+    def run(config, model, alpha):
+        (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
+        (folder / "config.json").write_text(json.dumps({**base_config, **model}, allow_nan=True))
+        _read(weights, ReadOptions(alpha=alpha), counts)
+
+    run()
+    assert counts["runs"] >= 100 and counts["accepted"] >= 5, counts

@@ -22,7 +22,7 @@ from tool_fixtures import assert_matches_tool, reference
 
 from loramerge.jobs.convert import convert_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
 LLAMA = BASES / "llama"
 # the PEFT tuners whose rules are least obvious (the script takes ~3 s per tuner; the others

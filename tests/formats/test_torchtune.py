@@ -19,6 +19,7 @@ from loramerge.formats.registry import ReadOptions, detect, read_adapter
 BASE = TORCHTUNE / "base"
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", ["lora", "dora"])
 def test_native_checkpoint_as_peft_reproduces_torchtune(cli, tmp_path, name):
     out = tmp_path / name
@@ -28,6 +29,7 @@ def test_native_checkpoint_as_peft_reproduces_torchtune(cli, tmp_path, name):
     assert_matches_tool(out, BASE, TORCHTUNE / name)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", ["lora", "dora"])
 def test_merge_equals_torchtunes_merged_qk(cli, tmp_path, name):
     """torchtune's merged checkpoint agrees with its forward: q/k rows included."""
@@ -61,6 +63,7 @@ def test_names_and_permutation():
     assert {m.scale for m in adapter.modules.values()} == {8.0 / 4}
 
 
+@pytest.mark.oracle
 def test_alpha_from_the_option_when_nothing_beside(cli, tmp_path):
     lone = tmp_path / "adapter_model.pt"
     shutil.copyfile(TORCHTUNE / "lora" / "adapter_model.pt", lone)
