@@ -131,7 +131,7 @@ def convert(
 
 def _print_ranks(result: dict, quiet: bool) -> None:
     """Notes of the reader, the ranks it produced, and what a reduction kept."""
-    notes = (result.get("read") or {}).get("notes")
+    notes = (result.get("read_as") or {}).get("notes")
     if notes:
         note(f"{result['source_format']}: {notes}", quiet)
     ranks = result.get("ranks_read") or []

@@ -70,7 +70,7 @@ def _render(report, with_base: bool) -> None:
         ("dtypes", ", ".join(report.dtypes)),
         ("parameters", f"{report.parameter_count:,}"),
         ("modules_to_save", ", ".join(report.modules_to_save) or "none"),
-        *((f"read: {key}", value) for key, value in report.read.items()),
+        *((f"read: {key}", value) for key, value in report.read_as.items()),
     ):
         summary.add_row(f"[bold]{key}[/]", str(value))
     stdout.print(summary)

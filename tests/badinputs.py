@@ -627,6 +627,133 @@ def torchtune_pickle_runs_code(root: Path) -> Case:
     return Case(path, TORCHTUNE / "base", (str(path), "refused", "never runs code"), marker=marker)
 
 
+# --- Stable Diffusion adapters: LyCORIS, kohya pipelines, diffusers -------------------------
+
+LYCORIS = FIXTURES / "lycoris"
+DIFFUSERS_FILE = FIXTURES / "diffusers" / "sd1-peft-keys" / "pytorch_lora_weights.safetensors"
+TE_FC1 = "lora_te_encoder_layers_0_mlp_fc1"
+
+
+def _sd_copy(root: Path, source: Path, name: str, edit, metadata=None) -> Path:
+    """A copy of an SD fixture file with its tensors (and optionally metadata) edited."""
+    from safetensors import safe_open
+
+    with safe_open(source, "pt") as handle:
+        kept = handle.metadata() or {}
+    tensors = load_file(source)
+    edit(tensors)
+    path = root / name
+    save_file(tensors, path, metadata=kept if metadata is None else metadata)
+    return path
+
+
+def lycoris_loha_part_missing(root: Path) -> Case:
+    def edit(tensors):
+        del tensors[f"{TE_FC1}.hada_w2_b"]
+
+    path = _sd_copy(root, LYCORIS / "loha.safetensors", "loha.safetensors", edit)
+    return Case(path, BASES / "llama", (str(path), TE_FC1, "no hada_w2_b"))
+
+
+def lycoris_lokr_shapes(root: Path) -> Case:
+    def edit(tensors):
+        tensors[f"{TE_FC1}.lokr_w1_b"] = torch.zeros(3, 4)  # rank 3 against lokr_w1_a's 2
+
+    path = _sd_copy(root, LYCORIS / "lokr-factored.safetensors", "lokr.safetensors", edit)
+    return Case(path, BASES / "llama", (str(path), TE_FC1, "do not fit"))
+
+
+def lycoris_oft(root: Path) -> Case:
+    def edit(tensors):
+        tensors["lora_unet_conv_in.oft_blocks"] = torch.zeros(2, 4, 4)
+
+    path = _sd_copy(root, LYCORIS / "locon.safetensors", "oft.safetensors", edit)
+    return Case(path, BASES / "llama", (str(path), "lora_unet_conv_in", "OFT", "no LoRA form"))
+
+
+def lycoris_dora_input_norm(root: Path) -> Case:
+    def edit(tensors):
+        tensors[f"{TE_FC1}.dora_scale"] = torch.ones(1, 32)
+
+    path = _sd_copy(root, LYCORIS / "locon-dora.safetensors", "dora.safetensors", edit)
+    return Case(path, BASES / "llama", (str(path), TE_FC1, "wd_on_output=False"))
+
+
+def lycoris_dylora_block_size(root: Path) -> Case:
+    source = LYCORIS / "dylora.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(source, "pt") as handle:
+        metadata = dict(handle.metadata())
+    args = json.loads(metadata["ss_network_args"])
+    args["block_size"] = "three"
+    metadata["ss_network_args"] = json.dumps(args)
+    path = _sd_copy(root, source, "dylora.safetensors", lambda tensors: None, metadata)
+    return Case(path, BASES / "llama", (str(path), "block_size", "'three'"))
+
+
+def lycoris_proj_kind_unknown(root: Path) -> Case:
+    """A LoHa file without its metadata: nothing says whether proj_in is a 1x1 conv."""
+    path = _sd_copy(root, LYCORIS / "loha.safetensors", "bare.safetensors", lambda t: None, {})
+    return Case(path, BASES / "llama", (str(path), "proj_in", "ss_base_model_version"))
+
+
+def kohya_and_lycoris_at_once(root: Path) -> Case:
+    metadata = {"ss_network_module": "networks.lora"}
+
+    def edit(tensors):
+        tensors["lora_unet_conv_in.lora_down.weight"] = torch.zeros(1, 4, 3, 3)
+        tensors["lora_unet_conv_in.lora_up.weight"] = torch.zeros(8, 1, 1, 1)
+
+    path = _sd_copy(root, LYCORIS / "loha.safetensors", "both.safetensors", edit, metadata)
+    return Case(path, BASES / "llama", (str(path), "claimed by kohya and lycoris"))
+
+
+def kohya_sd_one_module_twice(root: Path) -> Case:
+    """The same text-encoder layer named with and without transformers 4's `text_model_`."""
+
+    def edit(tensors):
+        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            long = tensors[f"lora_te_text_model_encoder_layers_0_mlp_fc1.{part}"]
+            tensors[f"{TE_FC1}.{part}"] = long.clone()
+
+    path = _sd_copy(root, FIXTURES / "kohya-sd" / "sd1-lora.safetensors", "twice.safetensors", edit)
+    return Case(path, BASES / "llama", (str(path), TE_FC1, "same module"))
+
+
+def diffusers_metadata_not_json(root: Path) -> Case:
+    from safetensors import safe_open
+
+    with safe_open(DIFFUSERS_FILE, "pt") as handle:
+        metadata = dict(handle.metadata())
+    metadata["lora_adapter_metadata"] = '{"unet.r": 4,'
+    path = _sd_copy(root, DIFFUSERS_FILE, "pytorch_lora_weights.safetensors", lambda t: None,
+                    metadata)  # fmt: skip
+    return Case(path, BASES / "llama", (str(path), "lora_adapter_metadata", "not valid JSON"))
+
+
+def diffusers_rank_disagrees(root: Path) -> Case:
+    from safetensors import safe_open
+
+    with safe_open(DIFFUSERS_FILE, "pt") as handle:
+        metadata = dict(handle.metadata())
+    flat = json.loads(metadata["lora_adapter_metadata"])
+    flat.update({"unet.r": 7, "unet.rank_pattern": {}})
+    metadata["lora_adapter_metadata"] = json.dumps(flat)
+    folder = root / "diffusers"
+    folder.mkdir()
+    _sd_copy(folder, DIFFUSERS_FILE, "pytorch_lora_weights.safetensors", lambda t: None, metadata)
+    return Case(folder, BASES / "llama", (str(folder), "unet.", "rank 7"))
+
+
+def diffusers_stray_key(root: Path) -> Case:
+    def edit(tensors):
+        tensors["unet.conv_in.weight"] = torch.zeros(8, 4, 3, 3)
+
+    path = _sd_copy(root, DIFFUSERS_FILE, "pytorch_lora_weights.safetensors", edit)
+    return Case(path, BASES / "llama", (str(path), "unet.conv_in.weight", "not a diffusers LoRA"))
+
+
 BUILDERS: dict[str, Callable[[Path], Case]] = {
     fn.__name__.replace("_", "-"): fn
     for fn in (
@@ -680,6 +807,17 @@ BUILDERS: dict[str, Callable[[Path], Case]] = {
         torchtune_unknown_module,
         torchtune_truncated,
         torchtune_pickle_runs_code,
+        lycoris_loha_part_missing,
+        lycoris_lokr_shapes,
+        lycoris_oft,
+        lycoris_dora_input_norm,
+        lycoris_dylora_block_size,
+        lycoris_proj_kind_unknown,
+        kohya_and_lycoris_at_once,
+        kohya_sd_one_module_twice,
+        diffusers_metadata_not_json,
+        diffusers_rank_disagrees,
+        diffusers_stray_key,
     )
 }
 

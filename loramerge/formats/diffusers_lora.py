@@ -16,7 +16,7 @@ from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match
 from loramerge.errors import FormatError, opt
 from loramerge.formats.common import lazy_safetensors, require_positive, require_rank
 from loramerge.formats.components import keyed
-from loramerge.formats.kohya import READ_PREFIX, header_of
+from loramerge.formats.kohya import header_of, stamp
 from loramerge.formats.sd_names import COMPONENT_ORDER, TEXT_ENCODERS
 from loramerge.io.safetensors_writer import save_tensors
 
@@ -166,12 +166,15 @@ def _module(
         )
     alpha, use_rslora = _scale(path, where, module_path, r, parts, config)
     magnitude = parts.get("magnitude")
-    if magnitude is not None and math.prod(magnitude.shape) != lora_b.shape[0]:
-        raise FormatError(
-            f"DoRA magnitude {list(magnitude.shape)} is not one value per output",
-            file=path,
-            module=where,
-        )
+    if magnitude is not None:
+        out_features = lora_b.shape[0]
+        if math.prod(magnitude.shape) != out_features or max(magnitude.shape) != out_features:
+            raise FormatError(
+                f"DoRA magnitude {list(magnitude.shape)} is not one value per output",
+                file=path,
+                module=where,
+            )
+        magnitude = _flat(magnitude, out_features)
     bias = parts.get("bias")
     if bias is not None and bias.shape != (lora_b.shape[0],):
         raise FormatError(f"lora_B bias {list(bias.shape)} is not (out,)", file=path, module=where)
@@ -186,6 +189,13 @@ def _module(
         bias=bias,
         component=component,
     )
+
+
+def _flat(tensor: LazyTensor, size: int) -> LazyTensor:
+    """PEFT stores a conv's DoRA magnitude as (1, out, 1, 1): the model keeps it as (out,)."""
+    if tensor.shape == (size,):
+        return tensor
+    return LazyTensor((size,), tensor.dtype, lambda: tensor.read().reshape(size))
 
 
 def _scale(
@@ -244,21 +254,23 @@ def _read_info(
     counts = Counter(m.component for m in modules)
     ordered = sorted(counts, key=lambda c: COMPONENT_ORDER.index(c))
     if configs:
-        scale = (
+        rule = (
             "lora_alpha / r (lora_alpha / sqrt(r) with use_rslora) from lora_adapter_metadata "
             "per component; rank_pattern / alpha_pattern by PEFT's rule"
         )
     elif any(m.alpha != m.r for m in modules):
-        scale = "alpha / r with each module's .alpha tensor (no lora_adapter_metadata)"
+        rule = "alpha / r with each module's .alpha tensor (no lora_adapter_metadata)"
     else:
-        scale = "1 (no lora_adapter_metadata and no .alpha tensors: alpha = r, as diffusers loads)"
-    return {
-        READ_PREFIX + "tool": "diffusers LoRA (save_lora_weights)",
-        READ_PREFIX + "layout": ", ".join(sorted(layouts)),
-        READ_PREFIX + "scale": scale,
-        READ_PREFIX + "components": ", ".join(f"{c} ({counts[c]})" for c in ordered),
-        READ_PREFIX + "names": "module paths as the file names them",
-    }
+        rule = "1 (no lora_adapter_metadata and no .alpha tensors: alpha = r, as diffusers loads)"
+    return stamp(
+        "diffusers (save_lora_weights)",
+        "LoRA (DoRA when magnitudes are saved), keys " + ", ".join(sorted(layouts)),
+        rule,
+        [
+            "components " + ", ".join(f"{c} ({counts[c]})" for c in ordered),
+            "module paths as the file names them",
+        ],
+    )
 
 
 # ---------------------------------------------------------------- writing
@@ -305,6 +317,15 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def _peft_magnitude(module: LoraModule) -> Any:
+    """A DoRA magnitude as PEFT stores it: (out,) for Linear, (1, out, 1, ...) for convs."""
+    magnitude = module.magnitude.load().reshape(-1)
+    if module.kind is ModuleKind.CONV:
+        ones = (1,) * (len(module.lora_A.shape) - 2)
+        magnitude = magnitude.reshape(1, -1, *ones)
+    return magnitude.contiguous()
+
+
 def write(adapter: Adapter, folder: Path) -> None:
     """`<folder>/pytorch_lora_weights.safetensors` in PEFT's key layout (one layout per file:
     diffusers 0.42 reads the layout of the first key only) with `lora_adapter_metadata`."""
@@ -342,7 +363,9 @@ def write(adapter: Adapter, folder: Path) -> None:
             tensors[f"{stem}.lora_A.weight"] = module.lora_A.load().contiguous()
             tensors[f"{stem}.lora_B.weight"] = module.lora_B.load().contiguous()
             if module.magnitude is not None:
-                tensors[f"{stem}.lora_magnitude_vector"] = module.magnitude.load().contiguous()
+                # with `.weight`: diffusers 0.42 + transformers 5 load text encoders through
+                # transformers' own key mapping, which drops a bare lora_magnitude_vector
+                tensors[f"{stem}.lora_magnitude_vector.weight"] = _peft_magnitude(module)
             if module.bias is not None:
                 tensors[f"{stem}.lora_B.bias"] = module.bias.load().contiguous()
     metadata = {

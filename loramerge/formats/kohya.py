@@ -79,6 +79,8 @@ LYCORIS_PARTS = frozenset(
 # Adapter.metadata keys written by the readers of kohya-style files (never written to outputs)
 NAMES_KEY = "loramerge.kohya_names"  # JSON {"<component>.<path>": the source's kohya name}
 READ_PREFIX = "loramerge.read."  # what the reader read: shown by `inspect`
+READ_TOOL, READ_ALGORITHM = READ_PREFIX + "tool", READ_PREFIX + "algorithm"
+READ_RULE, READ_NOTES = READ_PREFIX + "rule", READ_PREFIX + "notes"
 _SD_VERSIONS = ("sd_", "sdxl", "sd3", "flux")
 
 
@@ -170,14 +172,23 @@ def resolve_names(names: list[str], metadata: dict[str, str]) -> dict[str, tuple
     return resolved
 
 
-def read_info(names: dict[str, tuple[str | None, str]], tool: str, scale: str) -> dict[str, str]:
-    """The `loramerge.read.*` metadata a kohya-style reader records for `inspect`."""
-    info = {READ_PREFIX + "tool": tool, READ_PREFIX + "scale": scale}
+def stamp(tool: str, algorithm: str, rule: str, notes: list[str]) -> dict[str, str]:
+    """What a reader read, as Adapter.metadata entries `loramerge.read.{tool, algorithm, rule,
+    notes}` (shown by `inspect`; never written to an output)."""
+    info = {READ_TOOL: tool, READ_ALGORITHM: algorithm, READ_RULE: rule}
+    if notes:
+        info[READ_NOTES] = "; ".join(notes)
+    return info
+
+
+def name_notes(names: dict[str, tuple[str | None, str]]) -> list[str]:
+    """Notes on a kohya-style file's components and how its module paths were found."""
+    notes = []
     counts: dict[str, int] = {}
     for component, _ in names.values():
         counts[component or "one model"] = counts.get(component or "one model", 0) + 1
-    if len(counts) > 1 or None not in {c for c, _ in names.values()}:
-        info[READ_PREFIX + "components"] = ", ".join(f"{c} ({n})" for c, n in counts.items())
+    if None not in {c for c, _ in names.values()}:
+        notes.append("components " + ", ".join(f"{c} ({n})" for c, n in counts.items()))
     guessed = [
         name
         for name, (component, _) in names.items()
@@ -189,15 +200,16 @@ def read_info(names: dict[str, tuple[str | None, str]], tool: str, scale: str) -
         for n, (c, _) in names.items()
     )
     if guessed:
-        info[READ_PREFIX + "names"] = (
+        notes.append(
             f"{len(guessed)} of {len(names)} module paths guessed from common layer names "
             "(exact against the base model)"
         )
     else:
-        info[READ_PREFIX + "names"] = "module paths from the architecture's own names" + (
-            " (original LDM UNet names mapped to diffusers paths)" if ldm else ""
+        notes.append(
+            "module paths from the architecture's own names"
+            + (" (original LDM UNet names mapped to diffusers paths)" if ldm else "")
         )
-    return info
+    return notes
 
 
 def read(path: Path) -> Adapter:
@@ -220,10 +232,11 @@ def read(path: Path) -> Adapter:
     names = resolve_names(list(grouped), metadata)
     modules = [_module(path, name, parts, *names[name]) for name, parts in grouped.items()]
     trainer = metadata.get("ss_network_module", "")
-    info = read_info(
-        names,
-        f"kohya / sd-scripts LoRA ({trainer})" if trainer else "kohya-style LoRA",
-        "alpha / r per module (its .alpha tensor; alpha = r where it is missing)",
+    info = stamp(
+        f"kohya sd-scripts ({trainer})" if trainer else "kohya-style LoRA file",
+        "LoRA (lora_down / lora_up)",
+        "scale alpha / r with each module's .alpha (r when absent)",
+        name_notes(names),
     )
     return Adapter(
         modules=keyed_once(path, modules, names),

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 
 from loramerge.adapter import Adapter
 
-PREFIX = "loramerge.read."  # the same prefix as kohya.READ_PREFIX
+PREFIX = "loramerge.read."  # the keys of kohya.READ_TOOL, READ_ALGORITHM, READ_RULE, READ_NOTES
 TOOL = PREFIX + "tool"
 ALGORITHM = PREFIX + "algorithm"
-SCALE = PREFIX + "scale"
+RULE = PREFIX + "rule"
 NOTES = PREFIX + "notes"
 
 # Readers that record nothing themselves: what they read, by Adapter.source_format. Their
@@ -19,41 +19,41 @@ _KNOWN: dict[str, dict[str, str]] = {
     "peft": {
         "tool": "PEFT",
         "algorithm": "LoRA (DoRA when magnitudes are saved)",
-        "scale": "lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; r and alpha per "
+        "rule": "scale lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; r and alpha per "
         "module from rank_pattern / alpha_pattern",
     },
     "dylora": {
         "tool": "DyLoRA (official loralib checkpoint)",
         "algorithm": "DyLoRA: nested ranks, any prefix b is a LoRA",
-        "scale": "alpha / b at rank b; alpha supplied by the user (the checkpoint stores none)",
+        "rule": "scale alpha / b at rank b; alpha given by the user (the file stores none)",
     },
     "gguf": {
         "tool": "llama.cpp",
         "algorithm": "LoRA GGUF (q/k rows in llama.cpp's order are restored)",
-        "scale": "adapter.lora.alpha / r (1 when no alpha is stored)",
+        "rule": "scale adapter.lora.alpha / r (1 when no alpha is stored)",
     },
 }
 
 
 def stamp(
-    metadata: Mapping[str, str], tool: str, algorithm: str, scale: str, notes: str = ""
+    metadata: Mapping[str, str], tool: str, algorithm: str, rule: str, notes: str = ""
 ) -> dict[str, str]:
     """`metadata` with this reader's account set (any `loramerge.read.*` keys of the file
     dropped)."""
     stamped = {k: v for k, v in metadata.items() if not k.startswith(PREFIX)}
-    stamped.update({TOOL: tool, ALGORITHM: algorithm, SCALE: scale})
+    stamped.update({TOOL: tool, ALGORITHM: algorithm, RULE: rule})
     if notes:
         stamped[NOTES] = notes
     return stamped
 
 
 def read_as(adapter: Adapter) -> dict[str, str]:
-    """What the reader read ({tool, algorithm, scale, ...}); empty when nothing is known."""
+    """What the reader read ({tool, algorithm, rule[, notes]}); empty when nothing is known."""
     known = _KNOWN.get(adapter.source_format)
     if known is not None:
         return dict(known)
     return {
-        key.removeprefix(PREFIX): value
-        for key, value in adapter.metadata.items()
-        if key.startswith(PREFIX)
+        key.removeprefix(PREFIX): adapter.metadata[key]
+        for key in (TOOL, ALGORITHM, RULE, NOTES)
+        if key in adapter.metadata
     }

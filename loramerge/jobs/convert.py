@@ -46,24 +46,25 @@ def convert_adapter(
     which model a one-model adapter is for (diffusers files name it). `alpha` is the training
     lora_alpha of an input that stores none. `max_rank` / `energy` reduce ranks (see
     `reduce_ranks`); without them, modules with no low-rank form (see formats/derived_factors)
-    are refused. Returns `out`, `format`, `modules`, `source_format`, `read` (what the reader
+    are refused. Returns `out`, `format`, `modules`, `source_format`, `read_as` (what the reader
     read), `ranks_read`, `reduction` (one row per module, when reduced), and what the engine
     profile reported (see write_adapter)."""
     if max_rank is not None:
         check_rank(max_rank, "max_rank")
     if energy is not None:
         check_share(energy, "energy")
-    output = choose_output(to, engine, base, default=None)
-    inputs = [Path(source)]
-    check_adapter_output(out, output, inputs, force)
     config = model_config(base) if base is not None else None
+    # a pipeline folder has no config of its own for engine profiles and GGUF to read
+    output = choose_output(to, engine, base if config is not None else None, default=None)
+    inputs = [Path(source)] + ([Path(base)] if base is not None and config is None else [])
+    check_adapter_output(out, output, inputs, force)
     options = ReadOptions(alpha=alpha, base_config=config, base=base)
     adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
     check_user_alpha(adapter, alpha)
     adapter = for_component(adapter, component)
     result: dict[str, Any] = {
         "source_format": adapter.source_format,
-        "read": read_as(adapter),
+        "read_as": read_as(adapter),
         "ranks_read": sorted({m.r for m in adapter.modules.values()}),
     }
     if max_rank is not None or energy is not None:

@@ -60,11 +60,11 @@ class AdapterReport:
     dtypes: list[str]
     parameter_count: int
     modules_to_save: list[str]
-    # what the reader read: tool, algorithm, scale rule, components, names (Adapter.metadata)
-    read: dict[str, str] = field(default_factory=dict)
     modules: list[ModuleReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dylora_ranks: list[RankSize] = field(default_factory=list)  # DyLoRA: update size per rank b
+    # what the reader read: tool, algorithm, scale rule and notes (loramerge.read.* metadata)
+    read_as: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +129,7 @@ def inspect_adapter(
         dtypes=sorted({m.dtype for m in modules}),
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
-        read=read_as(adapter),
+        read_as=read_as(adapter),
         modules=modules,
     )
     if merge_only:

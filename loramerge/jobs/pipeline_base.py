@@ -13,6 +13,7 @@ from loramerge.adapter import Adapter, LoraModule
 from loramerge.errors import FormatError, OptionError, opt
 from loramerge.formats import components, lycoris
 from loramerge.formats.derived_factors import merge_only_modules
+from loramerge.formats.sd_names import COMPONENT_ORDER
 from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import base_config_of, open_base, resolve_base
@@ -25,7 +26,7 @@ def component_root(base: str | Path, component: str | None) -> Path:
     root = resolve_base(base)
     if component is not None and (root / component).is_dir():
         return root / component
-    if (root / "model_index.json").is_file():
+    if is_pipeline(root):
         raise FormatError(
             f"is a diffusers pipeline without a {component or 'model'} folder",
             file=root,
@@ -34,13 +35,20 @@ def component_root(base: str | Path, component: str | None) -> Path:
     return root
 
 
-def model_config(base: str | Path) -> dict | None:
-    """The base's config.json, or None for a diffusers pipeline folder (which has one per
-    component)."""
+def is_pipeline(base: str | Path) -> bool:
+    """Whether a base is a diffusers pipeline folder: a model_index.json, or no config.json
+    of its own beside component folders (`unet/`, `text_encoder/`, ...)."""
     root = resolve_base(base)
-    if (root / "model_index.json").is_file() and not (root / "config.json").is_file():
-        return None
-    return base_config_of(root)
+    if (root / "model_index.json").is_file():
+        return True
+    return not (root / "config.json").is_file() and any(
+        (root / name).is_dir() for name in COMPONENT_ORDER
+    )
+
+
+def model_config(base: str | Path) -> dict | None:
+    """The base's config.json, or None for a diffusers pipeline folder (one per component)."""
+    return None if is_pipeline(base) else base_config_of(resolve_base(base))
 
 
 def fit_components(adapter: Adapter, base: str | Path) -> Adapter:

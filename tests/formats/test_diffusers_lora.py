@@ -30,6 +30,7 @@ def _worst_error(adapter, ref: dict[str, torch.Tensor]) -> float:
     return worst
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", FOLDERS)
 def test_every_module_equals_what_diffusers_loads(name):
     folder = DIFFUSERS / name

@@ -30,6 +30,7 @@ KOHYA_SD = FIXTURES / "kohya-sd"
 FILES = ["sd1-lora", "sd1-dylora", "sdxl-te1te2-lora"]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", FILES)
 def test_every_module_equals_the_sd_scripts_forward(name):
     path = KOHYA_SD / f"{name}.safetensors"
@@ -52,7 +53,7 @@ def test_paths_are_exact_without_a_base():
     assert "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj" in paths
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0" in paths
     assert "text_model.encoder.layers.0.self_attn.q_proj" in paths
-    assert adapter.metadata["loramerge.read.names"].startswith("module paths from the arch")
+    assert "module paths from the architecture" in adapter.metadata["loramerge.read.notes"]
 
 
 def test_sdxl_te1_te2_are_two_components_with_the_same_paths():
@@ -91,7 +92,7 @@ def test_sdxl_ldm_names_map_to_diffusers_paths_and_back(tmp_path):
     adapter = read_adapter(ldm)
     assert sorted(adapter.modules) == sorted(diffusers_named.modules)
     assert any("input_blocks" in k for k in load_file(ldm))
-    assert "LDM" in adapter.metadata["loramerge.read.names"]
+    assert "LDM" in adapter.metadata["loramerge.read.notes"]
     out = tmp_path / "again.safetensors"
     convert_adapter(ldm, out, to="kohya")
     assert_same_tensors(ldm, out)
@@ -145,3 +146,17 @@ def test_a_text_encoder_only_file_is_a_component_and_an_llm_file_is_not(tmp_path
 def test_sd_kohya_files_are_claimed_by_one_format():
     assert detect(KOHYA_SD / "sd1-lora.safetensors").name == "kohya"
     assert detect(KOHYA_SD / "sd1-dylora.safetensors").name == "kohya-dylora"
+
+
+def test_inspect_says_what_each_reader_read():
+    from loramerge.jobs.inspect import inspect
+
+    for path, tool, rule in (
+        (KOHYA_SD / "sd1-lora.safetensors", "kohya sd-scripts", "alpha / r"),
+        (FIXTURES / "lycoris" / "lokr-full.safetensors", "LyCORIS", "LoKr with both sides full"),
+        (FIXTURES / "lycoris" / "dylora.safetensors", "LyCORIS", "alpha / n for n blocks"),
+        (FIXTURES / "diffusers" / "sd1-peft-keys", "diffusers", "lora_adapter_metadata"),
+    ):
+        report = inspect(path)
+        assert tool in report.read_as["tool"] and rule in report.read_as["rule"], path
+        assert "components" in report.read_as["notes"]

@@ -67,6 +67,7 @@ def _worst_error(adapter, path: Path, prefix: str = "out") -> float:
     return worst
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", PLAIN + DORA)
 def test_every_module_equals_the_lycoris_forward(name):
     adapter = _read(name)
@@ -74,6 +75,7 @@ def test_every_module_equals_the_lycoris_forward(name):
     assert _worst_error(adapter, LYCORIS / f"{name}.safetensors") < TOLERANCE
 
 
+@pytest.mark.oracle
 def test_loha_and_lokr_merge_to_apply_the_scale_twice_and_the_forward_wins():
     """LyCORIS 4.1.3's merge_to multiplies by alpha / r twice for LoHa and factored LoKr; the
     reader follows the forward, so the tool's merged delta is (alpha / r) times ours."""
@@ -125,6 +127,7 @@ def test_full_bias_differences_are_kept():
     assert float((bias - base_bias).abs().max()) > 0
 
 
+@pytest.mark.oracle
 def test_lycoris_dylora_uses_its_block_scale_at_every_rank():
     path = LYCORIS / "dylora.safetensors"
     adapter = read_adapter(path)
@@ -211,6 +214,7 @@ def test_dora_fold_changes_magnitudes_by_at_most_eps():
     assert json.loads(adapter.metadata[lycoris.DORA_KEY])
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", ["full", "lokr-full", "loha-dora", "locon-tucker"])
 def test_merging_into_the_unet_folder_equals_the_lycoris_forward(tmp_path, name):
     """Merge-only forms merge exactly: the merged UNet's layers give LyCORIS's outputs."""
@@ -257,6 +261,7 @@ def test_truncating_a_merge_only_form_reports_its_error(tmp_path):
     assert {m.component for m in again.modules.values()} == {"unet", "text_encoder"}
 
 
+@pytest.mark.oracle
 def test_truncated_lycoris_dylora_is_a_plain_lora_at_the_trained_scale(tmp_path):
     path = LYCORIS / "dylora.safetensors"
     out = tmp_path / "rank2.safetensors"
