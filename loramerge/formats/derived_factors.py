@@ -32,19 +32,30 @@ def derived_pair(
     compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     merge_only: str | None = None,
 ) -> tuple[DerivedFactor, DerivedFactor]:
-    """(B, A) as lazy float32 factors of one computation, run once when either is first read
-    (the adapter checks read every factor before anything is written or merged)."""
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    """(B, A) as lazy float32 factors of one computation. The pair is held only until both
+    halves have been taken once, so a streaming merge (which reads factors without keeping
+    them) does not keep it either; `LazyTensor.load` keeps what it loads as usual."""
+    held: dict[int, torch.Tensor] = {}
+    taken: set[int] = set()
 
-    def pair() -> tuple[torch.Tensor, torch.Tensor]:
-        if not kept:
-            lora_b, lora_a = compute()
-            kept.append((lora_b.to(torch.float32), lora_a.to(torch.float32)))
-        return kept[0]
+    def part(index: int, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            if index not in held:
+                lora_b, lora_a = compute()
+                held.update({0: lora_b.to(torch.float32), 1: lora_a.to(torch.float32)})
+                taken.clear()
+            value = held[index].reshape(shape)
+            taken.add(index)
+            if len(taken) == 2:
+                held.clear()
+                taken.clear()
+            return value
+
+        return load
 
     return (
-        DerivedFactor(shape_b, lambda: pair()[0].reshape(shape_b), merge_only),
-        DerivedFactor(shape_a, lambda: pair()[1].reshape(shape_a), merge_only),
+        DerivedFactor(shape_b, part(0, shape_b), merge_only),
+        DerivedFactor(shape_a, part(1, shape_a), merge_only),
     )
 
 

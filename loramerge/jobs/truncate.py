@@ -260,8 +260,10 @@ def _check_svd_rank(rank: int, adapter: Adapter) -> None:
 
 
 def _default_output(adapter: Adapter) -> str:
-    """kohya and LyCORIS inputs become kohya files; everything else (official DyLoRA too)
-    becomes PEFT."""
+    """kohya and LyCORIS inputs become kohya files, diffusers files diffusers files; everything
+    else (official DyLoRA too) becomes PEFT."""
+    if adapter.source_format == "diffusers":
+        return "diffusers"
     return "kohya" if adapter.source_format.startswith(("kohya", "lycoris")) else "peft"
 
 

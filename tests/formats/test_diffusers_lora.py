@@ -174,3 +174,14 @@ def test_diffusers_folder_next_to_a_peft_config_is_refused(tmp_path):
     (folder / diffusers_lora.WEIGHT_NAME).write_bytes(source.read_bytes())
     with pytest.raises(UnknownFormatError, match="peft and diffusers"):
         detect(Path(folder))
+
+
+def test_truncating_a_diffusers_file_writes_a_diffusers_file(tmp_path):
+    from loramerge.jobs.truncate import TruncateOptions, truncate_adapter
+
+    out = tmp_path / "rank2"
+    result = truncate_adapter(DIFFUSERS / "sd1-peft-keys", out, TruncateOptions(ranks=(2,)))
+    assert result.output == "diffusers"
+    again = read_adapter(out)
+    assert {m.r for m in again.modules.values()} == {2}
+    assert {m.component for m in again.modules.values()} == {"unet", "text_encoder"}

@@ -107,3 +107,22 @@ def test_kronecker_takes_transposed_columns():
     b1, a1 = _rand(2, 2, seed=3).T, _rand(2, 2, seed=4).T
     b, a = kronecker_factors(b1, a1, b2, a2)
     torch.testing.assert_close(b @ a, torch.kron((b1 @ a1).contiguous(), (b2 @ a2).contiguous()))
+
+
+def test_derived_factors_are_computed_once_per_pair_and_not_kept():
+    from loramerge.formats.derived_factors import derived_pair
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.ones(3, 2), torch.ones(2, 4)
+
+    lora_b, lora_a = derived_pair((3, 2), (2, 4), compute)
+    lora_b.read(), lora_a.read()
+    assert len(calls) == 1  # one computation for both halves
+    lora_a.read()
+    assert len(calls) == 2  # not kept after both were taken
+    lora_b.load(), lora_a.load()
+    lora_b.load(), lora_a.load()
+    assert len(calls) == 3  # load() keeps its value
