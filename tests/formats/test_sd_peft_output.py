@@ -62,12 +62,15 @@ def _peft_outputs(folder, component: str, source) -> float:
     config = json.loads((folder / "adapter_config.json").read_text())
     keys = load_file(folder / "adapter_model.safetensors")
     paths = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in keys}
-    if not paths <= set(config["target_modules"]):
+    try:
+        model = PeftModel.from_pretrained(_tree(component), str(folder))
+    except ValueError:
+        if paths <= set(config["target_modules"]):
+            raise
         pytest.xfail(
             f"issue 18: the PEFT writer's target_modules are bare names "
             f"({config['target_modules'][:3]}...), which PEFT also matches to containers"
         )
-    model = PeftModel.from_pretrained(_tree(component), str(folder))
     ref = reference(source)
     worst, seen = 0.0, 0
     for name in kohya_module_names(source):
