@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -225,7 +227,7 @@ def reslora() -> None:
                 f"| {kind} | {label} | {check['loss_reslora']:.4f} | {check['loss_plain']:.4f} "
                 f"| {check['loss_difference']:+.3g} | {check['max_logit_difference']:.3g} |"
             )
-        print(f"keys of the check: {sorted(check)}")
+        print(f"{check['tokens']} predicted tokens; base loss {check['loss_base']:.4f}")
 
 
 def outputs() -> None:
@@ -236,6 +238,20 @@ def outputs() -> None:
     vllm = SCRATCH / "for-vllm"
     run("convert", adapters / "llama-rslora-patterns", "--engine", "vllm", "-o", vllm, "-q")
     print(run("verify", rel(adapters / "llama-rslora-patterns"), vllm))
+    merged = SCRATCH / "merged32"
+    run("merge", adapters / "llama-lora", "--base", LLAMA, "--dtype", "float32", "-o", merged, "-q")
+    print(run("verify", adapters / "llama-lora", merged, "--base", LLAMA, "--text", EVAL))
+    copy = SCRATCH / "copy"  # llama-lora with one module's lora_B scaled by 1.01
+    shutil.copytree(adapters / "llama-lora", copy)
+    weights = load_file(copy / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    weights[key] = (weights[key].double() * 1.01).float()
+    save_file(weights, copy / "adapter_model.safetensors")
+    done = subprocess.run(
+        ["loramerge", "verify", rel(adapters / "llama-lora"), copy],
+        cwd=ROOT, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    print(done.stdout + done.stderr)
     official = FIXTURES / "dylora" / "official"
     print(run("inspect", rel(official), "--alpha", "8"))
     print(run("truncate", rel(official), "--alpha", "8", "--rank", "4", "-o", SCRATCH / "dy4"))

@@ -16,6 +16,7 @@ written from a reading rule in the test that uses them.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -127,6 +128,9 @@ def assert_logits_match(
         f"inside the tolerance {tolerance:.3g}: this check could not fail"
     )
     difference = float((got - oracle).abs().max())
+    if os.environ.get("ORACLE_REPORT"):  # ORACLE_REPORT=1 pytest -s -m oracle: the margins
+        ratios = f"difference {difference / effect:.3g}, planted {power / effect:.3g}"
+        print(f"\n{what}: {ratios} x the effect")
     assert difference <= tolerance, (
         f"{what}: logits differ from the oracle by {difference:.3g}, more than {tolerance:.3g} "
         f"({rel:g} x the adapter's effect {effect:.3g}; "
