@@ -93,7 +93,9 @@ AllowNonfinite = Annotated[
 DyloraAlpha = Annotated[
     float | None,
     typer.Option(
-        "--alpha", help="Training lora_alpha of an official DyLoRA checkpoint (it stores none)."
+        "--alpha",
+        help="Training lora_alpha of an input that stores none: an official DyLoRA checkpoint "
+        "or torchtune's adapter_model.pt.",
     ),
 ]
 Engine = Annotated[

@@ -11,12 +11,14 @@ from loramerge_cli.common import (
     BaseOption,
     Component,
     Debug,
+    DyloraAlpha,
     Engine,
     Force,
     InputFormatOption,
     JsonOutput,
     Quiet,
     choices,
+    note,
     print_engine_report,
     print_json,
     show,
@@ -50,6 +52,25 @@ def convert(
             "format with --engine, else required.",
         ),
     ] = None,
+    max_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--max-rank",
+            metavar="K",
+            help="Reduce modules above rank K, and forms with no low-rank form, to at most K "
+            "(QR-core SVD); with --energy, a cap.",
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy",
+            metavar="SHARE",
+            help="Give each module the smallest rank keeping this share of its update's "
+            "energy, e.g. 0.99.",
+        ),
+    ] = None,
+    alpha: DyloraAlpha = None,
     engine: Engine = None,
     base: BaseOption = None,
     fmt: InputFormatOption = None,
@@ -60,8 +81,13 @@ def convert(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Rewrite ADAPTER as a PEFT folder, a kohya file, a diffusers LoRA or a llama.cpp GGUF,
-    module for module.
+    """Rewrite ADAPTER as a PEFT folder, a kohya file, a diffusers LoRA, a llama.cpp GGUF or an
+    mlx-lm folder, module for module.
+
+    Adapters of other tuners (PEFT AdaLoRA, LoHa, LoKr, VeRA, MiSS, DeLoRA, LyCORIS), mlx-lm
+    folders and torchtune checkpoints are written in their exact LoRA form. Forms whose exact
+    rank is larger than the matrix they update are refused unless --max-rank or --energy
+    reduce them; the energy each reduction keeps is reported.
 
     With --base, module names are matched against the base model's tensors exactly (kohya
     names lose their dots; without a base they are reconstructed from common layer names).
@@ -76,6 +102,8 @@ def convert(
     Example: loramerge convert ADAPTER --to gguf --base BASE -o adapter.gguf
 
     Example: loramerge convert sdxl-lora.safetensors --to peft --component unet -o unet-peft
+
+    Example: loramerge convert fixtures/peft-tuners/lokr-full-w1 --to peft -o lokr --max-rank 8
     """
     from loramerge.jobs.convert import convert_adapter
 
@@ -89,9 +117,42 @@ def convert(
         force=force,
         allow_nonfinite=allow_nonfinite,
         component=component,
+        alpha=alpha,
+        max_rank=max_rank,
+        energy=energy,
     )
     if json_output:
         print_json(result)
         return
     show(f"wrote {result['out']} ({result['format']}, {result['modules']} modules)", quiet)
+    _print_ranks(result, quiet)
     print_engine_report(result, quiet)
+
+
+def _print_ranks(result: dict, quiet: bool) -> None:
+    """Notes of the reader, the ranks it produced, and what a reduction kept."""
+    notes = (result.get("read_as") or {}).get("notes")
+    if notes:
+        note(f"{result['source_format']}: {notes}", quiet)
+    ranks = result.get("ranks_read") or []
+    rows = result.get("reduction")
+    if rows is None:
+        if ranks and result.get("source_format") not in ("peft", "kohya"):
+            show(f"ranks: {_span(ranks)} (exact)", quiet)
+        return
+    reduced = [r for r in rows if r["rank_after"] < r["rank_before"] or r["relative_error"] > 0]
+    if not reduced:
+        show(f"ranks: {_span(ranks)}, none reduced", quiet)
+        return
+    after = sorted({r["rank_after"] for r in rows})
+    worst = min(reduced, key=lambda r: r["energy_kept"])
+    show(
+        f"ranks: {_span(ranks)} read, {_span(after)} written; {len(reduced)} modules reduced, "
+        f"energy kept >= {worst['energy_kept']:.6f} (relative error <= "
+        f"{max(r['relative_error'] for r in reduced):.3g}, {worst['module']})",
+        quiet,
+    )
+
+
+def _span(values: list[int]) -> str:
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}-{values[-1]}"

@@ -10,6 +10,7 @@ from loramerge_cli.common import (
     AllowNonfinite,
     Component,
     Debug,
+    DyloraAlpha,
     Force,
     InputFormatOption,
     JsonOutput,
@@ -45,6 +46,7 @@ def merge(
     max_shard_size: MaxShardSize = None,
     fmt: InputFormatOption = None,
     component: Component = None,
+    alpha: DyloraAlpha = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would be written and write nothing.")
     ] = False,
@@ -68,6 +70,7 @@ def merge(
         "dtype": dtype,
         "max_shard_bytes": max_shard_size,
         "component": component,
+        "alpha": alpha,
     }
     if dry_run:
         plan = job.preview(adapter, base, allow_nonfinite=allow_nonfinite, **options)

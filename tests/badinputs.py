@@ -475,6 +475,158 @@ def base_is_a_file(root: Path) -> Case:
     )
 
 
+# --- other tools' adapters: PEFT tuners, mlx-lm, torchtune ------------------------------------
+
+TUNERS = FIXTURES / "peft-tuners"
+MLX = FIXTURES / "mlx-lm"
+TORCHTUNE = FIXTURES / "torchtune"
+
+
+def _copy(root: Path, source: Path) -> Path:
+    folder = root / f"adapter-{source.parent.name}-{source.name}"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("reference.*", "fixture.json"))
+    return folder
+
+
+def loha_truncated(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "loha")
+    _truncate(folder / WEIGHTS)
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), "truncated"))
+
+
+def loha_missing_factor(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "loha")
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors[f"{PREFIX}{Q_PROJ}.hada_w2_b"]
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), Q_PROJ, "no hada_w2_b"))
+
+
+def loha_rank_disagrees(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "loha")
+    path = _edit_config(folder, r=3)
+    return Case(folder, BASES / "llama", (str(path), "rank 3", "rank 4"))
+
+
+def loha_stray_tensor(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "loha")
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{PREFIX}{Q_PROJ}.lora_A.weight"] = torch.zeros(4, 64)
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), "lora_A", "not a LOHA parameter"))
+
+
+def lokr_half_a_side(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "lokr-factorised")
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors[f"{PREFIX}{Q_PROJ}.lokr_w1_b"]
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(folder, BASES / "llama", (str(folder / WEIGHTS), Q_PROJ, "lokr_w1_a and lokr_w1_b"))
+
+
+def adalora_mask_wrong_length(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "adalora")
+    config = json.loads((folder / CONFIG).read_text())
+    config["rank_pattern"][f"{Q_PROJ}.lora_E"] = [True] * 5
+    path = _edit_config(folder, rank_pattern=config["rank_pattern"])
+    return Case(folder, BASES / "llama", (str(path), Q_PROJ, "6 booleans (init_r)"))
+
+
+def vera_without_projections(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "vera")
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors["base_model.vera_A"], tensors["base_model.vera_B"]
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(
+        folder, BASES / "llama", (str(folder / WEIGHTS), "no shared vera_A", "save_projection")
+    )
+
+
+def merge_only_tuner(root: Path) -> Case:
+    folder = _copy(root, TUNERS / "ia3")
+    return Case(folder, BASES / "llama", (str(folder / CONFIG), "peft_type IA3", "merge-only"))
+
+
+def mlx_truncated(root: Path) -> Case:
+    folder = _copy(root, MLX / "lora")
+    _truncate(folder / "adapters.safetensors")
+    return Case(folder, BASES / "llama", (str(folder / "adapters.safetensors"), "truncated"))
+
+
+def mlx_rank_disagrees(root: Path) -> Case:
+    folder = _copy(root, MLX / "lora")
+    config = json.loads((folder / CONFIG).read_text())
+    config["lora_parameters"]["rank"] = 8
+    _edit_config(folder, lora_parameters=config["lora_parameters"])
+    return Case(
+        folder, BASES / "llama", (str(folder / "adapters.safetensors"), "rank is 8", "rank 4")
+    )
+
+
+def mlx_dora_without_magnitudes(root: Path) -> Case:
+    folder = _copy(root, MLX / "lora")
+    _edit_config(folder, fine_tune_type="dora")
+    return Case(
+        folder, BASES / "llama", (str(folder / "adapters.safetensors"), "no DoRA magnitude m")
+    )
+
+
+def mlx_nan(root: Path) -> Case:
+    folder = _copy(root, MLX / "lora")
+    module = "model.layers.3.self_attn.q_proj"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{module}.lora_a"][5, 1] = float("nan")
+
+    _edit_tensors(folder / "adapters.safetensors", edit)
+    return Case(
+        folder, BASES / "llama", (str(folder), module, "lora_A", "NaN or Inf"), nonfinite=True
+    )
+
+
+def torchtune_without_alpha(root: Path) -> Case:
+    path = root / "adapter_model.pt"
+    shutil.copyfile(TORCHTUNE / "lora" / "adapter_model.pt", path)
+    return Case(path, TORCHTUNE / "base", (str(path), "stores no lora_alpha", "--alpha"))
+
+
+def torchtune_unknown_module(root: Path) -> Case:
+    folder = _copy(root, TORCHTUNE / "lora")
+    path = folder / "adapter_model.pt"
+    tensors = torch.load(path, weights_only=True)
+    tensors["tok_embeddings.lora_a.weight"] = torch.zeros(4, 320)
+    torch.save(tensors, path)
+    return Case(path, TORCHTUNE / "base", (str(path), "tok_embeddings.lora_a.weight", "torchtune"))
+
+
+def torchtune_truncated(root: Path) -> Case:
+    path = root / "adapter_model.pt"
+    shutil.copyfile(TORCHTUNE / "lora" / "adapter_model.pt", path)
+    _truncate(path, 2000)
+    return Case(path, TORCHTUNE / "base", (str(path), "cannot be read as a torch file"))
+
+
+def torchtune_pickle_runs_code(root: Path) -> Case:
+    """torchtune's key names, and a value whose unpickling would create a file."""
+    path = root / "adapter_model.pt"
+    marker = root / "torchtune-pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"layers.0.attn.q_proj.lora_a.weight": torch.zeros(4, 64), "x": Payload()}, path)
+    return Case(path, TORCHTUNE / "base", (str(path), "refused", "never runs code"), marker=marker)
+
+
 # --- Stable Diffusion adapters: LyCORIS, kohya pipelines, diffusers -------------------------
 
 LYCORIS = FIXTURES / "lycoris"
@@ -639,6 +791,22 @@ BUILDERS: dict[str, Callable[[Path], Case]] = {
         base_config_is_a_fifo,
         base_shard_truncated,
         base_is_a_file,
+        loha_truncated,
+        loha_missing_factor,
+        loha_rank_disagrees,
+        loha_stray_tensor,
+        lokr_half_a_side,
+        adalora_mask_wrong_length,
+        vera_without_projections,
+        merge_only_tuner,
+        mlx_truncated,
+        mlx_rank_disagrees,
+        mlx_dora_without_magnitudes,
+        mlx_nan,
+        torchtune_without_alpha,
+        torchtune_unknown_module,
+        torchtune_truncated,
+        torchtune_pickle_runs_code,
         lycoris_loha_part_missing,
         lycoris_lokr_shapes,
         lycoris_oft,

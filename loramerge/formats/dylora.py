@@ -26,8 +26,11 @@ UNIT_KEY = "dylora.unit"  # Adapter.metadata key: ranks were trained as multiple
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B)$")
 # Keys that look alike but belong to other formats: ResLoRA's `.loras.<i>.lora_A`, PEFT's
-# `.lora_A.weight` / `.lora_A.<adapter>.weight`, kohya's `lora_down` / `lora_up`.
-_FOREIGN = re.compile(r"(\.loras\.\d+\.lora_[AB]$)|(\.lora_[AB]\.)|(\.lora_(down|up)\.)")
+# `.lora_A.weight` / `.lora_A.<adapter>.weight`, kohya's `lora_down` / `lora_up`, PEFT AdaLoRA's
+# `.lora_E` (its `.lora_A` / `.lora_B` have no `.weight` either).
+_FOREIGN = re.compile(
+    r"(\.loras\.\d+\.lora_[AB]$)|(\.lora_[AB]\.)|(\.lora_(down|up)\.)|(\.lora_E(\.[^.]+)?$)"
+)
 
 
 def is_dylora(adapter: Adapter) -> bool:

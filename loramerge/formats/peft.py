@@ -54,8 +54,9 @@ def sniff(path: Path) -> bool:
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "peft_type" in data
+        return True  # claim it, so that the reader reports the broken config
+    # any peft_type (tuners other than LoRA go to peft_tuners); no peft_type: not mlx-lm's
+    return isinstance(data, dict) and ("peft_type" in data or "lora_parameters" not in data)
 
 
 def weights_file(folder: Path) -> Path:
@@ -112,13 +113,10 @@ def read(folder: Path) -> Adapter:
     config_path = folder / CONFIG_NAME
     config = read_json(config_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise FormatError(
-            f"is a PEFT {peft_type} adapter (peft_type {peft_type}); loramerge reads PEFT LoRA "
-            "adapters",
-            file=config_path,
-            hint="only LoRA-family adapters (peft_type LORA) can be converted or merged",
-        )
+    if peft_type != "LORA":  # other tuners: their exact LoRA form, or refused naming peft_type
+        from loramerge.formats import peft_tuners
+
+        return peft_tuners.read(folder, config, peft_type)
     settings = _Settings(config, config_path)
     blocks = BlockDiagonal(config.get("use_bdlora"), config_path)
     path = weights_file(folder)

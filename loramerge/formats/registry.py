@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 class ReadOptions:
     """Facts a format cannot carry itself, supplied by the user or the base model."""
 
-    alpha: float | None = None  # official DyLoRA checkpoints store none
-    base_config: Mapping[str, Any] | None = None  # GGUF files: head counts, module names
+    alpha: float | None = None  # official DyLoRA checkpoints and torchtune's files store none
+    base_config: Mapping[str, Any] | None = None  # GGUF, torchtune: head counts, module names
+    # the base model itself (a folder or hub id): PEFT VeRA and MiSS take input sizes from its
+    # weight shapes
+    base: str | Path | None = None
 
 
 def _function(module: str, name: str) -> Callable[..., Any]:
@@ -77,8 +80,10 @@ class OutputFormat:
 
 # Most specific first: the first sniffer that claims a path wins only if no other claims it.
 INPUT_FORMATS: list[InputFormat] = [
-    InputFormat("peft", "PEFT adapter folder (adapter_config.json)", "peft"),
+    InputFormat("peft", "PEFT adapter folder (adapter_config.json, any peft_type)", "peft"),
+    InputFormat("mlx-lm", "mlx-lm adapter folder (adapters.safetensors)", "mlx_lm"),
     InputFormat("kohya", "kohya / sd-scripts LoRA .safetensors", "kohya"),
+    InputFormat("torchtune", "torchtune native adapter_model.pt", "torchtune", takes_options=True),
     InputFormat(
         "dylora", "DyLoRA official (loralib)", "dylora", "sniff_official", "read_official", True
     ),
@@ -108,6 +113,7 @@ OUTPUT_FORMATS: list[OutputFormat] = [
         "diffusers_lora",
         None,
     ),
+    OutputFormat("mlx-lm", "mlx-lm adapter folder", "mlx_lm", None),
 ]
 
 INPUT_FORMAT_NAMES = tuple(entry.name for entry in INPUT_FORMATS)
@@ -190,6 +196,17 @@ def describe_path(path: Path) -> str:
         except Exception as exc:
             return f"a .safetensors file that cannot be read ({exc})"
         sample = ", ".join(list(header.entries)[:3])
+        names = list(header.entries)
+        if any(n.endswith(".lora_E") for n in names):
+            return (
+                "a PEFT AdaLoRA state dict (lora_E) without its adapter_config.json, which "
+                "holds lora_alpha and init_r: read the folder it came from"
+            )
+        if names and all(n.endswith((".lora_a", ".lora_b", ".m")) for n in names):
+            return (
+                "mlx-lm adapter weights (lora_a, lora_b) without their adapter_config.json, "
+                "which holds the scale: read the folder it came from"
+            )
         return f"a .safetensors file with {len(header.entries)} tensors such as {sample}"
     return f"a {path.suffix or 'extension-less'} file"
 
@@ -216,8 +233,29 @@ def read_adapter(
 ) -> Adapter:
     """The adapter at `path` (a local path or a cached hub repo id), in format `fmt` or the one
     detected."""
+    from loramerge.formats.read_context import reading_base
     from loramerge.io.hub import resolve
 
     path = resolve(path, what="adapter")
     entry = input_format(fmt) if fmt else detect(path)
-    return entry.read(path, options or ReadOptions())
+    options = options or ReadOptions()
+    with reading_base(options.base):
+        return entry.read(path, options)
+
+
+# source formats that store no alpha, so that the alpha option supplies it
+USER_ALPHA_FORMATS = ("dylora", "torchtune")
+
+
+def check_user_alpha(adapter: Adapter, alpha: float | None) -> None:
+    """Refuse the alpha option for an input that stores its own alpha."""
+    if alpha is not None and adapter.source_format not in USER_ALPHA_FORMATS:
+        from loramerge.errors import OptionError
+
+        raise OptionError(
+            f"is for official DyLoRA checkpoints and torchtune's adapter_model.pt, which store "
+            f"none; this {adapter.source_format} input stores its own",
+            option="alpha",
+            value=alpha,
+            file=adapter.source_path,
+        )

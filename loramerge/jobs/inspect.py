@@ -17,11 +17,11 @@ from loramerge.errors import opt
 from loramerge.formats.components import components, for_component, select
 from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.formats.dylora import is_dylora, unit_of
-from loramerge.formats.kohya import READ_ALGORITHM, READ_NOTES, READ_PREFIX, READ_RULE, READ_TOOL
-from loramerge.formats.registry import ReadOptions
+from loramerge.formats.provenance import read_as
+from loramerge.formats.registry import ReadOptions, check_user_alpha
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.jobs.merge import rounding_warning
-from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora
+from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora, model_config
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, TensorPlan
@@ -85,7 +85,9 @@ def inspect(
     """The `inspect` command: read and check the adapter at `path`, describe it; with `base`,
     measure every update against its weight (`progress` gets bytes of base weights read).
     `component` narrows a pipeline adapter to one model (needed with a base)."""
-    adapter = read_checked(path, fmt, ReadOptions(alpha=alpha))
+    config = model_config(base) if base is not None else None
+    adapter = read_checked(path, fmt, ReadOptions(alpha=alpha, base_config=config, base=base))
+    check_user_alpha(adapter, alpha)
     return inspect_adapter(adapter, base, progress, component)
 
 
@@ -130,11 +132,7 @@ def inspect_adapter(
         dtypes=sorted({m.dtype for m in modules}),
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
-        read_as={
-            k.removeprefix(READ_PREFIX): v
-            for k, v in adapter.metadata.items()
-            if k in (READ_TOOL, READ_ALGORITHM, READ_RULE, READ_NOTES)
-        },
+        read_as=read_as(adapter),
         modules=modules,
     )
     if merge_only:

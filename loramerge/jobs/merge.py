@@ -82,11 +82,13 @@ def merge(
     force: bool = False,
     progress: Progress | None = None,
     component: str | None = None,
+    alpha: float | None = None,
 ) -> MergeResult:
-    """The `merge` command: read and check the adapter at `source`, merge it into `base`."""
+    """The `merge` command: read and check the adapter at `source`, merge it into `base`.
+    `alpha` is the training lora_alpha of an input that stores none."""
     output_code(dtype)
     check_output_name(Path(out), None)
-    adapter = read_checked(source, fmt, allow_nonfinite=allow_nonfinite)
+    adapter = _read(source, fmt, base, alpha, allow_nonfinite)
     return merge_adapter(
         adapter,
         base,
@@ -108,13 +110,31 @@ def preview(
     max_shard_bytes: int | None = None,
     allow_nonfinite: bool = False,
     component: str | None = None,
+    alpha: float | None = None,
 ) -> MergePlan:
     """`merge --dry-run`: the plan a merge would follow, from headers alone."""
     output_code(dtype)
-    adapter = read_checked(source, fmt, allow_nonfinite=allow_nonfinite)
+    adapter = _read(source, fmt, base, alpha, allow_nonfinite)
     return preview_merge(
         adapter, base, dtype=dtype, max_shard_bytes=max_shard_bytes, component=component
     )
+
+
+def _read(
+    source: str | Path,
+    fmt: str | None,
+    base: str | Path,
+    alpha: float | None,
+    allow_nonfinite: bool,
+) -> Adapter:
+    """The adapter, read with what the base and the user supply for formats that store less
+    (torchtune's head counts and alpha, VeRA's input sizes, official DyLoRA's alpha)."""
+    from loramerge.formats.registry import ReadOptions, check_user_alpha
+
+    options = ReadOptions(alpha=alpha, base=base)
+    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
+    check_user_alpha(adapter, alpha)
+    return adapter
 
 
 def merge_adapter(

@@ -95,8 +95,8 @@ def refuse_merge_only(adapter: Adapter) -> None:
             f"{len(found)} of {len(adapter.modules)} modules have no low-rank form, e.g. "
             f"{key}: {reason}",
             file=adapter.source_path,
-            hint=f"`loramerge merge` applies them exactly; `loramerge truncate` with {opt('rank')} "
-            f"K (or {opt('energy')}) writes a LoRA of rank K and reports the error it costs",
+            hint=f"`loramerge merge` applies them exactly; {opt('max_rank')} K (or "
+            f"{opt('energy')}) writes a LoRA of rank at most K and reports the error it costs",
         )
 
 

@@ -12,7 +12,7 @@ from loramerge.adapter_checks import read_checked
 from loramerge.engines.profiles import combine_reports
 from loramerge.errors import OptionError, UsageError, located, opt
 from loramerge.formats import dylora
-from loramerge.formats.registry import ReadOptions, check_output_name
+from loramerge.formats.registry import ReadOptions, check_output_name, check_user_alpha
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
 from loramerge.jobs.adapter_output import AdapterOutput, choose_output, write_adapter
@@ -135,7 +135,7 @@ def truncate_adapter(
     """
     source, out = Path(source), Path(out)
     options.check(base)
-    adapter = _read(source, fmt, alpha, allow_nonfinite)
+    adapter = _read(source, fmt, alpha, allow_nonfinite, base)
     method = resolve_method(adapter, options.method, options.energy)
     if base is not None and not options.merge:
         adapter = fit_components(adapter, base)
@@ -163,16 +163,16 @@ def truncate_adapter(
     return result
 
 
-def _read(source: Path, fmt: str | None, alpha: float | None, allow_nonfinite: bool) -> Adapter:
-    adapter = read_checked(source, fmt, ReadOptions(alpha=alpha), allow_nonfinite=allow_nonfinite)
-    if alpha is not None and adapter.source_format != dylora.OFFICIAL:
-        raise OptionError(
-            f"is for official DyLoRA checkpoints, which store none; this "
-            f"{adapter.source_format} input stores its own",
-            file=source,
-            option="alpha",
-            value=alpha,
-        )
+def _read(
+    source: Path,
+    fmt: str | None,
+    alpha: float | None,
+    allow_nonfinite: bool,
+    base: str | Path | None,
+) -> Adapter:
+    options = ReadOptions(alpha=alpha, base=base)
+    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
+    check_user_alpha(adapter, alpha)
     return adapter
 
 

@@ -118,10 +118,13 @@ def is_model_folder(path: Path) -> bool:
     )
 
 
-def read_side(path: Path, base_config: Mapping[str, Any] | None) -> Adapter:
-    """Any adapter format loramerge reads (GGUF with the base config when it needs it), refused
-    like every other command refuses it: empty, or NaN / Inf values."""
-    return read_checked(path, options=ReadOptions(base_config=base_config))
+def read_side(
+    path: Path, base_config: Mapping[str, Any] | None, base: str | Path | None = None
+) -> Adapter:
+    """Any adapter format loramerge reads (GGUF with the base config when it needs it; VeRA,
+    MiSS and torchtune with the base), refused like every other command refuses it: empty, or
+    NaN / Inf values."""
+    return read_checked(path, options=ReadOptions(base_config=base_config, base=base))
 
 
 def verify(
@@ -157,7 +160,7 @@ def verify(
     if text is not None:
         assert base is not None
         return _compare_logits(source, candidate, base, Path(text), base_config, atol, rtol)
-    left, right = read_side(source, base_config), read_side(candidate, base_config)
+    left, right = read_side(source, base_config, base), read_side(candidate, base_config, base)
     base_tensor = None
     if base is not None:
         left, right = rename_to_base(left, base), rename_to_base(right, base)
@@ -357,7 +360,7 @@ def _run(
     the base by loramerge's own forward hooks (PEFT's forward, without PEFT)."""
     if is_model_folder(side):
         return _forward(load_model(side), ids)
-    adapter = read_side(side, base_config)
+    adapter = read_side(side, base_config, root)
     if adapter.source_format != "peft":
         adapter = rename_to_base(adapter, root)
     model = load_model(root)

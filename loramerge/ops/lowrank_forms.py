@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from loramerge.errors import ShapeMismatchError
+from loramerge.ops.lowrank import qr_core, reduce_core
 from loramerge.ops.rank_choice import numerical_rank
 
 # Every function here is pure: tensors in, tensors out, no paths or modules. Products of two
@@ -49,13 +50,28 @@ def kronecker_factors(
     _check_pair(b1, a1, "first")
     _check_pair(b2, a2, "second")
     b1, a1, b2, a2 = (t.to(torch.float64) for t in (b1, a1, b2, a2))
-    return _kron(b1, b2), _kron(a1, a2)
+    return kron(b1, b2), kron(a1, a2)
 
 
-def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """kron(x, y) of two matrices (torch.kron fails on some strides of size-1 axes)."""
-    rows, columns = x.shape[0] * y.shape[0], x.shape[1] * y.shape[1]
-    return (x[:, None, :, None] * y[None, :, None, :]).reshape(rows, columns)
+def kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Kronecker product of two matrices, (m x n) and (p x q) giving (m*p x n*q) with
+    result[i*p + k, j*q + l] = left[i, j] * right[k, l]. Unlike torch.kron (2.13), it accepts
+    views of any strides, such as slices of SVD factors."""
+    m, n = left.shape
+    p, q = right.shape
+    return (left[:, None, :, None] * right[None, :, None, :]).reshape(m * p, n * q)
+
+
+def face_splitting(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Row-wise Kronecker product: left (n x p) and right (n x q) give (n x p*q) whose row i is
+    kron(left[i], right[i]); B of `hadamard_factors` alone (A is face_splitting(a1.T, a2.T).T).
+    """
+    if left.ndim != 2 or right.ndim != 2 or left.shape[0] != right.shape[0]:
+        raise ShapeMismatchError(
+            f"face-splitting needs two matrices with the same number of rows, got "
+            f"{tuple(left.shape)} and {tuple(right.shape)}"
+        )
+    return (left[:, :, None] * right[:, None, :]).reshape(left.shape[0], -1)
 
 
 def tucker_down(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -99,3 +115,32 @@ def _check_pair(b: torch.Tensor, a: torch.Tensor, which: str) -> None:
             f"the {which} factor pair is not (out x r) and (r x in): "
             f"{tuple(b.shape)} and {tuple(a.shape)}"
         )
+
+
+def minimal_factors(
+    b: torch.Tensor, a: torch.Tensor, rtol: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B', A') with B' @ A' = b @ a at its numerical rank k, via the QR core (the out x in
+    product is never formed); singular values split as sqrt(S) on both sides, float64.
+
+    b (out x r), a (r x in). Unlike `exact_factors`, k may be 0: a zero product gives
+    (out x 0) and (0 x in), so that a caller can tell an update that changes nothing.
+    """
+    _check_pair(b, a, "only")
+    core = qr_core(b, a)
+    k = numerical_rank(core.singular_values(), rtol)
+    if k == 0:
+        return b.new_zeros(b.shape[0], 0, dtype=torch.float64), a.new_zeros(
+            0, a.shape[1], dtype=torch.float64
+        )
+    reduced = reduce_core(core, k, dtype=torch.float64)
+    return reduced.B, reduced.A
+
+
+def precision_rtol(dtype: torch.dtype, size: int) -> float:
+    """The numerical-rank threshold for values stored in `dtype`: 16 * size * eps(dtype).
+
+    Stored numbers are exact only to their own precision: singular values below this share of
+    the largest are the rounding of the stored values, not structure."""
+    finfo = torch.finfo(dtype if dtype.is_floating_point else torch.float32)
+    return 16 * max(size, 1) * finfo.eps

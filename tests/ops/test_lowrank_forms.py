@@ -8,8 +8,12 @@ import torch
 from loramerge.errors import ShapeMismatchError
 from loramerge.ops.lowrank_forms import (
     exact_factors,
+    face_splitting,
     hadamard_factors,
+    kron,
     kronecker_factors,
+    minimal_factors,
+    precision_rtol,
     tucker_down,
 )
 
@@ -56,6 +60,45 @@ def test_shapes_that_do_not_meet_are_refused():
         kronecker_factors(_rand(7, 3), _rand(2, 5), _rand(6, 2), _rand(2, 5))
     with pytest.raises(ShapeMismatchError):
         tucker_down(_rand(3, 4, 3, 3), _rand(3, 6))
+
+
+def test_face_splitting_rows_are_kronecker_products():
+    left, right = _rand(5, 3, seed=4), _rand(5, 4, seed=5)
+    out = face_splitting(left, right)
+    assert out.shape == (5, 12)
+    for i in range(5):
+        assert torch.equal(out[i], torch.kron(left[i], right[i]))
+    b, _ = hadamard_factors(left, _rand(3, 2), right, _rand(4, 2))
+    assert torch.equal(out, b)
+
+
+def test_kron_accepts_any_strides():
+    """torch.kron refuses some views (a scaled slice of an SVD factor): kron does not."""
+    u = _rand(6, 6, seed=6)
+    left, right = u[:, :3] * 2.0, u.T[1:4]
+    torch.testing.assert_close(kron(left, right), torch.kron(left.contiguous(), right.contiguous()))
+    _, s, vh = torch.linalg.svd(_rand(4, 4, seed=7))
+    side = s[:2].sqrt()[:, None] * vh[:2]
+    _, a = kronecker_factors(_rand(3, 2, seed=8), side, _rand(2, 1, seed=9), _rand(1, 3))
+    assert a.shape == (2, 12)
+
+
+def test_minimal_factors_find_the_rank_of_a_redundant_product():
+    b = _rand(10, 6, seed=11)
+    a = _rand(6, 8, seed=12)
+    b[:, 3:] = b[:, :3] @ _rand(3, 3, seed=13)  # the product has rank 3
+    nb, na = minimal_factors(b, a)
+    assert nb.shape == (10, 3) and na.shape == (3, 8)
+    torch.testing.assert_close(nb @ na, b @ a, rtol=1e-10, atol=1e-10)
+    nb, na = minimal_factors(torch.zeros(4, 2), torch.zeros(2, 5))
+    assert nb.shape == (4, 0) and na.shape == (0, 5)
+
+
+def test_precision_threshold_drops_the_rounding_of_stored_values():
+    low = (_rand(6, 2, seed=14) @ _rand(2, 7, seed=15)).float()
+    b, a = exact_factors(low, rtol=precision_rtol(torch.float32, 6))
+    assert b.shape == (6, 2)
+    torch.testing.assert_close(b @ a, low.double(), rtol=1e-6, atol=1e-6)
 
 
 def test_kronecker_takes_transposed_columns():
