@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Recompute every figure the documentation quotes from the test fixtures.
 
-    python docs/figures.py [SECTION ...]      # sections: dylora fold reslora outputs
+    python docs/figures.py [SECTION ...]      # sections: dylora fold reslora outputs tools
 
 Run it after rebuilding the fixtures (fixtures/make_fixtures.py) and copy what changed into the
 pages named in each section's heading. Losses are transformers' mean causal-LM loss (float32) over
@@ -263,7 +263,47 @@ def outputs() -> None:
     print(run("merge", rel(adapters / "llama-lora"), "--base", rel(LLAMA), "-o", SCRATCH / "m"))
 
 
-SECTIONS = {"dylora": dylora, "fold": fold, "reslora": reslora, "outputs": outputs}
+def tools() -> None:
+    """docs/formats.md, language-model tools: the largest difference between PEFT's logits with
+    the LoRA `convert` writes and each tool's stored float32 logits, relative to their largest
+    (and how far the adapter moves them); docs/convert.md: the outputs its examples show."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuners, torchtune = FIXTURES / "peft-tuners", FIXTURES / "torchtune"
+    cases = [(tuners / n, tuners / n, LLAMA, []) for n in ("adalora", "loha", "lokr-factorised")]
+    cases += [(tuners / "lokr-full-w1", tuners / "lokr-full-w1", LLAMA, ["--max-rank", "64"])]
+    cases += [(tuners / n, tuners / n, LLAMA, []) for n in ("vera", "miss", "delora")]
+    cases += [(FIXTURES / "mlx-lm" / n, FIXTURES / "mlx-lm" / n, LLAMA, [])
+              for n in ("lora", "dora", "lora-scale")]  # fmt: skip
+    cases += [(torchtune / n / "adapter_model.pt", torchtune / n, torchtune / "base", [])
+              for n in ("lora", "dora")]  # fmt: skip
+    for source, tool, base, extra in cases:
+        out = SCRATCH / f"tool-{tool.parent.name}-{tool.name}"
+        run("convert", source, "--to", "peft", "-o", out, "--base", base, "-q", *extra)
+        ref = load_file(tool / "reference.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        with torch.no_grad():
+            plain = model(ref["input_ids"]).logits
+            adapted = PeftModel.from_pretrained(model, out).eval()(ref["input_ids"]).logits
+        top = float(ref["logits"].abs().max())
+        error = float((adapted - ref["logits"]).abs().max()) / top
+        moved = float((plain - ref["logits"]).abs().max()) / top
+        print(f"{rel(tool)}: max error {error:.2e}, moved {moved:.3f}")
+    print(run("convert", rel(tuners / "loha"), "--to", "peft", "-o", SCRATCH / "loha-as-lora"))
+    print(run("convert", rel(torchtune / "lora" / "adapter_model.pt"), "--to", "peft", "-o",
+              SCRATCH / "tt", "--base", rel(torchtune / "base")))  # fmt: skip
+    print(run("convert", rel(tuners / "lokr-full-w1"), "--to", "peft", "-o", SCRATCH / "lokr8",
+              "--max-rank", "8"))  # fmt: skip
+
+
+SECTIONS = {
+    "dylora": dylora,
+    "fold": fold,
+    "reslora": reslora,
+    "outputs": outputs,
+    "tools": tools,
+}
 
 
 if __name__ == "__main__":
