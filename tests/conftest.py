@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from helpers import FIXTURES, tree_hashes
 from hypothesis import settings
 
 OUT_OPTIONS = ("-o", "--out")
+# the architecture answers loramerge keeps between runs: in a folder of this session's own (the
+# commands run in-process and in child processes alike), never the user's cache
+os.environ["LORAMERGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="loramerge-test-cache-")
 
 
 @pytest.fixture(scope="session", autouse=True)

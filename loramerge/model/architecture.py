@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loramerge.adapter import ModuleKind
-from loramerge.model.stored_layout import StoredLayout, StoredPiece, stored_layout, whole_piece
+from loramerge.model.stored_layout import (
+    StoredLayout,
+    StoredPiece,
+    UnmappedLayout,
+    stored_layout,
+    whole_piece,
+)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,9 @@ class Architecture:
     modules: dict[str, ModuleInfo]
     parameters: dict[str, tuple[int, ...]]  # every parameter name, tied ones included
     tied: dict[str, str]  # target parameter -> the parameter it is tied to
-    layout: StoredLayout | None = field(default=None, repr=False)
+    # where each parameter is stored, as transformers' conversion rules say (loramerge.model.
+    # stored_layout): its pieces, or why they are not mapped; None: stored as held in memory
+    pieces: dict[str, tuple[StoredPiece, ...] | str] | None = field(default=None, repr=False)
 
     def module(self, path: str) -> ModuleInfo | None:
         return self.modules.get(path)
@@ -52,9 +60,12 @@ class Architecture:
         """Where `param` lives in the files (names before the base-model prefix is matched);
         raises UnmappedLayout when transformers converts it in a way loramerge does not map."""
         shape = self.parameters[param]
-        if self.layout is None:
+        if self.pieces is None:
             return [whole_piece(param, shape)]
-        return self.layout.pieces(param, shape)
+        found = self.pieces[param]
+        if isinstance(found, str):
+            raise UnmappedLayout(found)
+        return list(found)
 
 
 @dataclass(frozen=True)
@@ -145,8 +156,23 @@ def build_architecture(config: dict[str, Any]) -> Architecture | NoArchitecture:
         modules=modules,
         parameters=parameters,
         tied={k: v for k, v in tied.items() if k in parameters and v in parameters},
-        layout=layout,
+        pieces=_all_pieces(layout, parameters),
     )
+
+
+def _all_pieces(
+    layout: StoredLayout | None, parameters: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[StoredPiece, ...] | str] | None:
+    """Every parameter's stored pieces, or why transformers' conversion is not mapped."""
+    if layout is None:
+        return None
+    found: dict[str, tuple[StoredPiece, ...] | str] = {}
+    for param, shape in parameters.items():
+        try:
+            found[param] = tuple(layout.pieces(param, shape))
+        except UnmappedLayout as exc:
+            found[param] = str(exc)
+    return found
 
 
 def side_effects(config: dict[str, Any], updates: dict[str, Any]) -> set[str]:
@@ -179,13 +205,26 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def architecture_of(config: dict[str, Any]) -> Architecture | NoArchitecture:
-    """The architecture a base's config.json describes, built once per config in a process."""
+    """The architecture a base's config.json describes: asked of transformers once per config
+    and versions (kept on disk), and once per config in a process."""
     if not config:
         return NoArchitecture("the base has no config.json")
     key = json.dumps(config, sort_keys=True, default=str)
     if key not in _CACHE:
-        _CACHE[key] = build_architecture(config)
+        _CACHE[key] = _kept_or_built(config)
     return _CACHE[key]
+
+
+def _kept_or_built(config: dict[str, Any]) -> Architecture | NoArchitecture:
+    """The answer kept from an earlier run (loramerge.model.architecture_cache), else asked of
+    transformers now and kept."""
+    from loramerge.model import architecture_cache
+
+    found = architecture_cache.load(config)
+    if found is None:
+        found = build_architecture(config)
+        architecture_cache.store(config, found)
+    return found
 
 
 _CACHE: dict[str, Architecture | NoArchitecture] = {}
