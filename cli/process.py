@@ -6,6 +6,8 @@ import ctypes
 import os
 import sys
 
+from loramerge_cli import lazy_torch
+
 # Idle OpenMP workers spin for a while after every parallel region by default; while the merge's
 # reader and writer threads need the same cores that burns a third of the CPU time. Set before
 # torch is imported (commands import it lazily); a user's own setting wins.
@@ -31,3 +33,6 @@ def _keep_freed_memory() -> None:
 
 
 _keep_freed_memory()
+
+# torch loads when a command first uses it, not when a module imports it (see lazy_torch)
+lazy_torch.install()

@@ -7,11 +7,16 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loramerge.errors import FormatError, opt
+
+if TYPE_CHECKING:
+    import numpy
+    import torch
+
+# a tensor's stored bytes (uint8) and its safetensors dtype code, read without torch
+RawRead = Callable[[], "tuple[numpy.ndarray, str]"]
 
 
 class ModuleKind(str, Enum):
@@ -25,21 +30,48 @@ class ModuleKind(str, Enum):
 
 
 class LazyTensor:
-    """A tensor known by shape and dtype, loaded on first use and then kept."""
+    """A tensor known by shape and dtype, loaded on first use and then kept.
+
+    `dtype` may be given as a safetensors code ("BF16"), turned into a torch dtype when first
+    asked for, so that an adapter is read and planned without importing torch; `raw`, where
+    the tensor is stored as it is in a file, reads its bytes without torch.
+    """
 
     def __init__(
-        self, shape: tuple[int, ...], dtype: torch.dtype, load: Callable[[], torch.Tensor]
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype | str,
+        load: Callable[[], torch.Tensor],
+        raw: RawRead | None = None,
     ) -> None:
         self.shape = tuple(shape)
-        self.dtype = dtype
+        self._dtype = dtype
         self._load = load
         self._value: torch.Tensor | None = None
+        self.raw = raw
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if isinstance(self._dtype, str):
+            from loramerge.io.safetensors_header import torch_dtype
+
+            self._dtype = torch_dtype(self._dtype)
+        return self._dtype
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> LazyTensor:
         lazy = cls(tuple(tensor.shape), tensor.dtype, lambda: tensor)
         lazy._value = tensor
         return lazy
+
+    @property
+    def code(self) -> str | None:
+        """The safetensors dtype code, where it was given as one (no torch needed)."""
+        return self._dtype if isinstance(self._dtype, str) else None
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not None
 
     def load(self) -> torch.Tensor:
         if self._value is None:
@@ -59,6 +91,8 @@ class LazyTensor:
         return value
 
     def float(self, keep: bool = True) -> torch.Tensor:
+        import torch
+
         return (self.load() if keep else self.read()).to(torch.float32)
 
     def __repr__(self) -> str:

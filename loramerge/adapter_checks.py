@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from loramerge.adapter import Adapter, LazyTensor
 from loramerge.errors import FormatError, opt
 from loramerge.formats.registry import ReadOptions, read_adapter
@@ -46,6 +44,13 @@ def _tensors(adapter: Adapter) -> list[tuple[str, str, LazyTensor]]:
 def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
     """Refuse an empty adapter, a scale that is not a positive finite number, and NaN or Inf
     values in any tensor unless explicitly allowed."""
+    check_scales(adapter)
+    if not allow_nonfinite:
+        check_values(adapter)
+
+
+def check_scales(adapter: Adapter) -> None:
+    """The checks that read no tensor: some module, and usable scales."""
     if not adapter.modules and not adapter.modules_to_save:
         raise FormatError("holds no LoRA modules", file=adapter.source_path)
     for module in adapter.modules.values():
@@ -58,15 +63,33 @@ def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
                 module=module.path,
                 hint="alpha must be a positive finite number and the rank at least 1",
             )
-    if allow_nonfinite:
-        return
+
+
+def check_values(adapter: Adapter) -> None:
+    """Refuse NaN or Inf in any tensor (each read and checked, not kept: a merge reads each
+    module when it gets to it)."""
     for module, part, tensor in _tensors(adapter):
-        value = tensor.read()  # checked, not kept: a merge reads each module when it gets to it
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        bad = nonfinite_count(tensor)
+        if bad:
             raise FormatError(
                 f"{part} holds {bad} NaN or Inf values",
                 file=adapter.source_path,
                 module=module,
                 hint=f"the training diverged; pass {opt('allow_nonfinite')} to merge it anyway",
             )
+
+
+def nonfinite_count(tensor: LazyTensor) -> int:
+    """NaN and Inf elements of a tensor: from its stored bytes where it is stored as is in a
+    file and not loaded yet (no torch needed), else from its value."""
+    if tensor.raw is not None and not tensor.loaded:
+        from loramerge.ops.bits import nonfinite_count as count_stored
+
+        stored, code = tensor.raw()
+        found = count_stored(stored, code)
+        if found is not None:
+            return found
+    import torch
+
+    value = tensor.read()
+    return int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0

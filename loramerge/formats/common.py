@@ -7,33 +7,42 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loramerge.adapter import LazyTensor
 from loramerge.errors import FormatError
-from loramerge.io.safetensors_header import read_header, torch_dtype
+from loramerge.io.safetensors_header import read_header
 from loramerge.io.safetensors_reader import SafetensorsReader
+
+if TYPE_CHECKING:
+    import numpy
+    import torch
 
 
 def lazy_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
-    """Every tensor of a safetensors file as a LazyTensor, plus the file's metadata."""
+    """Every tensor of a safetensors file as a LazyTensor (its stored bytes readable without
+    torch), plus the file's metadata."""
     header = read_header(path)
     # one reader, opened on first use and shared: re-validating the header for every tensor
     # costs O(tensors^2) on adapters with thousands of tensors
     shared: list[SafetensorsReader] = []
 
+    def reader() -> SafetensorsReader:
+        if not shared:
+            shared.append(SafetensorsReader(path))
+        return shared[0]
+
     def loader(name: str):
         def load() -> torch.Tensor:
-            if not shared:
-                shared.append(SafetensorsReader(path))
-            return shared[0].read(name)
+            return reader().read(name)
 
-        return load
+        def raw() -> tuple[numpy.ndarray, str]:
+            return reader().read_array(name), header.entries[name].dtype
+
+        return load, raw
 
     tensors = {
-        name: LazyTensor(entry.shape, torch_dtype(entry.dtype), loader(name))
+        name: LazyTensor(entry.shape, entry.dtype, *loader(name))
         for name, entry in header.entries.items()
     }
     return tensors, header.metadata
@@ -57,6 +66,8 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     Anything the weights-only unpickler refuses is refused with the reason; the file is never
     unpickled any other way.
     """
+    import torch
+
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols on stderr; the error line says what matters

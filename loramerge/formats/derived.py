@@ -5,20 +5,25 @@ when first used, like the factors read straight from a file."""
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from loramerge.adapter import LazyTensor
 from loramerge.errors import located
 from loramerge.formats.derived_factors import DerivedFactor
+from loramerge.io.safetensors_header import torch_dtype
 
-DTYPE = torch.float32  # derived factors are products: kept in float32 whatever the source dtype
+if TYPE_CHECKING:
+    import torch
+
+# derived factors are products: kept in float32 whatever the source dtype (a safetensors code,
+# so that this module loads without torch)
+DTYPE = "F32"
 
 
 def derived(
     compute: Callable[[], torch.Tensor],
     shape: tuple[int, ...],
-    dtype: torch.dtype = DTYPE,
+    dtype: torch.dtype | str = DTYPE,
     *,
     path: object = None,
     module: str | None = None,
@@ -30,7 +35,7 @@ def derived(
 
     def load() -> torch.Tensor:
         with located(str(path) if path is not None else None, module):
-            return compute().to(dtype).contiguous()
+            return compute().to(_torch(dtype)).contiguous()
 
     if merge_only is not None:
         return DerivedFactor(shape, load, merge_only)
@@ -41,7 +46,7 @@ def derived_pair(
     compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     b_shape: tuple[int, ...],
     a_shape: tuple[int, ...],
-    dtype: torch.dtype = DTYPE,
+    dtype: torch.dtype | str = DTYPE,
     *,
     path: object = None,
     module: str | None = None,
@@ -58,7 +63,8 @@ def derived_pair(
             if not held:
                 with located(str(path) if path is not None else None, module):
                     b, a = compute()
-                held.update({0: b.to(dtype).contiguous(), 1: a.to(dtype).contiguous()})
+                wanted = _torch(dtype)
+                held.update({0: b.to(wanted).contiguous(), 1: a.to(wanted).contiguous()})
                 taken.clear()
             value = held[index]
             taken.add(index)
@@ -79,3 +85,7 @@ def transposed(tensor: LazyTensor) -> LazyTensor:
     """A 2-D lazy tensor transposed, in its own dtype."""
     rows, cols = tensor.shape
     return LazyTensor((cols, rows), tensor.dtype, lambda: tensor.read().T.contiguous())
+
+
+def _torch(dtype: torch.dtype | str) -> torch.dtype:
+    return torch_dtype(dtype) if isinstance(dtype, str) else dtype

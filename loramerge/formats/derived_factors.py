@@ -22,7 +22,7 @@ class DerivedFactor(LazyTensor):
         load: Callable[[], torch.Tensor],
         merge_only: str | None = None,
     ) -> None:
-        super().__init__(shape, torch.float32, load)
+        super().__init__(shape, "F32", load)
         self.merge_only = merge_only
 
 

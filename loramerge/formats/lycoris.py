@@ -13,7 +13,7 @@ import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
 from loramerge.errors import FormatError
-from loramerge.formats import kohya, lycoris_modules
+from loramerge.formats import kohya
 from loramerge.formats.common import lazy_safetensors
 from loramerge.formats.dylora import UNIT_KEY
 
@@ -26,7 +26,7 @@ DYLORA = "lycoris-dylora"  # Adapter.source_format of LyCORIS DyLoRA files
 # convention (||V|| + eps); see fold_dora_epsilon
 DORA_KEY = "loramerge.lycoris_dora"
 # LyCORIS adds float32's machine epsilon to each output row's norm (its _weight_decompose)
-DORA_EPS = torch.finfo(torch.float32).eps
+DORA_EPS = 2.0**-23  # torch.finfo(torch.float32).eps, without loading torch to say so
 
 
 def sniff(path: Path) -> bool:
@@ -46,6 +46,8 @@ def network_args(metadata: dict[str, str], path: Path) -> dict[str, object]:
 
 
 def read(path: Path, options: ReadOptions | None = None) -> Adapter:
+    from loramerge.formats import lycoris_modules  # LoHa/LoKr math: torch, loaded when read
+
     tensors, metadata = lazy_safetensors(path)
     args = network_args(metadata, path)
     grouped: dict[str, dict[str, LazyTensor]] = {}
@@ -128,6 +130,8 @@ def _read_dylora(
     `block_size` ranks scales the first n * block_size ranks by alpha / n. As a LoRA of rank r
     that is alpha' / r with alpha' = alpha * block_size, and truncating to b ranks keeps alpha'
     (docs/rules.md section 2 with alpha' for alpha)."""
+    from loramerge.formats import lycoris_modules
+
     try:
         block = int(str(args.get("block_size", 4)))  # LyCORIS's default block size
     except ValueError:

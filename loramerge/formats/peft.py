@@ -13,8 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, TokenRows, match_pattern
 from loramerge.errors import FormatError
@@ -309,6 +307,8 @@ def state_dict_for(adapter: Adapter) -> dict[str, Any]:
             tensors[f"{stem}.lora_B.bias"] = module.bias.load()
         if adapter.base_init == KASA:
             # B already holds KaSA's diagonal (B diag(d)): PEFT scales it by ones
+            import torch
+
             tensors[f"{stem}.lora_diag"] = torch.ones(module.r, dtype=module.lora_B.dtype)
     for name, tensor in adapter.modules_to_save.items():
         tensors[PREFIX + name] = tensor.load()

@@ -4,12 +4,13 @@ block-diagonal factors and KaSA's trained diagonal (docs/rules.md section 1)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loramerge.adapter import LazyTensor
 from loramerge.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BlockDiagonal:
@@ -48,6 +49,8 @@ class BlockDiagonal:
         blocks = self.blocks
 
         def load() -> torch.Tensor:
+            import torch
+
             return torch.block_diag(*torch.chunk(stored.load(), blocks, dim=0))
 
         return {**found, part: LazyTensor(shape, stored.dtype, load)}

@@ -4,10 +4,12 @@ and written in whole blocks by a background thread, while the caller fills the o
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import torch
+from typing import TYPE_CHECKING
 
 from loramerge.io.direct_io import BLOCK, aligned_empty, as_memoryview, set_direct, write_all
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BlockAppender:
@@ -56,10 +58,14 @@ class BlockAppender:
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Small byte strings (headers); tensors go through `append_tensor` without a copy."""
         if memoryview(data).nbytes:
+            import torch
+
             self.append_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
     def append_tensor(self, tensor: torch.Tensor) -> None:
         """The tensor's bytes, copied by torch (which releases the GIL while copying)."""
+        import torch
+
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         done = 0
         while done < flat.numel():

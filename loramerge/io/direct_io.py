@@ -18,8 +18,12 @@ import errno
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     import fcntl
@@ -36,18 +40,29 @@ CACHED_SHARE = 0.9
 
 def aligned_empty(nbytes: int) -> torch.Tensor:
     """An uninitialised uint8 tensor of nbytes whose data starts on a BLOCK boundary."""
+    import torch
+
     raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8)
     shift = -raw.data_ptr() % BLOCK
     return raw[shift : shift + nbytes]
 
 
-# where buffers come from: `nbytes` -> an uninitialised, BLOCK-aligned uint8 tensor
-Allocate = Callable[[int], torch.Tensor]
+def aligned_array(nbytes: int) -> numpy.ndarray:
+    """`aligned_empty` as a numpy array, for the torch-free paths."""
+    raw = numpy.empty(nbytes + BLOCK, dtype=numpy.uint8)
+    shift = -raw.ctypes.data % BLOCK
+    return raw[shift : shift + nbytes]
 
 
-def as_memoryview(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous uint8 tensor, writable, without a copy."""
-    return memoryview(tensor.numpy()) if tensor.numel() else memoryview(bytearray())
+# where buffers come from: `nbytes` -> an uninitialised, BLOCK-aligned uint8 tensor or array
+Allocate = Callable[[int], Any]
+
+
+def as_memoryview(buffer: Any) -> memoryview:
+    """The bytes of a contiguous uint8 tensor or numpy array, writable, without a copy."""
+    if isinstance(buffer, numpy.ndarray):
+        return memoryview(buffer) if buffer.size else memoryview(bytearray())
+    return memoryview(buffer.numpy()) if buffer.numel() else memoryview(bytearray())
 
 
 def set_direct(fd: int, enabled: bool) -> None:
@@ -143,10 +158,10 @@ class DirectRangeReader:
             os.close(self._direct)
             self._direct = None
 
-    def read(self, offset: int, length: int) -> torch.Tensor | None:
-        """`length` bytes at `offset` as a uint8 tensor, or None when this range should be read
-        the ordinary way (too small, cached, no direct descriptor, or refused by the file
-        system)."""
+    def read(self, offset: int, length: int) -> Any:
+        """`length` bytes at `offset` as a uint8 tensor (or array, as allocated), or None when
+        this range should be read the ordinary way (too small, cached, no direct descriptor,
+        or refused by the file system)."""
         if self._direct is None or length < MIN_DIRECT_BYTES:
             return None
         share = cached_share(self._fd, offset, length)
@@ -189,9 +204,9 @@ def direct_writes_work(folder: str | os.PathLike[str]) -> bool:
     try:
         if not try_set_direct(fd):
             return False
-        block = aligned_empty(BLOCK)
-        block.zero_()
-        return os.pwritev(fd, [as_memoryview(block)], 0) == BLOCK
+        block = aligned_array(BLOCK)
+        block.fill(0)
+        return os.pwritev(fd, [memoryview(block)], 0) == BLOCK
     except OSError:
         return False
     finally:

@@ -12,37 +12,51 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loramerge.errors import FormatError
 from loramerge.io import dtypes as dtype_table
 
-MAX_HEADER_BYTES = 100_000_000
+if TYPE_CHECKING:
+    import torch
 
-# safetensors dtype code -> (torch dtype, bytes per element), from the one table in io/dtypes
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    code: (getattr(torch, name), size) for code, (name, size) in dtype_table.DTYPES.items()
-}
+MAX_HEADER_BYTES = 100_000_000
 FLOAT_CODES = dtype_table.FLOAT_CODES
-_CODE_OF_DTYPE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+
+
+@cache
+def _torch_dtypes() -> dict[str, tuple[torch.dtype, int]]:
+    """safetensors dtype code -> (torch dtype, bytes per element), from the one table in
+    io/dtypes; built on first use, so that headers are parsed without importing torch."""
+    import torch
+
+    return {
+        code: (getattr(torch, name), size) for code, (name, size) in dtype_table.DTYPES.items()
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # the table above, for callers that want it whole
+        return _torch_dtypes()
+    raise AttributeError(name)
 
 
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code (e.g. "BF16") of a torch dtype."""
-    try:
-        return _CODE_OF_DTYPE[dtype]
-    except KeyError:
-        raise FormatError(f"dtype {dtype} cannot be stored in safetensors") from None
+    for code, (found, _) in _torch_dtypes().items():
+        if found == dtype:
+            return code
+    raise FormatError(f"dtype {dtype} cannot be stored in safetensors")
 
 
 def torch_dtype(code: str) -> torch.dtype:
-    return DTYPES[code][0]
+    return _torch_dtypes()[code][0]
 
 
 def itemsize(code: str) -> int:
-    return DTYPES[code][1]
+    return dtype_table.DTYPES[code][1]
 
 
 @dataclass(frozen=True)
@@ -157,7 +171,7 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
     if not isinstance(info, dict):
         raise data_error(path, f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in dtype_table.DTYPES:
         raise data_error(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**53 for d in shape):
         raise data_error(path, f"tensor {name!r}: shape must be a list of non-negative integers")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy
 
 from loramerge.errors import FormatError
-from loramerge.io.direct_io import Allocate, DirectRangeReader, aligned_empty
+from loramerge.io.direct_io import Allocate, DirectRangeReader, aligned_empty, as_memoryview
 from loramerge.io.safetensors_header import (
     TensorEntry,
     data_error,
@@ -19,6 +20,9 @@ from loramerge.io.safetensors_header import (
     open_readonly,
     torch_dtype,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SafetensorsReader:
@@ -76,8 +80,9 @@ class SafetensorsReader:
     def absolute_offset(self, entry: TensorEntry) -> int:
         return self.header.data_start + entry.begin
 
-    def read_bytes(self, offset: int, length: int) -> torch.Tensor:
-        """`length` bytes at `offset` as a uint8 tensor (allocated without zero-filling)."""
+    def read_bytes(self, offset: int, length: int) -> Any:
+        """`length` bytes at `offset` as a uint8 tensor (allocated without zero-filling), or
+        a numpy array where the reader's allocator makes arrays."""
         if self._direct is not None:
             found = self._direct.read(offset, length)
             if found is not None:
@@ -85,9 +90,21 @@ class SafetensorsReader:
         if self._allocate is not None:
             buffer = self._allocate(length)
         else:
+            import torch
+
             buffer = torch.empty(length, dtype=torch.uint8)
-        view = memoryview(buffer.numpy()) if length else memoryview(bytearray())
-        done = 0
+        self._fill(as_memoryview(buffer), offset)
+        return buffer
+
+    def read_array(self, name: str) -> numpy.ndarray:
+        """A whole tensor's stored bytes as a uint8 numpy array (no torch needed)."""
+        entry = self.entry(name)
+        buffer = numpy.empty(entry.nbytes, dtype=numpy.uint8)
+        self._fill(as_memoryview(buffer), self.absolute_offset(entry))
+        return buffer
+
+    def _fill(self, view: memoryview, offset: int) -> None:
+        done, length = 0, view.nbytes
         while done < length:
             if hasattr(os, "preadv"):
                 chunk = os.preadv(self._fd, [view[done:]], offset + done)
@@ -98,7 +115,6 @@ class SafetensorsReader:
             if chunk == 0:
                 raise data_error(self.path, "file ended early while reading tensor data")
             done += chunk
-        return buffer
 
     def read(
         self, name: str, rows: tuple[int, int] | None = None, row_elements: int | None = None
@@ -128,6 +144,8 @@ class SafetensorsReader:
 
 def bytes_to_tensor(buffer: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Reinterpret raw little-endian bytes (a uint8 tensor) as a tensor of `code` and `shape`."""
+    import torch
+
     dtype = torch_dtype(code)
     if buffer.numel() == 0:
         return torch.empty(shape, dtype=dtype)

@@ -12,19 +12,23 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loramerge.errors import FormatError
 from loramerge.io.direct_append import BlockAppender
 from loramerge.io.direct_io import try_set_direct
 from loramerge.io.safetensors_header import dtype_code, itemsize
 
+if TYPE_CHECKING:  # torch loads with the first tensor written: headers are laid out without it
+    import torch
+
 _COPY_CHUNK = 16 << 20
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The little-endian bytes of a CPU tensor in row-major order (no copy when contiguous)."""
+    import torch
+
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")

@@ -4,6 +4,7 @@ folder. `merge_adapter` is the building block the other jobs that write a model 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,10 @@ from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import read_header
 from loramerge.jobs.pipeline_base import one_model
-from loramerge.model.base_init import rebuild_for_original_base
 from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import MergePlan
 from loramerge.model.planner import plan_merge
-from loramerge.model.stream import ERASED_SHARE, ModuleStats, Progress, stream_plan
+from loramerge.model.stream_stats import ERASED_SHARE, ModuleStats, Progress
 
 KEEP_IT = f"pass {opt('dtype')} float32 to keep it"
 
@@ -158,7 +158,7 @@ def merge_adapter(
     check_output_name(out, None)
     adapter, root = one_model(adapter, base_ref, component, "merging it")
     base = open_base(root)
-    adapter = rebuild_for_original_base(adapter, base)
+    adapter = _rebuilt(adapter, base)
     plan = plan_merge(
         base,
         adapter,
@@ -169,8 +169,9 @@ def merge_adapter(
     if adapter.source_path:
         inputs.append(Path(adapter.source_path))
     check_output_target(out, inputs, force)
+    stream = merge_engine(plan, base)
     with atomic_output(out) as temp:
-        streamed = stream_plan(plan, base, temp, progress)
+        streamed = stream(plan, base, temp, progress)
         write_folder_files(base, plan, temp)
         check_written(plan, temp)
     warnings = erased_warnings(streamed.modules, dtype)
@@ -224,10 +225,33 @@ def preview_merge(
     """The plan `merge_adapter` would follow (nothing is written)."""
     adapter, root = one_model(adapter, base_ref, component, "planning its merge")
     base = open_base(root)
-    adapter = rebuild_for_original_base(adapter, base)
+    adapter = _rebuilt(adapter, base)
     return plan_merge(
         base,
         adapter,
         dtype=output_code(dtype),
         max_shard_bytes=max_shard_bytes,
     )
+
+
+def _rebuilt(adapter: Adapter, base: BaseModel) -> Adapter:
+    """The adapter for the original base where its training changed the base (PiSSA, ...)."""
+    if adapter.base_init is None:
+        return adapter
+    from loramerge.model.base_init import rebuild_for_original_base
+
+    return rebuild_for_original_base(adapter, base)
+
+
+def merge_engine(plan: MergePlan, base: BaseModel):
+    """The engine that writes the plan: the torch-free one (model.fast_stream) where it can
+    and this machine computes torch's bits with it (model.fast_checks), else torch's
+    (model.stream). Both write the same bytes. LORAMERGE_ENGINE=torch picks torch's."""
+    from loramerge.model import fast_checks, fast_stream
+
+    wanted = os.environ.get("LORAMERGE_ENGINE", "auto")
+    if wanted != "torch" and fast_stream.unsupported(plan, base) is None and fast_checks.trusted():
+        return fast_stream.stream_fast
+    from loramerge.model.stream import stream_plan
+
+    return stream_plan

@@ -6,18 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loramerge.adapter import Adapter, LoraModule
 from loramerge.errors import FormatError, OptionError, opt
-from loramerge.formats import components, lycoris
-from loramerge.formats.derived_factors import merge_only_modules
+from loramerge.formats import components
 from loramerge.formats.sd_names import COMPONENT_ORDER
-from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import base_config_of, open_base, resolve_base
 from loramerge.model.names import resolve_tensor_name
+
+if TYPE_CHECKING:  # torch-heavy modules load when used: a plain merge plans without torch
+    import torch
+
+# formats.lycoris.DORA_KEY (that module imports torch): which modules hold LyCORIS DoRA
+LYCORIS_DORA_KEY = "loramerge.lycoris_dora"
 
 
 def component_root(base: str | Path, component: str | None) -> Path:
@@ -64,6 +67,8 @@ def fit_components(adapter: Adapter, base: str | Path) -> Adapter:
 
 def base_weights(base: str | Path) -> Callable[[str, LoraModule], torch.Tensor]:
     """A reader of each module's base weight (for folding LyCORIS's DoRA eps)."""
+    from loramerge.io.safetensors_reader import SafetensorsReader
+
     models: dict[str | None, tuple[Path, dict[str, str]]] = {}
 
     def weight(key: str, module: LoraModule) -> torch.Tensor:
@@ -88,6 +93,8 @@ def base_weights(base: str | Path) -> Callable[[str, LoraModule], torch.Tensor]:
 
 def refuse_merge_only(adapter: Adapter) -> None:
     """`convert` writes LoRAs: a module whose exact LoRA form is a dense update is refused."""
+    from loramerge.formats.derived_factors import merge_only_modules
+
     found = merge_only_modules(adapter)
     if found:
         key, reason = next(iter(found.items()))
@@ -102,6 +109,10 @@ def refuse_merge_only(adapter: Adapter) -> None:
 
 def fold_lycoris_dora(adapter: Adapter, base: str | Path | None, what: str) -> Adapter:
     """LyCORIS DoRA magnitudes turned into PEFT ones against the base (needs it)."""
+    if LYCORIS_DORA_KEY not in adapter.metadata:
+        return adapter
+    from loramerge.formats import lycoris
+
     if not lycoris.needs_dora_fold(adapter):
         return adapter
     if base is None:

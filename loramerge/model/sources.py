@@ -27,7 +27,7 @@ MIN_TILE_ROWS = MIN_PRODUCT_SPAN
 # (tensor name, first row, end row, whether a float32 copy is wanted too)
 ReadKey = tuple[str, int, int, bool]
 # a tile as read, and its float32 copy when one was asked for
-Rows = tuple[torch.Tensor, torch.Tensor | None]
+Rows = tuple["torch.Tensor", "torch.Tensor | None"]
 
 
 def _tile_rows(shape: tuple[int, ...]) -> int:

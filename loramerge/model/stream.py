@@ -6,7 +6,6 @@ import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
@@ -20,6 +19,12 @@ from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan, UpdateSlice
 from loramerge.model.sources import Sources, read_schedule, sources_for, tiles
+from loramerge.model.stream_stats import (  # noqa: F401 - ERASED_SHARE: callers' import
+    ERASED_SHARE,
+    ModuleStats,
+    Progress,
+    StreamResult,
+)
 from loramerge.ops.update import (
     add_update_in_place,
     dora_rescale,
@@ -27,30 +32,6 @@ from loramerge.ops.update import (
     prescaled_factors,
     update_rows,
 )
-
-# rounding that keeps fewer than this share of an update's elements changed gets a warning
-ERASED_SHARE = 0.5
-Progress = Callable[[int, int], None]
-
-
-@dataclass
-class ModuleStats:
-    """What rounding did to one module's update: elements changed vs the rounded base."""
-
-    module: str
-    tensor: str
-    elements: int = 0
-    changed: int = 0
-
-    @property
-    def changed_share(self) -> float:
-        return self.changed / self.elements if self.elements else 0.0
-
-
-@dataclass
-class StreamResult:
-    bytes_written: int = 0
-    modules: dict[str, ModuleStats] = field(default_factory=dict)
 
 
 class _Output:

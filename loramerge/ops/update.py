@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+Empty = Callable[[tuple[int, ...], "torch.dtype"], "torch.Tensor"]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

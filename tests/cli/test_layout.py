@@ -31,7 +31,8 @@ def test_library_does_not_import_typer_or_rich():
 
 def test_help_does_not_import_torch():
     loaded = _modules_after("from loramerge_cli.app import app")
-    assert "torch" not in loaded
+    # `torch` is the command line's stand-in (loramerge_cli.lazy_torch); torch itself is not
+    assert "torch._C" not in loaded
 
 
 def test_no_top_level_cli_module_is_installed():
