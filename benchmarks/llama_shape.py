@@ -45,6 +45,21 @@ class LlamaShape:
         found.append(("lm_head.weight", (self.vocab, self.hidden)))
         return found
 
+    @classmethod
+    def large(cls, layers: int) -> LlamaShape:
+        """Llama-2-7B's widths (hidden 4096, MLP 11008, 32 heads without grouping) with `layers`
+        layers: 24 layers make 5.1B parameters, 32 the 6.7B of the original."""
+        return cls(hidden=4096, intermediate=11008, layers=layers, heads=32, kv_heads=32)
+
+    def bytes(self, itemsize: int = 2) -> int:
+        return self.parameters() * itemsize
+
+    def adapter_bytes(self, rank: int) -> int:
+        """float32 bytes of a rank-`rank` adapter on every projection."""
+        return sum(
+            4 * rank * sum(dims) for name, dims in self.tensors() if name.endswith("proj.weight")
+        )
+
     def parameters(self) -> int:
         return sum(math.prod(shape) for _, shape in self.tensors())
 

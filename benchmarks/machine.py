@@ -170,3 +170,79 @@ def fill_page_cache(filler: Path, cold: list[Path]) -> None:
         buffer = bytearray(_FILL_CHUNK)
         while handle.readinto(buffer):
             pass
+
+
+def _busy_jiffies() -> int:
+    """CPU time (all cores, in clock ticks) spent outside idle and iowait since boot."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+class OthersMeter:
+    """How many cores other processes kept busy while a job ran: the machine's busy time
+    minus the job's (its finished children) and this process's own."""
+
+    def __init__(self) -> None:
+        import resource
+
+        self._resource = resource
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        own = self._resource.getrusage(self._resource.RUSAGE_SELF)
+        children = self._resource.getrusage(self._resource.RUSAGE_CHILDREN)
+        mine = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        return time.monotonic(), _busy_jiffies() / self._tick, mine
+
+    def cores(self) -> float:
+        now, busy, mine = self._sample()
+        seconds = max(now - self._start[0], 1e-6)
+        return max(0.0, (busy - self._start[1]) - (mine - self._start[2])) / seconds
+
+
+def wait_quiet(cores: float = 0.25, window: float = 3.0, limit: float = 900.0) -> float:
+    """Wait until other processes have kept fewer than `cores` cores busy for `window` seconds
+    (at most `limit` seconds); returns what they used in the last window."""
+    started = time.monotonic()
+    while True:
+        meter = OthersMeter()
+        time.sleep(window)
+        used = meter.cores()
+        if used < cores or time.monotonic() - started > limit:
+            return used
+
+
+COLD_STATES = {
+    "dropped": "vm.drop_caches, then the job at once (needs root)",
+    "settled": "vm.drop_caches, then a wait until free page reporting is quiet (needs root)",
+    "full": "the job's files and Python evicted, then memory filled with an unrelated cached "
+    "file larger than memory, as after streaming a model larger than memory (needs disk room)",
+}
+
+
+def choose_cold_state(asked: str | None, filler: Path) -> str | None:
+    """The cold state to run in: the one asked for, else `full` on a VM that reports free
+    pages to its host and `dropped` elsewhere; None (warm only) where none is possible."""
+    state = asked or ("full" if free_page_reporting() else "dropped")
+    if state == "full":
+        print(f"page cache filler, larger than memory (written once): {filler}", flush=True)
+        if make_filler(filler):
+            return state
+        print("no disk room for the filler: dropping the page cache instead")
+        state = "settled" if free_page_reporting() else "dropped"
+    if can_drop_caches():
+        return state
+    print("cannot write vm.drop_caches (not root?): reporting warm figures only")
+    return None
+
+
+def start_cold(work: Path, state: str, filler: Path) -> None:
+    """Put the machine in the cold state `state` (see COLD_STATES) before a job."""
+    if state == "full":
+        fill_page_cache(filler, [work])
+    else:
+        drop_caches()
+    if state != "dropped":
+        settle()

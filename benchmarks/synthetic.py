@@ -75,13 +75,18 @@ def write_adapter(folder: Path, shape: LlamaShape, rank: int = 16, seed: int = 1
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic base and adapter.")
-    parser.add_argument("work", type=Path, help="folder that gets base/ and adapter/")
+    parser = argparse.ArgumentParser(description="Write a synthetic base and adapters.")
+    parser.add_argument("work", type=Path, help="folder that gets base/ and adapter-r<rank>/")
     parser.add_argument("--layers", type=int, default=LlamaShape().layers)
+    parser.add_argument("--large", action="store_true", help="Llama-2-7B widths")
+    parser.add_argument("--ranks", default="16", help="comma-separated adapter ranks")
     args = parser.parse_args()
-    shape = LlamaShape(layers=args.layers)
-    write_base(args.work / "base", shape)
-    write_adapter(args.work / "adapter", shape)
+    shape = LlamaShape.large(args.layers) if args.large else LlamaShape(layers=args.layers)
+    if not (args.work / "base" / "config.json").exists():
+        write_base(args.work / "base", shape)
+    for rank in (int(r) for r in args.ranks.split(",")):
+        if not (args.work / f"adapter-r{rank}" / "adapter_config.json").exists():
+            write_adapter(args.work / f"adapter-r{rank}", shape, rank=rank)
 
 
 if __name__ == "__main__":

@@ -76,9 +76,6 @@ def _merge_unsupported(tensor: TensorPlan, adapter: Adapter, located: dict) -> s
     shapes = (module.lora_B.shape, module.lora_A.shape)
     if not whole or shapes != ((out_features, module.r), (module.r, in_features)):
         return "a part of the update"
-    for factor in (module.lora_A, module.lora_B):
-        if factor.raw is None or factor.code not in bits.WIDENED:
-            return "factors not stored as float tensors"
     return None
 
 
@@ -267,9 +264,15 @@ class _Engine:
 
 
 def _float32(factor: LazyTensor) -> numpy.ndarray:
-    stored, code = factor.raw()
-    widened = numpy.empty(factor.shape, dtype=numpy.float32)
-    return bits.widen_into(stored, code, widened).reshape(factor.shape[0], -1)
+    """A factor as a float32 matrix: widened from its stored bytes where it is stored as is,
+    else computed or loaded by torch (which the factor's reader has then loaded) and cast as
+    the torch engine casts it."""
+    if factor.raw is not None and factor.code in bits.WIDENED and not factor.loaded:
+        stored, code = factor.raw()
+        widened = numpy.empty(factor.shape, dtype=numpy.float32)
+        return bits.widen_into(stored, code, widened).reshape(factor.shape[0], -1)
+    value = factor.float(keep=False).contiguous()
+    return value.numpy().reshape(factor.shape[0], -1)
 
 
 def stream_fast(
