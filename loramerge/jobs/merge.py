@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import read_checked
-from loramerge.errors import OutputError, opt
+from loramerge.adapter_checks import check_values, read_checked
+from loramerge.errors import LoramergeError, OutputError, opt
 from loramerge.formats.registry import check_output_name
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
@@ -23,6 +25,7 @@ from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
 from loramerge.model.plan import MergePlan
 from loramerge.model.planner import plan_merge
 from loramerge.model.stream_stats import ERASED_SHARE, ModuleStats, Progress
+from loramerge.ops import torch_blas
 
 KEEP_IT = f"pass {opt('dtype')} float32 to keep it"
 
@@ -88,17 +91,50 @@ def merge(
     `alpha` is the training lora_alpha of an input that stores none."""
     output_code(dtype)
     check_output_name(Path(out), None)
-    adapter = _read(source, fmt, base, alpha, allow_nonfinite)
-    return merge_adapter(
-        adapter,
-        base,
-        out,
-        dtype=dtype,
-        force=force,
-        max_shard_bytes=max_shard_bytes,
-        progress=progress,
-        component=component,
-    )
+    torch_blas.preload()  # the engine's BLAS loads while the adapter is read and planned
+    # every tensor is checked for NaN and Inf alongside planning and streaming: before the
+    # merged folder is renamed into place, and before any later error is reported
+    adapter = _read(source, fmt, base, alpha, allow_nonfinite=True)
+    values = None if allow_nonfinite else ValueCheck(adapter)
+    try:
+        return merge_adapter(
+            adapter,
+            base,
+            out,
+            dtype=dtype,
+            force=force,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            component=component,
+            before_commit=values.wait if values is not None else None,
+        )
+    except LoramergeError:
+        if values is not None:
+            values.wait()  # the adapter's own error comes first, as when it is checked first
+        raise
+    finally:
+        if values is not None:
+            values.wait(raising=False)
+
+
+class ValueCheck:
+    """`check_values` of an adapter on a thread of its own; `wait` raises what it found."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(adapter,), daemon=True)
+        self._thread.start()
+
+    def _run(self, adapter: Adapter) -> None:
+        try:
+            check_values(adapter)
+        except BaseException as exc:
+            self._error = exc
+
+    def wait(self, raising: bool = True) -> None:
+        self._thread.join()
+        if raising and self._error is not None:
+            raise self._error
 
 
 def preview(
@@ -148,11 +184,13 @@ def merge_adapter(
     progress: Progress | None = None,
     extra_inputs: list[Path] | None = None,
     component: str | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> MergeResult:
     """Write the fully merged model of `adapter` on `base_ref` into the folder `out`.
 
     A pipeline adapter (kohya, LyCORIS, diffusers) merges one model at a time: `component`, or
-    the one the base folder is named after (`<pipeline>/unet`)."""
+    the one the base folder is named after (`<pipeline>/unet`). `before_commit` runs once every
+    file is written, before the folder is renamed into place (raising there writes nothing)."""
     started = time.perf_counter()
     out = Path(out)
     check_output_name(out, None)
@@ -174,6 +212,8 @@ def merge_adapter(
         streamed = stream(plan, base, temp, progress)
         write_folder_files(base, plan, temp)
         check_written(plan, temp)
+        if before_commit is not None:
+            before_commit()
     warnings = erased_warnings(streamed.modules, dtype)
     seconds = time.perf_counter() - started
     return MergeResult(out, plan, streamed.modules, streamed.bytes_written, warnings, seconds)

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy
@@ -87,12 +88,34 @@ def library_path() -> Path | None:
     return found if found.is_file() else None
 
 
+_PRELOADING: list[threading.Thread] = []
+
+
+def preload() -> None:
+    """Start loading torch's CPU library on a thread of its own (about 0.2 s): libc's dlopen
+    called through ctypes releases the GIL, which ctypes' own loading does not."""
+    path = library_path()
+    if path is None or _PRELOADING:
+        return
+    try:
+        dlopen = ctypes.CDLL(None).dlopen
+    except (OSError, AttributeError):
+        return
+    dlopen.argtypes, dlopen.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_void_p
+    mode = os.RTLD_NOW | os.RTLD_GLOBAL
+    thread = threading.Thread(target=dlopen, args=(str(path).encode(), mode), daemon=True)
+    _PRELOADING.append(thread)
+    thread.start()
+
+
 @functools.cache
 def load() -> TorchBlas | None:
     """torch's BLAS, loaded once; None where it cannot be found or lacks the symbols."""
     path = library_path()
     if path is None:
         return None
+    for thread in _PRELOADING:
+        thread.join()
     try:
         # global, as torch's own loader makes it: torch imported later finds it loaded
         return TorchBlas(ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL))
