@@ -63,6 +63,9 @@ def merge(
 
     Example: loramerge merge fixtures/adapters/llama-lora --base fixtures/bases/llama -o merged
     """
+    from loramerge.ops import torch_blas
+
+    torch_blas.preload()  # the merge engine's BLAS loads while the rest is imported and planned
     from loramerge.jobs import merge as job
 
     options = {

@@ -11,6 +11,7 @@ work from ever waiting on later work. Numpy buffers, no torch.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -78,6 +79,7 @@ class ShardFile:
             write_all(self._tail_fd, data[whole:], offset + whole)
 
     def finish(self) -> None:
+        """Sync the file to the disk and close it."""
         os.fsync(self._tail_fd)
         self.close()
 
@@ -119,6 +121,8 @@ class ChunkedFiles:
         self._first = [0]  # number of each file's first chunk
         for found in files:
             self._first.append(self._first[-1] + max(1, -(-found.size // CHUNK)))
+        # chunks of each file still to write: the file is synced as soon as it has none
+        self._unwritten = [b - a for a, b in itertools.pairwise(self._first)]
         self._window = max(2, window)
         self._buffers: dict[int, numpy.ndarray] = {}
         self._filled: dict[int, int] = {}
@@ -184,7 +188,11 @@ class ChunkedFiles:
                 self._earliest += 1
             self.written += size
             written = self.written
+            self._unwritten[file] -= 1
+            complete = not self._unwritten[file]
             self._state.notify_all()
+        if complete:  # synced now, while later files are still being computed
+            self.files[file].finish()
         if self._on_written is not None:
             self._on_written(written)
 
@@ -207,8 +215,6 @@ class ChunkedFiles:
             self._raise()
             if self._earliest != self._first[-1]:
                 raise RuntimeError(f"{self._first[-1] - self._earliest} output chunks unfilled")
-        for found in self.files:
-            found.finish()
 
     def abandon(self) -> None:
         """After a failure: wait for writes under way, close the files (the caller removes

@@ -15,13 +15,15 @@ per machine and torch version), like the architecture answers.
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
+from pathlib import Path
 
 import numpy
 
 from loramerge.io import user_cache
 from loramerge.model.architecture_cache import installed
-from loramerge.ops import bits, torch_blas
+from loramerge.ops import bits, fast_update, torch_blas
 
 KIND = "fast-path"
 FORMAT = 1
@@ -40,10 +42,19 @@ def _cpu() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def _code() -> str:
+    """A digest of the code whose arithmetic is checked: a change to it is checked anew."""
+    digest = hashlib.sha256()
+    for module in (bits, fast_update, torch_blas):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def verdict_key() -> dict[str, object]:
     path = torch_blas.library_path()
     return {
         "format": FORMAT,
+        "code": _code(),
         "torch": installed("torch"),
         "numpy": numpy.__version__,
         "cpu": _cpu(),

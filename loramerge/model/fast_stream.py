@@ -31,8 +31,8 @@ from loramerge.io.safetensors_writer import OutputTensor, encode_header
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
-from loramerge.model.sources import tiles
 from loramerge.model.stream_stats import ModuleStats, Progress, StreamResult
+from loramerge.model.tiling import tiles
 from loramerge.ops import bits, torch_blas
 from loramerge.ops.fast_update import Scratch, add_update, prescaled_factors
 
@@ -280,7 +280,7 @@ def stream_fast(
 ) -> StreamResult:
     """Write every shard of the plan into out_dir (which the caller makes atomic), as
     loramerge.model.stream.stream_plan does; `unsupported(plan, base)` must be None."""
-    direct = direct_writes_work(out_dir)
+    direct = direct_writes_work(out_dir) and not os.environ.get("LORAMERGE_XBUFFERED")
     headers, _ = _layout(plan)
     sizes = [len(h) + shard.nbytes for h, shard in zip(headers, plan.shards, strict=True)]
     total = sum(sizes)

@@ -39,23 +39,28 @@ def round_into(
     values: numpy.ndarray, code: str, out: numpy.ndarray, scratch: numpy.ndarray
 ) -> numpy.ndarray:
     """float32 `values` rounded to `code` (BF16, or F32 unchanged) into `out`, a uint16 (or
-    float32) array of as many elements; `scratch` is a uint32 array of as many elements."""
+    float32) array of as many elements; `scratch` is a uint32 array of as many elements.
+
+    Adding half of the dropped part's range and keeping the top 16 bits rounds to nearest with
+    ties away from zero; the rare exact ties (dropped bits exactly 0x8000) that end on an odd
+    value are then moved back to the even one. NaN, whose bits the addition may wrap, is
+    written as BF16_NAN.
+    """
     flat = values.reshape(-1)
     if code == "F32":
         numpy.copyto(out.view(numpy.float32).reshape(-1), flat)
         return out
-    bits = flat.view(numpy.uint32)
-    numpy.right_shift(bits, 16, out=scratch)
-    numpy.bitwise_and(scratch, 1, out=scratch)
-    scratch += 0x7FFF
-    scratch += bits  # wraps only for NaN payloads, which are replaced below
-    numpy.right_shift(scratch, 16, out=scratch)
     target = out.view(numpy.uint16).reshape(-1)
-    numpy.copyto(target, scratch, casting="unsafe")
-    # NaN is the only value whose exponent is all ones with a nonzero mantissa: Inf stays Inf
-    if numpy.count_nonzero(numpy.bitwise_and(target, 0x7F80) == 0x7F80):
-        nan = numpy.isnan(flat)
-        target[nan] = BF16_NAN
+    if not flat.size:
+        return out
+    numpy.add(flat.view(numpy.uint32), 0x8000, out=scratch)
+    numpy.right_shift(scratch, 16, out=target, casting="unsafe")
+    numpy.left_shift(scratch, 16, out=scratch)  # the dropped bits plus half: zero at a tie
+    if scratch.min() == 0:
+        ties = scratch == 0
+        target[ties] -= target[ties] & 1
+    if numpy.isnan(flat.max()):  # max is NaN when any element is
+        target[numpy.isnan(flat)] = BF16_NAN
     return out
 
 

@@ -9,8 +9,8 @@ import math
 
 import numpy
 
+from loramerge.ops.spans import product_span
 from loramerge.ops.torch_blas import TorchBlas
-from loramerge.ops.update import product_span
 
 
 class Scratch:

@@ -18,8 +18,10 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy
+if TYPE_CHECKING:
+    import numpy
 
 _LIBRARIES = {"linux": "libtorch_cpu.so"}
 
@@ -42,6 +44,8 @@ class TorchBlas:
         """out = beta * out + B @ A for row-major float32 arrays: B (m x k), A (k x n), out
         (m x n); rows may be strided (views of rows of larger arrays), elements contiguous.
         With beta 0 `out` is only written."""
+        import numpy  # here, not at the top: loading the library needs no numpy
+
         rows, inner = lora_b.shape
         columns = lora_a.shape[1]
         if lora_a.shape[0] != inner or out.shape != (rows, columns):

@@ -12,29 +12,13 @@ from collections.abc import Callable
 
 import torch
 
+from loramerge.ops.spans import MIN_PRODUCT_SPAN, product_span  # noqa: F401
+
 Empty = Callable[[tuple[int, ...], "torch.dtype"], "torch.Tensor"]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
-
-
-# Products only a few rows or columns wide go to other kernels than wide ones, which sum each
-# dot product in another order (MKL on an AMD EPYC: fewer than 4 rows or 12 columns), so a
-# narrow tile's product would not be the same slice of B @ A as PEFT's whole-matrix product.
-# Products are therefore formed over at least this many rows or columns and cut down.
-MIN_PRODUCT_SPAN = 64
-
-
-def product_span(start: int, stop: int, size: int) -> tuple[int, int]:
-    """The range of the product's rows (or columns) to compute for rows start:stop out of
-    `size`: start:stop itself when it spans MIN_PRODUCT_SPAN (or everything), else the nearest
-    range of that width around it."""
-    span = min(MIN_PRODUCT_SPAN, size)
-    if stop - start >= span:
-        return start, stop
-    low = max(0, min(start, size - span))
-    return low, max(stop, low + span)
 
 
 def update_rows(

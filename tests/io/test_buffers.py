@@ -65,7 +65,7 @@ def test_merging_and_inspecting_give_every_tile_back(
     grows with the model (DoRA, biases and inspect each have their own paths)."""
     from loramerge.formats.registry import read_adapter
     from loramerge.jobs.inspect import inspect_adapter
-    from loramerge.model import sources
+    from loramerge.model import sources, tiling
     from loramerge.model.folder import open_base
     from loramerge.model.planner import plan_merge
     from loramerge.model.stream import stream_plan
@@ -78,8 +78,8 @@ def test_merging_and_inspecting_give_every_tile_back(
             pools.append(self)
 
     monkeypatch.setattr(sources, "BufferPool", RecordedPool)
-    monkeypatch.setattr(sources, "TILE_BYTES", 4 * 64 * 3)  # many tiles per tensor
-    monkeypatch.setattr(sources, "MIN_TILE_ROWS", 1)
+    monkeypatch.setattr(tiling, "TILE_BYTES", 4 * 64 * 3)  # many tiles per tensor
+    monkeypatch.setattr(tiling, "MIN_TILE_ROWS", 1)
     adapter = read_adapter(ADAPTERS / adapter_name)
     base = open_base(BASES / base_name)
     plan = plan_merge(base, adapter)

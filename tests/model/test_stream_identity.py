@@ -28,7 +28,7 @@ def _stream(adapter_name, base_name, out, pipelined, direct=True):
 def test_pipelined_equals_sequential(tmp_path, monkeypatch, adapter, base):
     from loramerge.io import direct_io, safetensors_writer
     from loramerge.io.direct_append import BlockAppender
-    from loramerge.model import sources
+    from loramerge.model import tiling
 
     def one_block_appender(fd: int) -> BlockAppender:
         return BlockAppender(fd, capacity=direct_io.BLOCK)
@@ -40,8 +40,8 @@ def test_pipelined_equals_sequential(tmp_path, monkeypatch, adapter, base):
     assert pipelined == sequential
     # tiles of a few rows each, direct reads of every range, a one-block staging buffer:
     # none of it may change a single bit
-    monkeypatch.setattr(sources, "TILE_BYTES", 4 * 64 * 3)
-    monkeypatch.setattr(sources, "MIN_TILE_ROWS", 1)
+    monkeypatch.setattr(tiling, "TILE_BYTES", 4 * 64 * 3)
+    monkeypatch.setattr(tiling, "MIN_TILE_ROWS", 1)
     monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
     monkeypatch.setattr(direct_io, "CACHED_SHARE", 2.0)
     monkeypatch.setattr(safetensors_writer, "BlockAppender", one_block_appender)
@@ -83,7 +83,7 @@ def _engines_agree(adapter_path, base_path, tmp_path, monkeypatch, label=""):
     """The torch-free engine, as is and in its smallest pieces, writes the torch engine's
     sequential bytes and counts."""
     from loramerge.io import chunked_output, direct_io
-    from loramerge.model import fast_stream, sources
+    from loramerge.model import fast_stream, tiling
     from loramerge.model.stream import stream_plan
 
     plan, base = _plan(adapter_path, base_path)
@@ -96,8 +96,8 @@ def _engines_agree(adapter_path, base_path, tmp_path, monkeypatch, label=""):
     assert _write(plan, base, tmp_path / f"{label}fast", fast_stream.stream_fast) == expected
     # tiles of a few rows (products formed over a wider span, never fused), pieces that
     # straddle one-block chunks, direct reads of every range: the same bytes
-    monkeypatch.setattr(sources, "TILE_BYTES", 4 * 64 * 3)
-    monkeypatch.setattr(sources, "MIN_TILE_ROWS", 1)
+    monkeypatch.setattr(tiling, "TILE_BYTES", 4 * 64 * 3)
+    monkeypatch.setattr(tiling, "MIN_TILE_ROWS", 1)
     monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
     monkeypatch.setattr(direct_io, "CACHED_SHARE", 2.0)
     monkeypatch.setattr(chunked_output, "CHUNK", direct_io.BLOCK)
