@@ -38,6 +38,8 @@ def _tensors(adapter: Adapter) -> list[tuple[str, str, LazyTensor]]:
         ):
             if tensor is not None:
                 found.append((module.path, part, tensor))
+    for update in adapter.dense_updates.values():
+        found += [(update.path, part, tensor) for part, tensor in update.tensors.items()]
     found += [(name, "modules_to_save", t) for name, t in adapter.modules_to_save.items()]
     found += [(name, "base table", t) for name, t in adapter.base_tables.items()]
     return found
@@ -46,7 +48,7 @@ def _tensors(adapter: Adapter) -> list[tuple[str, str, LazyTensor]]:
 def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
     """Refuse an empty adapter, a scale that is not a positive finite number, and NaN or Inf
     values in any tensor unless explicitly allowed."""
-    if not adapter.modules and not adapter.modules_to_save:
+    if not adapter.modules and not adapter.modules_to_save and not adapter.dense_updates:
         raise FormatError("holds no LoRA modules", file=adapter.source_path)
     for module in adapter.modules.values():
         # a bad alpha reaches every weight of the module: refused even when non-finite values

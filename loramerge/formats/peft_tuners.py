@@ -1,5 +1,5 @@
-"""PEFT tuners other than LoRA, read into their exact plain-LoRA form (docs/rules.md section 6),
-or refused naming `peft_type` where no low-rank form exists.
+"""PEFT tuners other than LoRA, read into their exact plain-LoRA form (docs/rules.md section 6);
+tuners with no low-rank form are read as dense updates by formats/peft_dense*.
 
 Formulas and key names are those of PEFT 0.21.2 (checked against its forward on the fixtures in
 fixtures/peft-tuners/; docs/formats.md). Saved keys are `base_model.model.<module path>.<param>`
@@ -61,59 +61,6 @@ NAMES = {
     "DELORA": "DeLoRA",
 }
 
-# peft_type -> (tuner, why it has no plain-LoRA form, the dense operation a merge applies)
-MERGE_ONLY: dict[str, tuple[str, str, str]] = {
-    "IA3": (
-        "IA3",
-        "it scales the weight itself, so the update depends on W",
-        "W * l: ia3_l (out, 1) scales output rows and the bias; ia3_l (1, in) "
-        "(feedforward_modules) scales input columns, bias unchanged",
-    ),
-    "OFT": (
-        "OFT",
-        "it rotates the weight, so the update depends on W",
-        "W R^T with R block-diagonal orthogonal, each block the (Cayley-Neumann) Cayley "
-        "transform of the skew matrix in oft_R",
-    ),
-    "BOFT": (
-        "BOFT",
-        "it rotates the weight, so the update depends on W",
-        "(W R^T) * boft_s with R the butterfly product of block-diagonal Cayley rotations "
-        "(boft_R) and boft_s (out, 1) scaling the rows",
-    ),
-    "HRA": (
-        "HRA",
-        "it reflects the weight, so the update depends on W",
-        "W H_1 ... H_r with H_i = I - 2 u_i u_i^T / |u_i|^2, u_i the columns of hra_u",
-    ),
-    "FOURIERFT": (
-        "FourierFT",
-        "its update is a dense, generally full-rank matrix",
-        "W + Re(ifft2(S)) * scaling, S zero except the spectrum at the first n_frequency "
-        "positions of torch.randperm(out * in) seeded with random_loc_seed",
-    ),
-    "SHIRA": (
-        "SHiRA",
-        "its update is a sparse, generally full-rank matrix",
-        "W + D with D[shira_indices[0], shira_indices[1]] = shira_weight (scaling 1)",
-    ),
-    "C3A": (
-        "C3A",
-        "its update is a dense block-circulant, generally full-rank matrix",
-        "W + D with D block-circulant, built from c3a_kernel by FFT",
-    ),
-    "RANDLORA": (
-        "RandLoRA",
-        "its update is a sum of many scaled random bases, generally full rank",
-        "W + D with D from the shared bases randlora_A / randlora_B scaled by the trained "
-        "randlora_lambda and randlora_gamma",
-    ),
-}
-MERGE_ONLY_MISS_BAT = (
-    "MiSS (init_weights 'bat')",
-    "its block update multiplies the weight, so it depends on W",
-    "per r x r block W_ij: W_ij + W_ij M_i + M_i with M = miss_block (out/r x r x r)",
-)
 # peft_types that change no weight at all (prompts, routers, norms, token rows)
 NO_WEIGHT_UPDATE = {
     "PROMPT_TUNING",
@@ -132,15 +79,7 @@ NO_WEIGHT_UPDATE = {
 
 
 def refusal(peft_type: str, config_path: Path) -> FormatError:
-    """The error for a peft_type that loramerge does not turn into a LoRA."""
-    if peft_type in MERGE_ONLY:
-        name, why, _ = MERGE_ONLY[peft_type]
-        return FormatError(
-            f"peft_type {peft_type} ({name}) has no plain-LoRA form: {why}; it is merge-only, "
-            "and loramerge does not merge it yet",
-            file=config_path,
-            hint="merge it with PEFT's merge_and_unload",
-        )
+    """The error for a peft_type that loramerge neither turns into a LoRA nor merges."""
     if peft_type in NO_WEIGHT_UPDATE:
         return FormatError(
             f"peft_type {peft_type} changes no weight matrix (prompts, routing, norms or token "
@@ -148,10 +87,17 @@ def refusal(peft_type: str, config_path: Path) -> FormatError:
             file=config_path,
         )
     return FormatError(
-        f"peft_type {peft_type} is not supported: loramerge reads LORA and the exact forms of "
-        f"{', '.join(sorted(EXACT))}",
+        f"peft_type {peft_type} is not supported: loramerge reads LORA, the exact forms of "
+        f"{', '.join(sorted(EXACT))} and the dense updates of {', '.join(sorted(dense_readers()))}",
         file=config_path,
     )
+
+
+def dense_readers() -> dict[str, Callable[[_Context], Adapter]]:
+    """The readers of tuners with no low-rank form (formats/peft_dense*), by peft_type."""
+    from loramerge.formats import peft_dense, peft_dense_additive
+
+    return {**peft_dense.READERS, **peft_dense_additive.READERS}
 
 
 # ---------------------------------------------------------------- reading
@@ -287,14 +233,10 @@ def read(folder: Path, config: dict[str, Any], peft_type: str) -> Adapter:
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if peft_type == "MISS" and config.get("init_weights") == "bat":
-        name, why, _ = MERGE_ONLY_MISS_BAT
-        raise FormatError(
-            f"peft_type MISS with init_weights 'bat' ({name}) has no plain-LoRA form: {why}; it "
-            "is merge-only, and loramerge does not merge it yet",
-            file=config_path,
-            hint="merge it with PEFT's merge_and_unload",
-        )
-    reader = EXACT.get(peft_type)
+        from loramerge.formats.peft_dense import miss_bat
+
+        return miss_bat(_Context(folder, config, peft_type))
+    reader = EXACT.get(peft_type) or dense_readers().get(peft_type)
     if reader is None:
         raise refusal(peft_type, config_path)
     context = _Context(folder, config, peft_type)

@@ -82,7 +82,8 @@ def read_schedule(plan: MergePlan, adapter: Adapter, copies_read: bool = False) 
             merged = tensor.action is Action.MERGE
             passes = 1
             if merged and tensor.update is not None and tensor.update.transposed:
-                passes += adapter.modules[tensor.module or ""].magnitude is not None
+                module = adapter.modules.get(tensor.module or "")  # None: a dense update
+                passes += module is not None and module.magnitude is not None
             for _ in range(passes):
                 schedule.extend((source, a, b, merged) for a, b in tiles(tensor.tile_shape))
     return schedule

@@ -16,6 +16,7 @@ from loramerge.adapter import Adapter, LoraModule
 from loramerge.io.direct_io import direct_writes_work
 from loramerge.io.safetensors_header import torch_dtype
 from loramerge.io.safetensors_writer import OutputTensor, StreamingWriter
+from loramerge.model.dense_tiles import dense_bias, dense_tiles
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan, UpdateSlice
@@ -174,6 +175,8 @@ def _write_tensor(
             values = stored.to(out_dtype)  # the very tile when the dtype is unchanged
             sources.write_token_rows(plan, values, start, stop)
             output.call(_write_rows, writer, sources, values, out_dtype)
+    elif plan.action is Action.BIAS and plan.dense:
+        _write_dense_bias(plan, writer, output, sources, adapter)
     elif plan.action is Action.BIAS:
         module = adapter.modules[plan.module or ""]
         stored = sources.rows(plan, 0, plan.shape[0])
@@ -199,6 +202,9 @@ def merged_tiles(
 
     Both may live in the sources' pool: a caller done with a tile may give them back.
     """
+    if plan.dense:  # a dense update's rule (model/dense_tiles)
+        yield from dense_tiles(plan, sources, adapter)
+        return
     module = adapter.modules[plan.module or ""]
     update = plan.update
     assert update is not None
@@ -252,6 +258,15 @@ def merged_tiles(
             sources.give(values)
             values = rescaled
         yield base_rows, values
+
+
+def _write_dense_bias(
+    plan: TensorPlan, writer: StreamingWriter, output: _Output, sources: Sources, adapter: Adapter
+) -> None:
+    stored = sources.rows(plan, 0, plan.shape[0])
+    merged = dense_bias(plan, stored, adapter)
+    sources.give(stored)
+    output.call(writer.write_tensor, merged.to(torch_dtype(plan.dtype)))
 
 
 def _sliced_factors(module: LoraModule, update: UpdateSlice, expert: int | None) -> tuple:
