@@ -72,3 +72,23 @@ def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
                 module=module,
                 hint=f"the training diverged; pass {opt('allow_nonfinite')} to merge it anyway",
             )
+
+
+def refuse_dense_updates(adapter: Adapter, what: str, hint: str | None = None) -> None:
+    """Refuse an adapter with dense updates (IA3, OFT, ...) for anything but a merge: they have
+    no LoRA form, so no adapter file or engine can hold them. `what` is the job refusing."""
+    if not adapter.dense_updates:
+        return
+    key, update = next(iter(adapter.dense_updates.items()))
+    name = update.method
+    if adapter.source_format.startswith("peft-"):
+        peft_type = adapter.source_format.removeprefix("peft-").upper()
+        shown = f" ({name})" if name.upper() != peft_type else ""
+        name = f"peft_type {peft_type}{shown}"
+    count = len(adapter.dense_updates)
+    raise FormatError(
+        f"{name} has no plain-LoRA form: {update.why}; it is merge-only, so {what} cannot take "
+        f"it ({count} module{'s' if count > 1 else ''}, e.g. {key})",
+        file=adapter.source_path,
+        hint=hint or "`loramerge merge` applies it exactly to the base model",
+    )

@@ -11,7 +11,7 @@ import torch
 
 from loramerge.adapter import LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import FormatError
-from loramerge.formats import kohya
+from loramerge.formats import dense_forms, kohya
 from loramerge.formats.derived_factors import derived_pair, flat_width, high_rank_reason
 from loramerge.ops.lowrank_forms import (
     exact_factors,
@@ -315,6 +315,14 @@ def _loha(
     kind, shape_b, shape_a = _kind_shapes(out_features, rank, width, kernel)
     reason = high_rank_reason(rank, out_features, width, "this LoHa module")
     lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
+    dense = None
+    if reason:
+        (b1, a1), (b2, a2) = (dense_forms.side_factors(*s) for s in sides)
+        factors = {"b1": b1, "a1": a1, "b2": b2, "a2": a2}
+        dense = dense_forms.hadamard_form(
+            module_path, "LyCORIS LoHa", factors, scale, reason, kind=kind,
+            component=component, where=context.path,
+        )  # fmt: skip
     return LoraModule(
         path=module_path,
         lora_A=lora_a,
@@ -323,6 +331,7 @@ def _loha(
         kind=kind,
         magnitude=magnitude_of(context.path, name, parts, out_features),
         component=component,
+        dense=dense,
     )
 
 
@@ -396,6 +405,13 @@ def _lokr(
     kind, shape_b, shape_a = _kind_shapes(out_features, rank, width, kernel)
     reason = high_rank_reason(rank, out_features, width, "this LoKr module")
     lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
+    dense = None
+    if reason:
+        sides = ((_lokr_matrix(parts, "w1"), (a, b)), (_lokr_matrix(parts, "w2"), (c, dk)))
+        dense = dense_forms.kron_form(
+            module_path, "LyCORIS LoKr", sides, scale, reason, kind=kind, component=component,
+            where=context.path,
+        )  # fmt: skip
     return LoraModule(
         path=module_path,
         lora_A=lora_a,
@@ -404,7 +420,17 @@ def _lokr(
         kind=kind,
         magnitude=magnitude_of(context.path, name, parts, out_features),
         component=component,
+        dense=dense,
     )
+
+
+def _lokr_matrix(parts: dict[str, LazyTensor], which: str) -> dense_forms.Matrix:
+    """One Kronecker side as stored (full, factored or Tucker), as a float64 matrix."""
+    full = parts.get(f"lokr_{which}")
+    if full is not None:
+        return dense_forms.stored_matrix(full)
+    up, down = parts[f"lokr_{which}_a"], parts[f"lokr_{which}_b"]
+    return dense_forms.matrix_of(up, down, parts.get(f"lokr_t{which[-1]}"))
 
 
 def _full(
@@ -436,6 +462,7 @@ def _full(
     reason = "a LyCORIS full module (W' = W + diff) is a dense update with no low-rank form"
     kind, shape_b, shape_a = _kind_shapes(out_features, rank, width, kernel)
     lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
+    twin = dense_forms.full_form(module_path, diff, bias, reason, kind=kind, component=component)
     return LoraModule(
         path=module_path,
         lora_A=lora_a,
@@ -444,6 +471,7 @@ def _full(
         kind=kind,
         bias=bias,  # b' = b + 1 * diff_b
         component=component,
+        dense=twin,
     )
 
 

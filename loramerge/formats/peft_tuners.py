@@ -31,7 +31,7 @@ import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
 from loramerge.errors import FormatError, OptionError, located, opt
-from loramerge.formats import provenance
+from loramerge.formats import dense_forms, provenance
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
 from loramerge.formats.derived import derived, derived_pair
 from loramerge.formats.derived_factors import high_rank_reason
@@ -471,6 +471,11 @@ def _loha(ctx: _Context) -> Adapter:
                 both, (out, rank), (rank, fan_in), path=ctx.weights, module=path, merge_only=dense
             )
         modules[path] = _module(ctx, path, lora_b, lora_a, scale)
+        if dense:
+            sides = [dense_forms.side_factors(up, down) for up, down in ((w1a, w1b), (w2a, w2b))]
+            factors = dict(zip(("b1", "a1", "b2", "a2"), (*sides[0], *sides[1]), strict=True))
+            twin = dense_forms.hadamard_form(path, "LoHa", factors, scale, dense, where=ctx.weights)
+            modules[path].dense = twin
     return ctx.adapter(
         modules,
         "LoHa ((w1a w1b) * (w2a w2b)), written as a LoRA of rank r^2 (face-splitting product)",
@@ -515,6 +520,15 @@ def _lokr(ctx: _Context) -> Adapter:
             derived(a_of, (k, fan_in), path=ctx.weights, module=path, merge_only=dense),
             alpha / expected_r,
         )
+        if dense:
+            sides = tuple(
+                (_lokr_matrix(found, stem), (b.shape[0], a.shape[1]))
+                for stem, b, a in (("lokr_w1", b1, a1), ("lokr_w2", b2, a2))
+            )
+            twin = dense_forms.kron_form(
+                path, "LoKr", sides, alpha / expected_r, dense, where=ctx.weights
+            )
+            modules[path].dense = twin
     return ctx.adapter(
         modules,
         "LoKr (kron(w1, w2)), written as a LoRA of rank rank(w1) * rank(w2) "
@@ -522,6 +536,13 @@ def _lokr(ctx: _Context) -> Adapter:
         "scale alpha / r per module, also when both sides are full (PEFT, unlike LyCORIS); "
         "each side refactored at its numerical rank (a full side by its SVD)",
     )
+
+
+def _lokr_matrix(found: dict[str, LazyTensor], stem: str) -> dense_forms.Matrix:
+    full = found.get(stem)
+    if full is not None:
+        return dense_forms.stored_matrix(full)
+    return dense_forms.matrix_of(found[f"{stem}_a"], found[f"{stem}_b"])
 
 
 def _lokr_side(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import read_checked
+from loramerge.adapter_checks import read_checked, refuse_dense_updates
 from loramerge.formats.components import for_component
 from loramerge.formats.derived_factors import merge_only_reason
 from loramerge.formats.provenance import read_as
@@ -61,6 +61,7 @@ def convert_adapter(
     options = ReadOptions(alpha=alpha, base_config=config, base=base)
     adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
     check_user_alpha(adapter, alpha)
+    refuse_dense_updates(adapter, "an adapter file")
     adapter = for_component(adapter, component)
     result: dict[str, Any] = {
         "source_format": adapter.source_format,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import read_checked
+from loramerge.adapter_checks import read_checked, refuse_dense_updates
 from loramerge.engines.profiles import combine_reports
 from loramerge.errors import OptionError, UsageError, located, opt
 from loramerge.formats import dylora
@@ -173,6 +173,7 @@ def _read(
     options = ReadOptions(alpha=alpha, base=base)
     adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
     check_user_alpha(adapter, alpha)
+    refuse_dense_updates(adapter, "truncation")
     return adapter
 
 

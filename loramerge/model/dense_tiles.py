@@ -49,3 +49,14 @@ def dense_bias(plan: TensorPlan, stored: torch.Tensor, adapter: Adapter) -> torc
     assert update.bias is not None
     values = {name: tensor.read() for name, tensor in update.tensors.items()}
     return apply_bias(update.bias, stored, values).to(torch.float32)
+
+
+def dense_support(plan: TensorPlan, adapter: Adapter) -> int | None:
+    """How many elements a sparse rule can change (SHiRA's distinct positions), None for the
+    dense rules: what rounding kept of a sparse update is a share of these."""
+    update = adapter.dense_updates[plan.module or ""]
+    if update.rule != "scatter":
+        return None
+    indices = update.tensors["indices"].read().long()
+    width = plan.update.columns[1] if plan.update is not None else 1
+    return int(torch.unique(indices[0] * width + indices[1]).numel())

@@ -16,7 +16,7 @@ from loramerge.adapter import Adapter, LoraModule
 from loramerge.io.direct_io import direct_writes_work
 from loramerge.io.safetensors_header import torch_dtype
 from loramerge.io.safetensors_writer import OutputTensor, StreamingWriter
-from loramerge.model.dense_tiles import dense_bias, dense_tiles
+from loramerge.model.dense_tiles import dense_bias, dense_support, dense_tiles
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan, UpdateSlice
@@ -42,10 +42,12 @@ class ModuleStats:
     tensor: str
     elements: int = 0
     changed: int = 0
+    support: int | None = None  # elements a sparse update can change (SHiRA), else all
 
     @property
     def changed_share(self) -> float:
-        return self.changed / self.elements if self.elements else 0.0
+        total = self.support or self.elements
+        return self.changed / total if total else 0.0
 
 
 @dataclass
@@ -295,6 +297,8 @@ def _write_merge(
     result: StreamResult,
 ) -> None:
     stats = result.modules.setdefault(plan.module or "", ModuleStats(plan.module or "", plan.name))
+    if plan.dense:
+        stats.support = dense_support(plan, adapter)
     out_dtype = torch_dtype(plan.dtype)
     for base_rows, values in merged_tiles(plan, sources, adapter):
         output.call(_write_rounded, writer, sources, values, base_rows, out_dtype, stats)
