@@ -49,6 +49,12 @@ def side_factors(
     )
 
 
+def hadamard_factors(sides) -> dict[str, tuple[Matrix, tuple[int, int]]]:
+    """b1, a1, b2, a2 of two Hadamard sides, each (up, down, core or None)."""
+    (b1, a1), (b2, a2) = (side_factors(*side) for side in sides)
+    return {"b1": b1, "a1": a1, "b2": b2, "a2": a2}
+
+
 def stored_matrix(full: LazyTensor) -> Matrix:
     """A side stored whole, as a float64 matrix (a conv side flattened to rows x in * kernel)."""
     return lambda: full.read().to(F64).reshape(full.shape[0], -1)

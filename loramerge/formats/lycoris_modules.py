@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapter import LazyTensor, LoraModule, ModuleKind
+from loramerge.adapter import DenseUpdate, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import FormatError
 from loramerge.formats import dense_forms, kohya
 from loramerge.formats.derived_factors import derived_pair, flat_width, high_rank_reason
@@ -315,14 +315,6 @@ def _loha(
     kind, shape_b, shape_a = _kind_shapes(out_features, rank, width, kernel)
     reason = high_rank_reason(rank, out_features, width, "this LoHa module")
     lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
-    dense = None
-    if reason:
-        (b1, a1), (b2, a2) = (dense_forms.side_factors(*s) for s in sides)
-        factors = {"b1": b1, "a1": a1, "b2": b2, "a2": a2}
-        dense = dense_forms.hadamard_form(
-            module_path, "LyCORIS LoHa", factors, scale, reason, kind=kind,
-            component=component, where=context.path,
-        )  # fmt: skip
     return LoraModule(
         path=module_path,
         lora_A=lora_a,
@@ -331,8 +323,27 @@ def _loha(
         kind=kind,
         magnitude=magnitude_of(context.path, name, parts, out_features),
         component=component,
-        dense=dense,
+        dense=_loha_dense(context, module_path, sides, scale, reason, kind, component),
     )
+
+
+def _loha_dense(
+    context: Context,
+    path: str,
+    sides: list,
+    scale: float,
+    reason: str | None,
+    kind: ModuleKind,
+    component: str | None,
+) -> DenseUpdate | None:
+    """The dense form a merge applies when the LoRA form is larger than the update."""
+    if not reason:
+        return None
+    factors = dense_forms.hadamard_factors(sides)
+    return dense_forms.hadamard_form(
+        path, "LyCORIS LoHa", factors, scale, reason, kind=kind, component=component,
+        where=context.path,
+    )  # fmt: skip
 
 
 def _lokr_side(

@@ -472,8 +472,7 @@ def _loha(ctx: _Context) -> Adapter:
             )
         modules[path] = _module(ctx, path, lora_b, lora_a, scale)
         if dense:
-            sides = [dense_forms.side_factors(up, down) for up, down in ((w1a, w1b), (w2a, w2b))]
-            factors = dict(zip(("b1", "a1", "b2", "a2"), (*sides[0], *sides[1]), strict=True))
+            factors = dense_forms.hadamard_factors([(w1a, w1b, None), (w2a, w2b, None)])
             twin = dense_forms.hadamard_form(path, "LoHa", factors, scale, dense, where=ctx.weights)
             modules[path].dense = twin
     return ctx.adapter(

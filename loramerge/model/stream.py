@@ -205,8 +205,7 @@ def merged_tiles(
     Both may live in the sources' pool: a caller done with a tile may give them back.
     """
     if plan.dense:  # a dense update's rule (model/dense_tiles)
-        yield from dense_tiles(plan, sources, adapter)
-        return
+        return (yield from dense_tiles(plan, sources, adapter))
     module = adapter.modules[plan.module or ""]
     update = plan.update
     assert update is not None

@@ -80,6 +80,9 @@ def _rotate_prepare(tensors: Tensors, params: Mapping[str, Any], shape: tuple[in
     blocks = tensors["blocks"].to(F64)
     if blocks.dim() == 3:
         blocks = blocks.unsqueeze(0)
+    factors, count, size, _ = blocks.shape
+    if count * size != shape[1]:  # OFT block_share: one block for every run of inputs
+        blocks = blocks.expand(factors, shape[1] // size, size, size)
     permutations = tensors.get("permutations")
     if permutations is None:
         permutations = torch.arange(shape[1]).reshape(1, -1).expand(blocks.shape[0], -1)
