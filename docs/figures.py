@@ -232,7 +232,7 @@ def reslora() -> None:
 
 def outputs() -> None:
     """Command outputs the pages show: docs/inspect.md, docs/verify.md, docs/truncate.md,
-    docs/fold.md (first example), docs/merge.md and README.md."""
+    docs/reslora.md (the is example), docs/fold.md (first example), docs/merge.md, README.md."""
     adapters = FIXTURES / "adapters"
     print(run("inspect", rel(adapters / "llama-rslora-patterns"), "--base", rel(LLAMA)))
     vllm = SCRATCH / "for-vllm"
@@ -259,6 +259,9 @@ def outputs() -> None:
     print(run("truncate", rel(adapters / "llama-lora"), "--energy", "0.9", "--max-rank", "6",
               "-o", small))  # fmt: skip
     print(json.loads((small / "adapter_config.json").read_text())["rank_pattern"])
+    print(
+        run("reslora", rel(FIXTURES / "reslora" / "is"), "--base", rel(LLAMA), "-o", SCRATCH / "is")
+    )
     print(run("fold", rel(FIXTURES / "cola"), "--base", rel(LLAMA), "-o", SCRATCH / "folded"))
     print(run("merge", rel(adapters / "llama-lora"), "--base", rel(LLAMA), "-o", SCRATCH / "m"))
 

@@ -10,7 +10,7 @@ import torch
 
 from loramerge.adapter import Adapter, LazyTensor
 from loramerge.errors import FormatError, opt
-from loramerge.formats.registry import ReadOptions, read_adapter
+from loramerge.formats.registry import ReadOptions, check_user_alpha, read_adapter
 
 
 def read_checked(
@@ -21,8 +21,9 @@ def read_checked(
     allow_nonfinite: bool = False,
 ) -> Adapter:
     """The adapter at `path` (local or a cached hub repo id), refused when `check_adapter`
-    refuses it."""
+    refuses it, or when the user supplied an alpha for a format that stores its own."""
     adapter = read_adapter(path, fmt, options)
+    check_user_alpha(adapter, options.alpha if options is not None else None)
     check_adapter(adapter, allow_nonfinite)
     return adapter
 

@@ -93,20 +93,7 @@ def need(path: Path, name: str, parts: dict[str, LazyTensor], *keys: str) -> lis
 
 def alpha_of(path: Path, name: str, parts: dict[str, LazyTensor], r: int) -> float:
     """The stored alpha; LyCORIS treats a missing or zero alpha as alpha = r."""
-    if "alpha" not in parts:
-        return float(r)
-    if math.prod(parts["alpha"].shape) != 1:
-        raise FormatError(
-            f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
-            file=path,
-            module=name,
-        )
-    alpha = float(parts["alpha"].load().reshape(-1)[0].item())
-    if alpha == 0:
-        return float(r)
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise FormatError(f"alpha must be a positive number, got {alpha}", file=path, module=name)
-    return alpha
+    return kohya.stored_alpha(path, name, parts, missing=float(r), zero=float(r))
 
 
 def magnitude_of(

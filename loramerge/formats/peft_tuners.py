@@ -35,6 +35,7 @@ from loramerge.formats import dense_forms, provenance
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
 from loramerge.formats.derived import derived, derived_pair
 from loramerge.formats.derived_factors import high_rank_reason
+from loramerge.formats.peft import CONFIG_NAME, PREFIX, weights_file
 from loramerge.formats.read_context import current_base
 from loramerge.ops.lowrank import qr_core, reduce_core
 from loramerge.ops.lowrank_forms import (
@@ -45,9 +46,6 @@ from loramerge.ops.lowrank_forms import (
     precision_rtol,
 )
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-MODEL_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
 
 # ---------------------------------------------------------------- refusals
@@ -122,13 +120,13 @@ class _Context:
 
     def load(self, params: tuple[str, ...], shared: tuple[str, ...] = ()) -> None:
         """Sort the weight file's tensors into per-module parameters and shared tensors."""
-        self.weights = _weights_file(self.folder)
+        self.weights = weights_file(self.folder)
         tensors, self.metadata = lazy_weights(self.weights)
         key = re.compile(r"^(?P<path>.+)\.(?P<param>" + "|".join(params) + r")(?:\.weight)?$")
         save = self.config.get("modules_to_save") or []
         for name, tensor in tensors.items():
-            if name.startswith(MODEL_PREFIX):
-                inner = name[len(MODEL_PREFIX) :]
+            if name.startswith(PREFIX):
+                inner = name[len(PREFIX) :]
                 found = key.match(inner)
                 if found is not None:
                     self.modules.setdefault(found["path"], {})[found["param"]] = tensor
@@ -241,17 +239,6 @@ def read(folder: Path, config: dict[str, Any], peft_type: str) -> Adapter:
         raise refusal(peft_type, config_path)
     context = _Context(folder, config, peft_type)
     return reader(context)
-
-
-def _weights_file(folder: Path) -> Path:
-    for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise FormatError(
-        "has adapter_config.json but no adapter_model.safetensors or adapter_model.bin",
-        file=folder,
-        hint="copy the adapter's weight file into the folder",
-    )
 
 
 # ---------------------------------------------------------------- helpers

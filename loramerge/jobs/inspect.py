@@ -18,7 +18,7 @@ from loramerge.formats.components import components, for_component, select
 from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.formats.provenance import read_as
-from loramerge.formats.registry import ReadOptions, check_user_alpha
+from loramerge.formats.registry import ReadOptions
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.jobs.merge import rounding_warning
 from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora, model_config
@@ -89,7 +89,6 @@ def inspect(
     `component` narrows a pipeline adapter to one model (needed with a base)."""
     config = model_config(base) if base is not None else None
     adapter = read_checked(path, fmt, ReadOptions(alpha=alpha, base_config=config, base=base))
-    check_user_alpha(adapter, alpha)
     return inspect_adapter(adapter, base, progress, component)
 
 

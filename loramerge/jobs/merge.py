@@ -13,7 +13,7 @@ from typing import Any
 from loramerge.adapter import Adapter
 from loramerge.adapter_checks import read_checked
 from loramerge.errors import OutputError, opt
-from loramerge.formats.registry import check_output_name
+from loramerge.formats.registry import ReadOptions, check_output_name
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import read_header
@@ -88,7 +88,8 @@ def merge(
     `alpha` is the training lora_alpha of an input that stores none."""
     output_code(dtype)
     check_output_name(Path(out), None)
-    adapter = _read(source, fmt, base, alpha, allow_nonfinite)
+    options = ReadOptions(alpha=alpha, base=base)
+    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
     return merge_adapter(
         adapter,
         base,
@@ -114,27 +115,11 @@ def preview(
 ) -> MergePlan:
     """`merge --dry-run`: the plan a merge would follow, from headers alone."""
     output_code(dtype)
-    adapter = _read(source, fmt, base, alpha, allow_nonfinite)
+    options = ReadOptions(alpha=alpha, base=base)
+    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
     return preview_merge(
         adapter, base, dtype=dtype, max_shard_bytes=max_shard_bytes, component=component
     )
-
-
-def _read(
-    source: str | Path,
-    fmt: str | None,
-    base: str | Path,
-    alpha: float | None,
-    allow_nonfinite: bool,
-) -> Adapter:
-    """The adapter, read with what the base and the user supply for formats that store less
-    (torchtune's head counts and alpha, VeRA's input sizes, official DyLoRA's alpha)."""
-    from loramerge.formats.registry import ReadOptions, check_user_alpha
-
-    options = ReadOptions(alpha=alpha, base=base)
-    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
-    check_user_alpha(adapter, alpha)
-    return adapter
 
 
 def merge_adapter(
