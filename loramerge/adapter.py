@@ -193,12 +193,15 @@ class DenseUpdate:
     component: str | None = None
     fan_in_fan_out: bool = False  # the source's claim; the base's architecture decides
     why: str = ""
+    stored: int | None = None  # numbers the file holds, where `tensors` are derived from them
 
     @property
     def name(self) -> str:
         return self.path.rsplit(".", 1)[-1]
 
     def parameter_count(self) -> int:
+        if self.stored is not None:
+            return self.stored
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
 

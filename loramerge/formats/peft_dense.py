@@ -187,7 +187,7 @@ def _oft(ctx: _Context) -> Adapter:
         fan_in = None if shared else vectors.shape[0] * size
         updates[path] = _update(
             ctx, path, "rotate_in", {"blocks": rotation}, in_features=fan_in,
-            params={"block_size": size},
+            params={"block_size": size}, stored=math.prod(vectors.shape),
         )  # fmt: skip
     form = f"Cayley-Neumann series of {terms} terms" if terms is not None else "Cayley transform"
     return _adapter(
@@ -228,8 +228,9 @@ def _boft(ctx: _Context) -> Adapter:
             "row_scale": row_scale,
         }
         updates[path] = _update(
-            ctx, path, "rotate_in", tensors, in_features=fan_in, out_features=row_scale.shape[0]
-        )
+            ctx, path, "rotate_in", tensors, in_features=fan_in, out_features=row_scale.shape[0],
+            stored=math.prod(matrices.shape) + row_scale.shape[0],
+        )  # fmt: skip
     return _adapter(
         ctx,
         updates,

@@ -3,6 +3,7 @@ section 6), read as dense updates: FourierFT, SHiRA, C3A and RandLoRA (PEFT 0.21
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from loramerge.adapter import Adapter, LazyTensor
@@ -108,7 +109,8 @@ def _randlora(ctx: _Context) -> Adapter:
         _check_randlora(ctx, path, lam, gamma, bases_a, bases_b, found)
         tensors = {"A": bases_a, "B": bases_b, "lambda": lam, "gamma": gamma}
         params = {"scale": scale, "min_features": gamma.shape[1], "max_features": bases_b.shape[0]}
-        updates[path] = _update(ctx, path, "randlora", tensors, params=params)
+        own = math.prod(lam.shape) + math.prod(gamma.shape)  # the bases are shared
+        updates[path] = _update(ctx, path, "randlora", tensors, params=params, stored=own)
     return _adapter(
         ctx,
         updates,

@@ -5,6 +5,8 @@ once (fixtures/lycoris, fixtures/sd-base)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,7 @@ def test_dense_forms_merge_exactly(tmp_path, name):
     modules = list(_modules(path, component))
     assert modules
     ref = reference(path)
+    worst = 0.0
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
         result = merge_adapter(read_adapter(path), SD_BASE / component, out, dtype=dtype)
@@ -99,4 +102,8 @@ def test_dense_forms_merge_exactly(tmp_path, name):
                 out_ = F.linear(x, got, bias)
             else:
                 out_ = F.conv2d(x, got, bias, stride=geo["stride"], padding=geo["padding"])
-            assert relative_error(out_.to(F64), ref[f"out.{kohya_name}"]) < TOLERANCE, key
+            error = relative_error(out_.to(F64), ref[f"out.{kohya_name}"])
+            worst = max(worst, error)
+            assert error < TOLERANCE, key
+    if os.environ.get("ORACLE_REPORT"):
+        print(f"\n{name}: worst merged layer output {worst:.2e} of its largest")
