@@ -93,12 +93,12 @@ MUTATIONS = [
         "loramerge/model/stream.py",
         (
             patch(
-                "squares += output_norms_squared(values, kind)",
-                "squares += output_norms_squared(base_rows.float(), kind)",
+                "squares += output_norms_squared(values, transposed)",
+                "squares += output_norms_squared(base_rows.float(), transposed)",
             ),
             patch(
-                "tile_norms = output_norms_squared(values, kind).sqrt()",
-                "tile_norms = output_norms_squared(base_rows.float(), kind).sqrt()",
+                "tile_norms = output_norms_squared(values, transposed).sqrt()",
+                "tile_norms = output_norms_squared(base_rows.float(), transposed).sqrt()",
             ),
         ),
         (MERGE, CONV),
@@ -158,14 +158,14 @@ MUTATIONS = [
     Mutation(
         "conv1d-not-transposed",
         "GPT-2 Conv1D updates not transposed to the (in x out) layout",
-        "loramerge/ops/update.py",
+        "loramerge/model/planner.py",
         (
             patch(
-                "TRANSPOSED = frozenset({ModuleKind.CONV1D, ModuleKind.EMBEDDING})",
-                "TRANSPOSED = frozenset({ModuleKind.EMBEDDING})",
+                "transposed = target.kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING)",
+                "transposed = target.kind in (ModuleKind.EMBEDDING,)",
             ),
         ),
-        (TILES, MERGE, CONVERT),
+        (MERGE, CONVERT),
     ),
     Mutation(
         "fold-weights-ignored",
@@ -205,11 +205,11 @@ MUTATIONS = [
     Mutation(
         "modules-to-save-kept",
         "modules_to_save tensors not replaced (the base's copied)",
-        "loramerge/model/plan.py",
+        "loramerge/model/param_changes.py",
         (
             patch(
-                "        if name in replacements:\n            key = replacements[name]",
-                "        if False:\n            key = replacements[name]",
+                '("modules_to_save", adapter.modules_to_save),',
+                '("modules_to_save", {}),',
             ),
         ),
         (MERGE,),
@@ -217,13 +217,8 @@ MUTATIONS = [
     Mutation(
         "head-not-untied",
         "a tied head is not untied when the embedding table changes",
-        "loramerge/model/plan.py",
-        (
-            patch(
-                "untie = tied and (embed_name in changed or lm_head_name in changed)",
-                "untie = False",
-            ),
-        ),
+        "loramerge/model/param_changes.py",
+        (patch("changes.untie = True", "changes.untie = False"),),
         (MERGE,),
     ),
     Mutation(
@@ -251,8 +246,8 @@ MUTATIONS = [
         "loramerge/formats/peft.py",
         (
             patch(
-                "alpha_key = match_pattern(alpha_pattern, module_path)",
-                "alpha_key = None",
+                "found = match_pattern(self.alpha_pattern, key)",
+                "found = None",
             ),
         ),
         (ENGINES, MERGE, CONVERT, VERIFY),
