@@ -47,6 +47,9 @@ HEADERS = "tests/io/test_safetensors_reader_writer.py"
 SAFETY = "tests/formats/test_safety.py"
 LOWRANK = "tests/ops/test_lowrank.py"
 TILES = "tests/ops/test_update_tiles.py"
+DENSE_OPS = "tests/ops/test_dense_updates.py"
+DENSE_PEFT = "tests/formats/test_peft_dense.py"
+DENSE_ARCH = "tests/jobs/test_dense_architectures.py"
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,62 @@ MUTATIONS = [
         "loramerge/io/safetensors_header.py",
         (patch("if entry.begin != position:", "if entry.begin < position:"),),
         (HEADERS, SAFETY),
+    ),
+    Mutation(
+        "ia3-bias-unscaled",
+        "IA3 on the outputs leaves the layer's bias unscaled",
+        "loramerge/formats/peft_dense.py",
+        (patch('out_features=size, bias="scale"', "out_features=size, bias=None"),),
+        (DENSE_ARCH,),
+    ),
+    Mutation(
+        "neumann-term-short",
+        "OFT's Cayley-Neumann series one doubled power short",
+        "loramerge/ops/rotations.py",
+        (
+            patch(
+                "for _ in range(max(2, terms - 2) - 1):", "for _ in range(max(2, terms - 2) - 2):"
+            ),
+        ),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "fourier-positions-column-major",
+        "FourierFT positions read column-major",
+        "loramerge/ops/dense_deltas.py",
+        (
+            patch(
+                "return flat // in_features, flat % in_features",
+                "return flat % out_features, flat // out_features",
+            ),
+        ),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "c3a-shift-reversed",
+        "C3A's circulant blocks shifted left instead of right",
+        "loramerge/ops/dense_deltas.py",
+        (patch("(j - t) % size]", "(t - j) % size]"),),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "randlora-pairing",
+        "RandLoRA's bases flattened in the same order on both sides",
+        "loramerge/ops/dense_deltas.py",
+        (
+            patch(
+                "left = b.reshape(larger, bases * rank)",
+                "left = b.transpose(1, 2).reshape(larger, bases * rank)",
+            ),
+        ),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "dense-rounded-to-bf16",
+        "a dense rule's result rounded to bfloat16 before the output dtype",
+        "loramerge/model/dense_tiles.py",
+        (patch("rows.copy_(merged)", "rows.copy_(merged.to(torch.bfloat16))"),),
+        (DENSE_PEFT,),
     ),
 ]
 
