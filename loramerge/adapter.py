@@ -194,6 +194,8 @@ class DenseUpdate:
     fan_in_fan_out: bool = False  # the source's claim; the base's architecture decides
     why: str = ""
     stored: int | None = None  # numbers the file holds, where `tensors` are derived from them
+    # layer kinds (ModuleKind values) on which the method's forward has no merged form, and why
+    unmergeable: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

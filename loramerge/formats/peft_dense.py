@@ -126,7 +126,8 @@ def _ia3(ctx: _Context) -> Adapter:
                 f"ia3_l {list(shape)} is not one scale per {side}", file=ctx.weights, module=path
             )
         if feedforward:
-            updates[path] = _update(ctx, path, "scale_in", {"scale": scale}, in_features=size)
+            size_in = size if len(shape) == 2 else None  # a convolution's channels: checked later
+            updates[path] = _update(ctx, path, "scale_in", {"scale": scale}, in_features=size_in)
         else:
             updates[path] = _update(
                 ctx, path, "scale_out", {"scale": scale}, out_features=size, bias="scale"
@@ -142,6 +143,11 @@ def _ia3(ctx: _Context) -> Adapter:
 
 
 # ---------------------------------------------------------------- OFT, BOFT
+
+OFT_CONV = (
+    "PEFT's OFT forward rotates the unfolded input patches and folds them back, adding where "
+    "they overlap, before the convolution; no merged kernel computes that"
+)
 
 
 def _oft(ctx: _Context) -> Adapter:
@@ -188,6 +194,7 @@ def _oft(ctx: _Context) -> Adapter:
         updates[path] = _update(
             ctx, path, "rotate_in", {"blocks": rotation}, in_features=fan_in,
             params={"block_size": size}, stored=math.prod(vectors.shape),
+            unmergeable={"conv": OFT_CONV},
         )  # fmt: skip
     form = f"Cayley-Neumann series of {terms} terms" if terms is not None else "Cayley transform"
     return _adapter(
@@ -207,7 +214,8 @@ def _boft(ctx: _Context) -> Adapter:
         factors, count, size, other = matrices.shape
         fan_in = count * size
         butterfly = factors == 1 or (size % 2 == 0 and count % 2 ** (factors - 1) == 0)
-        if other != size or not butterfly or row_scale.shape[1:] != (1,):
+        outputs = math.prod(row_scale.shape)  # (out, 1); (1, out) on convolutions
+        if other != size or not butterfly or 1 not in row_scale.shape or len(row_scale.shape) != 2:
             raise FormatError(
                 f"boft_R {list(matrices.shape)} and boft_s {list(row_scale.shape)} are not "
                 "butterfly factors of square blocks and one scale per output",
@@ -228,8 +236,8 @@ def _boft(ctx: _Context) -> Adapter:
             "row_scale": row_scale,
         }
         updates[path] = _update(
-            ctx, path, "rotate_in", tensors, in_features=fan_in, out_features=row_scale.shape[0],
-            stored=math.prod(matrices.shape) + row_scale.shape[0],
+            ctx, path, "rotate_in", tensors, in_features=fan_in, out_features=outputs,
+            stored=math.prod(matrices.shape) + outputs,
         )  # fmt: skip
     return _adapter(
         ctx,

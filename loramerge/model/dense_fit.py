@@ -29,8 +29,11 @@ KINDS = {
     "add": (ModuleKind.LINEAR, ModuleKind.CONV),
     "kron": (ModuleKind.LINEAR, ModuleKind.CONV),
     "hadamard": (ModuleKind.LINEAR, ModuleKind.CONV),
+    # a convolution's kernel as (out x in * kernel): BOFT and HRA rotate and reflect its rows
+    "rotate_in": (ModuleKind.LINEAR, ModuleKind.CONV),
+    "reflect_in": (ModuleKind.LINEAR, ModuleKind.CONV),
 }
-LINEAR_ONLY = (ModuleKind.LINEAR,)  # rotations, reflections, MiSS blocks, SHiRA, C3A
+LINEAR_ONLY = (ModuleKind.LINEAR,)  # MiSS blocks, SHiRA, C3A
 
 
 def matrix_shape(kind: ModuleKind, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -46,6 +49,11 @@ def fit_update(
     """The update with the base's kind, refused where its rule does not apply or its sizes do
     not fit the weight."""
     allowed = KINDS.get(update.rule, LINEAR_ONLY)
+    why = update.unmergeable.get(kind.value) if kind is not None else None
+    if why:
+        raise FormatError(
+            f"is {update.method} on a {kind.value} layer: {why}", file=where, module=update.path
+        )
     if kind not in allowed or (kind is ModuleKind.CONV) != (len(shape) > 2):
         what = kind.value if kind is not None else "a module type no tuner adapts"
         layers = ", ".join(k.value for k in allowed)
@@ -55,10 +63,9 @@ def fit_update(
             module=update.path,
         )
     out_features, in_features = matrix_shape(kind, shape)
-    channels = shape[1] if kind is ModuleKind.CONV else in_features
     for name, want, have in (
         ("outputs", update.out_features, out_features),
-        ("inputs", update.in_features, channels),
+        ("inputs", update.in_features, in_features),
     ):
         if want is not None and want != have:
             raise ShapeMismatchError(
@@ -88,6 +95,12 @@ def _rotation(update: DenseUpdate, matrix: tuple[int, int], shape: tuple[int, ..
     if matrix[1] % size or (count != 1 and count * size != matrix[1]):
         return f"{count} rotation blocks of {size} inputs do not cover {matrix[1]} inputs"
     return ""
+
+
+def _scale_in(update: DenseUpdate, matrix: tuple[int, int], shape: tuple[int, ...]) -> str:
+    count = math.prod(update.tensors["scale"].shape)
+    inputs = shape[1] if len(shape) > 2 else matrix[1]  # a convolution: one per channel
+    return f"ia3_l has {count} scales for {inputs} inputs" if count != inputs else ""
 
 
 def _miss(update: DenseUpdate, matrix: tuple[int, int], shape: tuple[int, ...]) -> str:
@@ -135,6 +148,7 @@ def _add(update: DenseUpdate, matrix: tuple[int, int], shape: tuple[int, ...]) -
 
 
 CHECKS: dict[str, Callable[[DenseUpdate, tuple[int, int], tuple[int, ...]], str]] = {
+    "scale_in": _scale_in,
     "rotate_in": _rotation,
     "miss_bat": _miss,
     "fourier": _fourier,
