@@ -154,16 +154,16 @@ def ia3(weight: torch.Tensor, scale: torch.Tensor, feedforward: bool) -> torch.T
     return weight * (values.reshape(1, -1) if feedforward else values.reshape(-1, 1))
 
 
-def bf16_once(values: torch.Tensor) -> torch.Tensor:
-    """float64 rounded to the nearest bfloat16 directly (ties to even), where torch's conversion
-    rounds to float32 first: the two differ only where the float32 rounding lands exactly on a
-    midpoint between two bfloat16 values."""
-    bits = values.to(torch.bfloat16).view(torch.int16).to(torch.int32)
+def round_once(values: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """float64 rounded to the nearest value of a 16-bit float dtype directly (ties to even), where
+    torch's conversion rounds to float32 first: the two differ only where the float32 rounding
+    lands exactly on a midpoint between two values of `dtype`."""
+    bits = values.to(dtype).view(torch.int16).to(torch.int32)
     candidates = torch.stack([bits - 1, bits, bits + 1])
-    decoded = candidates.to(torch.int16).view(torch.bfloat16).to(F64)
+    decoded = candidates.to(torch.int16).view(dtype).to(F64)
     distance = (decoded - values).abs().nan_to_num(math.inf)
     best = distance == distance.min(dim=0).values
     # 0: nearest and even, 1: nearest and odd, 2 and 3: farther
     score = (~best).to(torch.int32) * 2 + candidates % 2
     pick = score.argmin(dim=0, keepdim=True)
-    return candidates.gather(0, pick)[0].to(torch.int16).view(torch.bfloat16)
+    return candidates.gather(0, pick)[0].to(torch.int16).view(dtype)

@@ -1,7 +1,7 @@
 """The merge executor's side of dense updates (IA3, OFT, LyCORIS full, ...): each tile of base
 rows upcast to float64, the update's rule applied (loramerge.ops.dense_updates), the result
-rounded to the float32 tile once; the caller rounds that once more to the output dtype, as
-for every merged tensor."""
+put in the float32 tile such that the writer's conversion to the output dtype rounds the
+float64 value once (float32_rounding_once)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import torch
 
 from loramerge.adapter import Adapter
+from loramerge.io.safetensors_header import torch_dtype
 from loramerge.model.plan import TensorPlan
 from loramerge.model.sources import Sources, tiles
-from loramerge.ops.dense_updates import RULES, apply_bias
+from loramerge.ops.dense_updates import RULES, apply_bias, float32_rounding_once
 
 
 def dense_tiles(
@@ -28,6 +29,7 @@ def dense_tiles(
     assert where is not None
     shape = (where.rows[1], where.columns[1])
     rule = RULES[update.rule]
+    out_dtype = torch_dtype(plan.dtype)
     values = {name: tensor.read() for name, tensor in update.tensors.items()}
     prepared = rule.prepare(values, update.params, shape)
     del values
@@ -39,7 +41,7 @@ def dense_tiles(
             merged = rule.apply(block.T, prepared, (0, shape[0]), (start, stop)).T
         else:
             merged = rule.apply(block, prepared, (start, stop), (0, shape[1]))
-        rows.copy_(merged)  # the one rounding to float32
+        rows.copy_(float32_rounding_once(merged, out_dtype))
         yield base_rows, wide
 
 
@@ -48,7 +50,8 @@ def dense_bias(plan: TensorPlan, stored: torch.Tensor, adapter: Adapter) -> torc
     update = adapter.dense_updates[plan.module or ""]
     assert update.bias is not None
     values = {name: tensor.read() for name, tensor in update.tensors.items()}
-    return apply_bias(update.bias, stored, values).to(torch.float32)
+    merged = apply_bias(update.bias, stored, values)
+    return float32_rounding_once(merged, torch_dtype(plan.dtype))
 
 
 def dense_support(plan: TensorPlan, adapter: Adapter) -> int | None:

@@ -149,3 +149,24 @@ def apply_bias(how: str, bias: torch.Tensor, tensors: Tensors) -> torch.Tensor:
     if how == "scale":
         return bias.to(F64) * tensors["scale"].to(F64).reshape(-1)
     raise ValueError(f"unknown bias rule {how!r}")
+
+
+def float32_rounding_once(values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """float32 values whose conversion to `out_dtype` is `values` (float64) rounded once.
+
+    The nearest float32 is that, except where it falls exactly halfway between two neighbours of
+    the output dtype while the float64 value does not: converting it would then break a tie that
+    is not there. Those few are moved one float32 step toward the float64 value, so that the
+    conversion rounds to the side the float64 value is on."""
+    near = values.to(torch.float32)
+    if out_dtype in (torch.float32, torch.float64):
+        return near
+    wide = near.to(F64)
+    rounded = near.to(out_dtype).to(F64)
+    other = 2 * wide - rounded  # the neighbour on the other side, when `near` is halfway
+    halfway = (rounded != wide) & torch.isfinite(rounded) & (other.to(out_dtype).to(F64) == other)
+    moved = halfway & (values != wide)
+    if not bool(moved.any()):
+        return near
+    toward = torch.where(values > wide, torch.inf, -torch.inf).to(torch.float32)
+    return torch.where(moved, torch.nextafter(near, toward), near)

@@ -1,7 +1,7 @@
 """LyCORIS forms with no useful LoRA (full diffs, Kronecker products of high rank) merged through
 their dense form: each merged layer gives LyCORIS 4.1.3's own output on its recorded input
 (float32), and in bfloat16 every merged weight is the float64 update on the upcast base rounded
-once (fixtures/lycoris, fixtures/sd-base)."""
+once, directly (fixtures/lycoris, fixtures/sd-base)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import round_once
 from safetensors.torch import load_file
 from sd_fixtures import (
     FIXTURES,
@@ -92,7 +93,7 @@ def test_dense_forms_merge_exactly(tmp_path, name):
             weight = base + expected_delta(parts, base.shape)
             got = merged[f"{key}.weight"]
             if dtype == "bfloat16":
-                wanted = weight.to(torch.bfloat16)
+                wanted = round_once(weight)
                 assert torch.equal(got.view(torch.int16), wanted.view(torch.int16)), key
                 continue
             bias = merged.get(f"{key}.bias")

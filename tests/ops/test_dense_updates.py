@@ -195,3 +195,23 @@ def test_butterfly_permutations_are_peft_s():
                 None, features, count // 2**f, size // 2, factors - 1
             )
             assert torch.equal(rotations.butterfly_permutation(features, count, size, f), peft)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_float32_tile_rounds_the_float64_value_once(dtype):
+    """Values just off the midpoints between neighbours of the output dtype, where float32 lands
+    on the midpoint itself: converting the float32 tile must round as the float64 value does."""
+    from loramerge.ops.dense_updates import float32_rounding_once
+
+    low = torch.tensor([1.0, -3.5, 0.0078125, 1000.0], dtype=F64).to(dtype)
+    bits = low.view(torch.int16).to(torch.int32)
+    high = (bits + 1).to(torch.int16).view(dtype)
+    middle = (low.to(F64) + high.to(F64)) / 2
+    tiny = middle.abs() * 2.0**-40
+    values = torch.cat([middle + tiny, middle - tiny, middle, rand(1000).to(F64) * 10])
+    got = float32_rounding_once(values, dtype).to(dtype)
+    assert torch.equal(got.view(torch.int16), ref.round_once(values, dtype).view(torch.int16))
+    assert not torch.equal(values.to(dtype), got)  # torch's own conversion rounds twice here
+    exact = float32_rounding_once(values, torch.float32)
+    assert torch.equal(exact, values.to(torch.float32))
