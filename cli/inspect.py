@@ -64,7 +64,7 @@ def _render(report, with_base: bool) -> None:
         ("format", report.format),
         ("base model", report.base_model or "unknown"),
         ("modules", report.module_count),
-        ("ranks", ", ".join(map(str, report.ranks))),
+        ("ranks", ", ".join(map(str, report.ranks)) or "- (dense updates only)"),
         ("alphas", ", ".join(f"{a:g}" for a in report.alphas)),
         ("scales", ", ".join(f"{s:g}" for s in report.scales)),
         ("dtypes", ", ".join(report.dtypes)),
@@ -82,12 +82,13 @@ def _render(report, with_base: bool) -> None:
     for column in columns:
         table.add_column(column, no_wrap=True)
     for m in report.modules:
+        dense = m.rule is not None  # a dense update: no rank, alpha or scale
         row = [
             m.path,
-            m.kind + (" +DoRA" if m.dora else ""),
-            str(m.r),
-            f"{m.alpha:g}",
-            f"{m.scale:.4g}",
+            m.kind + (" +DoRA" if m.dora else "") + (f" ({m.rule})" if dense else ""),
+            "-" if dense else str(m.r),
+            "-" if dense else f"{m.alpha:g}",
+            "-" if dense else f"{m.scale:.4g}",
             "-" if m.update_norm is None else f"{m.update_norm:.4g}",
         ]
         if with_base:

@@ -232,7 +232,7 @@ def reslora() -> None:
 
 def outputs() -> None:
     """Command outputs the pages show: docs/inspect.md, docs/verify.md, docs/truncate.md,
-    docs/fold.md (first example), docs/merge.md and README.md."""
+    docs/reslora.md (the is example), docs/fold.md (first example), docs/merge.md, README.md."""
     adapters = FIXTURES / "adapters"
     print(run("inspect", rel(adapters / "llama-rslora-patterns"), "--base", rel(LLAMA)))
     vllm = SCRATCH / "for-vllm"
@@ -259,6 +259,9 @@ def outputs() -> None:
     print(run("truncate", rel(adapters / "llama-lora"), "--energy", "0.9", "--max-rank", "6",
               "-o", small))  # fmt: skip
     print(json.loads((small / "adapter_config.json").read_text())["rank_pattern"])
+    print(
+        run("reslora", rel(FIXTURES / "reslora" / "is"), "--base", rel(LLAMA), "-o", SCRATCH / "is")
+    )
     print(run("fold", rel(FIXTURES / "cola"), "--base", rel(LLAMA), "-o", SCRATCH / "folded"))
     print(run("merge", rel(adapters / "llama-lora"), "--base", rel(LLAMA), "-o", SCRATCH / "m"))
 
@@ -297,7 +300,31 @@ def tools() -> None:
               "--max-rank", "8"))  # fmt: skip
 
 
+def dense() -> None:
+    """docs/formats.md, merge-only PEFT tuners: the largest difference between the float32
+    merged model's logits and PEFT's stored ones, relative to their largest (and how far the
+    adapter moves them); docs/merge.md: the OFT example's output."""
+    from transformers import AutoModelForCausalLM
+
+    tuners = FIXTURES / "peft-tuners"
+    names = ("ia3", "oft", "boft", "hra", "miss-bat", "fourierft", "shira", "c3a", "randlora")
+    plain = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32).eval()
+    for name in names:
+        out = SCRATCH / f"dense-{name}"
+        run("merge", tuners / name, "--base", LLAMA, "-o", out, "--dtype", "float32", "-q")
+        ref = load_file(tuners / name / "reference.safetensors")
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got, base = merged(ref["input_ids"]).logits, plain(ref["input_ids"]).logits
+        top = float(ref["logits"].abs().max())
+        error = float((got - ref["logits"]).abs().max()) / top
+        moved = float((base - ref["logits"]).abs().max()) / top
+        print(f"{rel(tuners / name)}: max error {error:.2e} (merged), moved {moved:.3f}")
+    print(run("merge", rel(tuners / "oft"), "--base", rel(LLAMA), "-o", SCRATCH / "merged-oft"))
+
+
 SECTIONS = {
+    "dense": dense,
     "dylora": dylora,
     "fold": fold,
     "reslora": reslora,

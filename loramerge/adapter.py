@@ -145,6 +145,10 @@ class LoraModule:
     component: str | None = None
     parameter: str | None = None  # PARAMETER: the wrapped parameter's name on its module
     experts: int = 1  # PARAMETER: experts in the stack (3-D parameters)
+    # the same update as a dense rule, which a merge applies instead of the factor product:
+    # set where the exact LoRA form is larger than the dense update (LyCORIS full, LoKr and
+    # LoHa of high rank); `convert` and `truncate` still use the factors
+    dense: DenseUpdate | None = None
 
     @property
     def r(self) -> int:
@@ -197,6 +201,46 @@ class LoraModule:
         )
 
 
+@dataclass
+class DenseUpdate:
+    """An update with no low-rank form (docs/rules.md section 6): the base weight W, seen as
+    the (out x in) matrix the layer multiplies (conv kernels flattened to in * kernel columns,
+    Conv1D weights untransposed), becomes a function of W and the update's tensors, computed by
+    the rule `rule` of loramerge.ops.dense_updates ("add", "scale_out", "rotate_in", ...)
+    with its numbers `params`.
+
+    `out_features` / `in_features` are the sizes the tensors fix (None: the base gives them).
+    `bias` says what happens to the layer's bias: None (unchanged), "add" (b + tensors["bias"])
+    or "scale" (b * tensors["scale"], IA3 on the outputs). `method` names the tuner in
+    messages ("IA3", "OFT", "LyCORIS full") and `why` says why it has no LoRA form.
+    """
+
+    path: str
+    method: str
+    rule: str
+    tensors: dict[str, LazyTensor]
+    params: dict[str, Any] = field(default_factory=dict)
+    out_features: int | None = None
+    in_features: int | None = None
+    kind: ModuleKind = ModuleKind.LINEAR
+    bias: str | None = None
+    component: str | None = None
+    fan_in_fan_out: bool = False  # the source's claim; the base's architecture decides
+    why: str = ""
+    stored: int | None = None  # numbers the file holds, where `tensors` are derived from them
+    # layer kinds (ModuleKind values) on which the method's forward has no merged form, and why
+    unmergeable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    def parameter_count(self) -> int:
+        if self.stored is not None:
+            return self.stored
+        return sum(math.prod(t.shape) for t in self.tensors.values())
+
+
 @dataclass(frozen=True)
 class TokenRows:
     """Rows of an embedding table replaced by trained values (PEFT trainable_token_indices)."""
@@ -218,6 +262,8 @@ class Adapter:
 
     `base_init` names an initialisation that changed the base during training ("pissa",
     "olora"): the factors then apply to the residual base PEFT rebuilds from the original one.
+    `dense_updates` maps a module path to an update with no low-rank form (IA3, OFT, LyCORIS
+    full, ...): a merge applies it exactly, nothing else writes it.
     `merge_refusal`, when set, says why no merged model can compute what the adapter does.
     `source_config` keeps the source's own configuration, for fields a writer passes through.
     """
@@ -235,9 +281,11 @@ class Adapter:
     base_init: str | None = None
     merge_refusal: str | None = None
     source_config: dict[str, Any] = field(default_factory=dict)
+    dense_updates: dict[str, DenseUpdate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.modules = dict(sorted(self.modules.items()))
+        self.dense_updates = dict(sorted(self.dense_updates.items()))
 
     @property
     def ranks(self) -> list[int]:
@@ -252,6 +300,7 @@ class Adapter:
                     total += math.prod(extra.shape)
         full = [*self.modules_to_save.values(), *self.saved_biases.values()]
         full += [rows.values for rows in self.token_rows.values()]
+        total += sum(update.parameter_count() for update in self.dense_updates.values())
         return total + sum(math.prod(t.shape) for t in full)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loramerge.adapter import Adapter, LazyTensor
 from loramerge.errors import FormatError, opt
-from loramerge.formats.registry import ReadOptions, read_adapter
+from loramerge.formats.registry import ReadOptions, check_user_alpha, read_adapter
 
 
 def read_checked(
@@ -19,8 +19,9 @@ def read_checked(
     allow_nonfinite: bool = False,
 ) -> Adapter:
     """The adapter at `path` (local or a cached hub repo id), refused when `check_adapter`
-    refuses it."""
+    refuses it, or when the user supplied an alpha for a format that stores its own."""
     adapter = read_adapter(path, fmt, options)
+    check_user_alpha(adapter, options.alpha if options is not None else None)
     check_adapter(adapter, allow_nonfinite)
     return adapter
 
@@ -36,6 +37,8 @@ def _tensors(adapter: Adapter) -> list[tuple[str, str, LazyTensor]]:
         ):
             if tensor is not None:
                 found.append((module.path, part, tensor))
+    for update in adapter.dense_updates.values():
+        found += [(update.path, part, tensor) for part, tensor in update.tensors.items()]
     found += [(name, "modules_to_save", t) for name, t in adapter.modules_to_save.items()]
     found += [(name, "base table", t) for name, t in adapter.base_tables.items()]
     return found
@@ -51,7 +54,7 @@ def check_adapter(adapter: Adapter, allow_nonfinite: bool = False) -> None:
 
 def check_scales(adapter: Adapter) -> None:
     """The checks that read no tensor: some module, and usable scales."""
-    if not adapter.modules and not adapter.modules_to_save:
+    if not adapter.modules and not adapter.modules_to_save and not adapter.dense_updates:
         raise FormatError("holds no LoRA modules", file=adapter.source_path)
     for module in adapter.modules.values():
         # a bad alpha reaches every weight of the module: refused even when non-finite values
@@ -93,3 +96,23 @@ def nonfinite_count(tensor: LazyTensor) -> int:
 
     value = tensor.read()
     return int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
+
+
+def refuse_dense_updates(adapter: Adapter, what: str, hint: str | None = None) -> None:
+    """Refuse an adapter with dense updates (IA3, OFT, ...) for anything but a merge: they have
+    no LoRA form, so no adapter file or engine can hold them. `what` is the job refusing."""
+    if not adapter.dense_updates:
+        return
+    key, update = next(iter(adapter.dense_updates.items()))
+    name = update.method
+    if adapter.source_format.startswith("peft-"):
+        peft_type = adapter.source_format.removeprefix("peft-").upper()
+        shown = f" ({name})" if name.upper() != peft_type else ""
+        name = f"peft_type {peft_type}{shown}"
+    count = len(adapter.dense_updates)
+    raise FormatError(
+        f"{name} has no plain-LoRA form: {update.why}; it is merge-only, so {what} cannot take "
+        f"it ({count} module{'s' if count > 1 else ''}, e.g. {key})",
+        file=adapter.source_path,
+        hint=hint or "`loramerge merge` applies it exactly to the base model",
+    )

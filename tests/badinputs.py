@@ -550,9 +550,18 @@ def vera_without_projections(root: Path) -> Case:
     )
 
 
-def merge_only_tuner(root: Path) -> Case:
+def ia3_scale_on_the_wrong_side(root: Path) -> Case:
+    """down_proj is a feedforward module: its ia3_l scales inputs, (1, in), not outputs."""
     folder = _copy(root, TUNERS / "ia3")
-    return Case(folder, BASES / "llama", (str(folder / CONFIG), "peft_type IA3", "merge-only"))
+    key = f"{PREFIX}model.layers.1.mlp.down_proj.ia3_l"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key] = torch.ones(64, 1)
+
+    _edit_tensors(folder / WEIGHTS, edit)
+    return Case(
+        folder, BASES / "llama", (str(folder / WEIGHTS), "ia3_l [64, 1]", "scale per inputs")
+    )
 
 
 def mlx_truncated(root: Path) -> Case:
@@ -798,7 +807,7 @@ BUILDERS: dict[str, Callable[[Path], Case]] = {
         lokr_half_a_side,
         adalora_mask_wrong_length,
         vera_without_projections,
-        merge_only_tuner,
+        ia3_scale_on_the_wrong_side,
         mlx_truncated,
         mlx_rank_disagrees,
         mlx_dora_without_magnitudes,

@@ -47,6 +47,9 @@ HEADERS = "tests/io/test_safetensors_reader_writer.py"
 SAFETY = "tests/formats/test_safety.py"
 LOWRANK = "tests/ops/test_lowrank.py"
 TILES = "tests/ops/test_update_tiles.py"
+DENSE_OPS = "tests/ops/test_dense_updates.py"
+DENSE_PEFT = "tests/formats/test_peft_dense.py"
+DENSE_ARCH = "tests/jobs/test_dense_architectures.py"
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,12 @@ MUTATIONS = [
         "loramerge/model/stream.py",
         (
             patch(
-                "squares += output_norms_squared(values, kind)",
-                "squares += output_norms_squared(base_rows.float(), kind)",
+                "squares += output_norms_squared(values, transposed)",
+                "squares += output_norms_squared(base_rows.float(), transposed)",
             ),
             patch(
-                "tile_norms = output_norms_squared(values, kind).sqrt()",
-                "tile_norms = output_norms_squared(base_rows.float(), kind).sqrt()",
+                "tile_norms = output_norms_squared(values, transposed).sqrt()",
+                "tile_norms = output_norms_squared(base_rows.float(), transposed).sqrt()",
             ),
         ),
         (MERGE, CONV),
@@ -158,14 +161,14 @@ MUTATIONS = [
     Mutation(
         "conv1d-not-transposed",
         "GPT-2 Conv1D updates not transposed to the (in x out) layout",
-        "loramerge/ops/update.py",
+        "loramerge/model/planner.py",
         (
             patch(
-                "TRANSPOSED = frozenset({ModuleKind.CONV1D, ModuleKind.EMBEDDING})",
-                "TRANSPOSED = frozenset({ModuleKind.EMBEDDING})",
+                "transposed = target.kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING)",
+                "transposed = target.kind in (ModuleKind.EMBEDDING,)",
             ),
         ),
-        (TILES, MERGE, CONVERT),
+        (MERGE, CONVERT),
     ),
     Mutation(
         "fold-weights-ignored",
@@ -205,11 +208,11 @@ MUTATIONS = [
     Mutation(
         "modules-to-save-kept",
         "modules_to_save tensors not replaced (the base's copied)",
-        "loramerge/model/plan.py",
+        "loramerge/model/param_changes.py",
         (
             patch(
-                "        if name in replacements:\n            key = replacements[name]",
-                "        if False:\n            key = replacements[name]",
+                '("modules_to_save", adapter.modules_to_save),',
+                '("modules_to_save", {}),',
             ),
         ),
         (MERGE,),
@@ -217,13 +220,8 @@ MUTATIONS = [
     Mutation(
         "head-not-untied",
         "a tied head is not untied when the embedding table changes",
-        "loramerge/model/plan.py",
-        (
-            patch(
-                "untie = tied and (embed_name in changed or lm_head_name in changed)",
-                "untie = False",
-            ),
-        ),
+        "loramerge/model/param_changes.py",
+        (patch("changes.untie = True", "changes.untie = False"),),
         (MERGE,),
     ),
     Mutation(
@@ -251,8 +249,8 @@ MUTATIONS = [
         "loramerge/formats/peft.py",
         (
             patch(
-                "alpha_key = match_pattern(alpha_pattern, module_path)",
-                "alpha_key = None",
+                "found = match_pattern(self.alpha_pattern, key)",
+                "found = None",
             ),
         ),
         (ENGINES, MERGE, CONVERT, VERIFY),
@@ -270,6 +268,62 @@ MUTATIONS = [
         "loramerge/io/safetensors_header.py",
         (patch("if entry.begin != position:", "if entry.begin < position:"),),
         (HEADERS, SAFETY),
+    ),
+    Mutation(
+        "ia3-bias-unscaled",
+        "IA3 on the outputs leaves the layer's bias unscaled",
+        "loramerge/formats/peft_dense.py",
+        (patch('out_features=size, bias="scale"', "out_features=size, bias=None"),),
+        (DENSE_ARCH,),
+    ),
+    Mutation(
+        "neumann-term-short",
+        "OFT's Cayley-Neumann series one doubled power short",
+        "loramerge/ops/rotations.py",
+        (
+            patch(
+                "for _ in range(max(2, terms - 2) - 1):", "for _ in range(max(2, terms - 2) - 2):"
+            ),
+        ),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "fourier-positions-column-major",
+        "FourierFT positions read column-major",
+        "loramerge/ops/dense_deltas.py",
+        (
+            patch(
+                "return flat // in_features, flat % in_features",
+                "return flat % out_features, flat // out_features",
+            ),
+        ),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "c3a-shift-reversed",
+        "C3A's circulant blocks shifted left instead of right",
+        "loramerge/ops/dense_deltas.py",
+        (patch("(j - t) % size]", "(t - j) % size]"),),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "randlora-pairing",
+        "RandLoRA's bases flattened in the same order on both sides",
+        "loramerge/ops/dense_deltas.py",
+        (
+            patch(
+                "left = b.reshape(larger, bases * rank)",
+                "left = b.transpose(1, 2).reshape(larger, bases * rank)",
+            ),
+        ),
+        (DENSE_OPS, DENSE_PEFT),
+    ),
+    Mutation(
+        "dense-rounded-to-bf16",
+        "a dense rule's result rounded to bfloat16 before the output dtype",
+        "loramerge/model/dense_tiles.py",
+        (patch("rows.copy_(merged)", "rows.copy_(merged.to(torch.bfloat16))"),),
+        (DENSE_PEFT,),
     ),
 ]
 

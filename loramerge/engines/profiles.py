@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loramerge.errors import UsageError, opt
+from loramerge.errors import OptionError, UsageError, opt
 
 if TYPE_CHECKING:
     import torch
@@ -151,6 +151,15 @@ def apply_engine(
     """Rewrite `adapter` for `engine`, which must load the output format `to`. `base` is what
     is known of the base model (a bare config.json mapping is accepted too)."""
     output_for(engine, to)
+    if adapter.dense_updates:
+        key, update = next(iter(adapter.dense_updates.items()))
+        raise OptionError(
+            f"{engine} cannot serve {update.method}: it has no LoRA form ({update.why})",
+            file=adapter.source_path,
+            module=key,
+            option="engine",
+            hint="merge it into the base instead (loramerge merge)",
+        )
     if not isinstance(base, BaseFacts):
         base = BaseFacts(config=base)
     return engine_profile(engine).rewrite(adapter, base)

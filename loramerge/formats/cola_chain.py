@@ -163,7 +163,14 @@ def read_chain(
     for index, entry in enumerate(entries, 1):
         try:
             adapter = read_adapter(entry.path, entry.fmt, options)
+            _refuse_dense(adapter)
         except LoramergeError as exc:
             raise in_link(exc, index) from exc
         links.append(ChainLink(index, entry.path, entry.weight, adapter))
     return Chain(links, folder)
+
+
+def _refuse_dense(adapter: Adapter) -> None:
+    from loramerge.adapter_checks import refuse_dense_updates
+
+    refuse_dense_updates(adapter, "a COLA chain link")

@@ -28,7 +28,9 @@ def components_of_modules(modules: list[LoraModule]) -> list[str | None]:
 
 def components(adapter: Adapter) -> list[str | None]:
     """The models an adapter adapts, in pipeline order; [None] for a one-model adapter."""
-    return components_of_modules(list(adapter.modules.values()))
+    found = {m.component for m in adapter.modules.values()}
+    found |= {u.component for u in adapter.dense_updates.values()}
+    return sorted(found or {None}, key=_order)
 
 
 def _order(component: str | None) -> tuple[int, str]:
@@ -39,12 +41,15 @@ def _order(component: str | None) -> tuple[int, str]:
 
 def split(adapter: Adapter) -> dict[str | None, Adapter]:
     """One adapter per component, keyed by module path, with the source's provenance."""
-    parts: dict[str | None, list[LoraModule]] = {}
-    for module in adapter.modules.values():
-        parts.setdefault(module.component, []).append(module)
     return {
-        component: replace(adapter, modules={m.path: m for m in modules})
-        for component, modules in sorted(parts.items(), key=lambda item: _order(item[0]))
+        component: replace(
+            adapter,
+            modules={m.path: m for m in adapter.modules.values() if m.component == component},
+            dense_updates={
+                u.path: u for u in adapter.dense_updates.values() if u.component == component
+            },
+        )
+        for component in components(adapter)
     }
 
 
@@ -72,7 +77,8 @@ def select(adapter: Adapter, component: str | None) -> Adapter:
 
 def describe(parts: dict[str | None, Adapter]) -> str:
     return ", ".join(
-        f"{name or 'one model'} ({len(part.modules)} modules)" for name, part in parts.items()
+        f"{name or 'one model'} ({len(part.modules) + len(part.dense_updates)} modules)"
+        for name, part in parts.items()
     )
 
 
@@ -91,5 +97,8 @@ def for_component(adapter: Adapter, component: str | None) -> Adapter:
         return replace(
             adapter,
             modules={k: replace(m, component=component) for k, m in adapter.modules.items()},
+            dense_updates={
+                k: replace(u, component=component) for k, u in adapter.dense_updates.items()
+            },
         )
     return select(adapter, component)

@@ -292,17 +292,7 @@ def _module(
             file=path,
             module=name,
         )
-    alpha = float(r)
-    if "alpha" in parts:
-        if math.prod(parts["alpha"].shape) != 1:
-            raise FormatError(
-                f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
-                file=path,
-                module=name,
-            )
-        alpha = float(parts["alpha"].load().reshape(-1)[0].item())
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise FormatError(f"alpha must be a positive number, got {alpha}", file=path, module=name)
+    alpha = stored_alpha(path, name, parts, float(r))
     kind = ModuleKind.CONV if len(down.shape) == 4 else ModuleKind.LINEAR
     return LoraModule(
         path=module_path or kohya_to_path(name),
@@ -429,3 +419,24 @@ def _source_prefix(adapter: Adapter) -> str | None:
             if prefix:
                 return prefix
     return None
+
+
+def stored_alpha(
+    path: Path, name: str, parts: dict[str, LazyTensor], missing: float, zero: float | None = None
+) -> float:
+    """The `.alpha` a kohya-style file stores for a module: `missing` when it stores none,
+    `zero` (when given) for a stored 0, and otherwise a positive number or refused."""
+    if "alpha" not in parts:
+        return missing
+    if math.prod(parts["alpha"].shape) != 1:
+        raise FormatError(
+            f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
+            file=path,
+            module=name,
+        )
+    alpha = float(parts["alpha"].load().reshape(-1)[0].item())
+    if alpha == 0 and zero is not None:
+        return zero
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise FormatError(f"alpha must be a positive number, got {alpha}", file=path, module=name)
+    return alpha

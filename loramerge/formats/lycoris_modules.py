@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapter import LazyTensor, LoraModule, ModuleKind
+from loramerge.adapter import DenseUpdate, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import FormatError
-from loramerge.formats import kohya
+from loramerge.formats import dense_forms, kohya
 from loramerge.formats.derived_factors import derived_pair, flat_width, high_rank_reason
 from loramerge.ops.lowrank_forms import (
     exact_factors,
@@ -93,20 +93,7 @@ def need(path: Path, name: str, parts: dict[str, LazyTensor], *keys: str) -> lis
 
 def alpha_of(path: Path, name: str, parts: dict[str, LazyTensor], r: int) -> float:
     """The stored alpha; LyCORIS treats a missing or zero alpha as alpha = r."""
-    if "alpha" not in parts:
-        return float(r)
-    if math.prod(parts["alpha"].shape) != 1:
-        raise FormatError(
-            f"alpha must hold one number, it has shape {list(parts['alpha'].shape)}",
-            file=path,
-            module=name,
-        )
-    alpha = float(parts["alpha"].load().reshape(-1)[0].item())
-    if alpha == 0:
-        return float(r)
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise FormatError(f"alpha must be a positive number, got {alpha}", file=path, module=name)
-    return alpha
+    return kohya.stored_alpha(path, name, parts, missing=float(r), zero=float(r))
 
 
 def magnitude_of(
@@ -323,7 +310,27 @@ def _loha(
         kind=kind,
         magnitude=magnitude_of(context.path, name, parts, out_features),
         component=component,
+        dense=_loha_dense(context, module_path, sides, scale, reason, kind, component),
     )
+
+
+def _loha_dense(
+    context: Context,
+    path: str,
+    sides: list,
+    scale: float,
+    reason: str | None,
+    kind: ModuleKind,
+    component: str | None,
+) -> DenseUpdate | None:
+    """The dense form a merge applies when the LoRA form is larger than the update."""
+    if not reason:
+        return None
+    factors = dense_forms.hadamard_factors(sides)
+    return dense_forms.hadamard_form(
+        path, "LyCORIS LoHa", factors, scale, reason, kind=kind, component=component,
+        where=context.path,
+    )  # fmt: skip
 
 
 def _lokr_side(
@@ -396,6 +403,13 @@ def _lokr(
     kind, shape_b, shape_a = _kind_shapes(out_features, rank, width, kernel)
     reason = high_rank_reason(rank, out_features, width, "this LoKr module")
     lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
+    dense = None
+    if reason:
+        sides = ((_lokr_matrix(parts, "w1"), (a, b)), (_lokr_matrix(parts, "w2"), (c, dk)))
+        dense = dense_forms.kron_form(
+            module_path, "LyCORIS LoKr", sides, scale, reason, kind=kind, component=component,
+            where=context.path,
+        )  # fmt: skip
     return LoraModule(
         path=module_path,
         lora_A=lora_a,
@@ -404,7 +418,17 @@ def _lokr(
         kind=kind,
         magnitude=magnitude_of(context.path, name, parts, out_features),
         component=component,
+        dense=dense,
     )
+
+
+def _lokr_matrix(parts: dict[str, LazyTensor], which: str) -> dense_forms.Matrix:
+    """One Kronecker side as stored (full, factored or Tucker), as a float64 matrix."""
+    full = parts.get(f"lokr_{which}")
+    if full is not None:
+        return dense_forms.stored_matrix(full)
+    up, down = parts[f"lokr_{which}_a"], parts[f"lokr_{which}_b"]
+    return dense_forms.matrix_of(up, down, parts.get(f"lokr_t{which[-1]}"))
 
 
 def _full(
@@ -436,6 +460,7 @@ def _full(
     reason = "a LyCORIS full module (W' = W + diff) is a dense update with no low-rank form"
     kind, shape_b, shape_a = _kind_shapes(out_features, rank, width, kernel)
     lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
+    twin = dense_forms.full_form(module_path, diff, bias, reason, kind=kind, component=component)
     return LoraModule(
         path=module_path,
         lora_A=lora_a,
@@ -444,6 +469,7 @@ def _full(
         kind=kind,
         bias=bias,  # b' = b + 1 * diff_b
         component=component,
+        dense=twin,
     )
 
 

@@ -1,5 +1,5 @@
-"""PEFT tuners other than LoRA, read into their exact plain-LoRA form (docs/rules.md section 6),
-or refused naming `peft_type` where no low-rank form exists.
+"""PEFT tuners other than LoRA, read into their exact plain-LoRA form (docs/rules.md section 6);
+tuners with no low-rank form are read as dense updates by formats/peft_dense*.
 
 Formulas and key names are those of PEFT 0.21.2 (checked against its forward on the fixtures in
 fixtures/peft-tuners/; docs/formats.md). Saved keys are `base_model.model.<module path>.<param>`
@@ -31,10 +31,11 @@ import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
 from loramerge.errors import FormatError, OptionError, located, opt
-from loramerge.formats import provenance
+from loramerge.formats import dense_forms, provenance
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
 from loramerge.formats.derived import derived, derived_pair
 from loramerge.formats.derived_factors import high_rank_reason
+from loramerge.formats.peft import CONFIG_NAME, PREFIX, weights_file
 from loramerge.formats.read_context import current_base
 from loramerge.ops.lowrank import qr_core, reduce_core
 from loramerge.ops.lowrank_forms import (
@@ -45,9 +46,6 @@ from loramerge.ops.lowrank_forms import (
     precision_rtol,
 )
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-MODEL_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
 
 # ---------------------------------------------------------------- refusals
@@ -61,59 +59,6 @@ NAMES = {
     "DELORA": "DeLoRA",
 }
 
-# peft_type -> (tuner, why it has no plain-LoRA form, the dense operation a merge applies)
-MERGE_ONLY: dict[str, tuple[str, str, str]] = {
-    "IA3": (
-        "IA3",
-        "it scales the weight itself, so the update depends on W",
-        "W * l: ia3_l (out, 1) scales output rows and the bias; ia3_l (1, in) "
-        "(feedforward_modules) scales input columns, bias unchanged",
-    ),
-    "OFT": (
-        "OFT",
-        "it rotates the weight, so the update depends on W",
-        "W R^T with R block-diagonal orthogonal, each block the (Cayley-Neumann) Cayley "
-        "transform of the skew matrix in oft_R",
-    ),
-    "BOFT": (
-        "BOFT",
-        "it rotates the weight, so the update depends on W",
-        "(W R^T) * boft_s with R the butterfly product of block-diagonal Cayley rotations "
-        "(boft_R) and boft_s (out, 1) scaling the rows",
-    ),
-    "HRA": (
-        "HRA",
-        "it reflects the weight, so the update depends on W",
-        "W H_1 ... H_r with H_i = I - 2 u_i u_i^T / |u_i|^2, u_i the columns of hra_u",
-    ),
-    "FOURIERFT": (
-        "FourierFT",
-        "its update is a dense, generally full-rank matrix",
-        "W + Re(ifft2(S)) * scaling, S zero except the spectrum at the first n_frequency "
-        "positions of torch.randperm(out * in) seeded with random_loc_seed",
-    ),
-    "SHIRA": (
-        "SHiRA",
-        "its update is a sparse, generally full-rank matrix",
-        "W + D with D[shira_indices[0], shira_indices[1]] = shira_weight (scaling 1)",
-    ),
-    "C3A": (
-        "C3A",
-        "its update is a dense block-circulant, generally full-rank matrix",
-        "W + D with D block-circulant, built from c3a_kernel by FFT",
-    ),
-    "RANDLORA": (
-        "RandLoRA",
-        "its update is a sum of many scaled random bases, generally full rank",
-        "W + D with D from the shared bases randlora_A / randlora_B scaled by the trained "
-        "randlora_lambda and randlora_gamma",
-    ),
-}
-MERGE_ONLY_MISS_BAT = (
-    "MiSS (init_weights 'bat')",
-    "its block update multiplies the weight, so it depends on W",
-    "per r x r block W_ij: W_ij + W_ij M_i + M_i with M = miss_block (out/r x r x r)",
-)
 # peft_types that change no weight at all (prompts, routers, norms, token rows)
 NO_WEIGHT_UPDATE = {
     "PROMPT_TUNING",
@@ -132,15 +77,7 @@ NO_WEIGHT_UPDATE = {
 
 
 def refusal(peft_type: str, config_path: Path) -> FormatError:
-    """The error for a peft_type that loramerge does not turn into a LoRA."""
-    if peft_type in MERGE_ONLY:
-        name, why, _ = MERGE_ONLY[peft_type]
-        return FormatError(
-            f"peft_type {peft_type} ({name}) has no plain-LoRA form: {why}; it is merge-only, "
-            "and loramerge does not merge it yet",
-            file=config_path,
-            hint="merge it with PEFT's merge_and_unload",
-        )
+    """The error for a peft_type that loramerge neither turns into a LoRA nor merges."""
     if peft_type in NO_WEIGHT_UPDATE:
         return FormatError(
             f"peft_type {peft_type} changes no weight matrix (prompts, routing, norms or token "
@@ -148,10 +85,17 @@ def refusal(peft_type: str, config_path: Path) -> FormatError:
             file=config_path,
         )
     return FormatError(
-        f"peft_type {peft_type} is not supported: loramerge reads LORA and the exact forms of "
-        f"{', '.join(sorted(EXACT))}",
+        f"peft_type {peft_type} is not supported: loramerge reads LORA, the exact forms of "
+        f"{', '.join(sorted(EXACT))} and the dense updates of {', '.join(sorted(dense_readers()))}",
         file=config_path,
     )
+
+
+def dense_readers() -> dict[str, Callable[[_Context], Adapter]]:
+    """The readers of tuners with no low-rank form (formats/peft_dense*), by peft_type."""
+    from loramerge.formats import peft_dense, peft_dense_additive
+
+    return {**peft_dense.READERS, **peft_dense_additive.READERS}
 
 
 # ---------------------------------------------------------------- reading
@@ -176,13 +120,13 @@ class _Context:
 
     def load(self, params: tuple[str, ...], shared: tuple[str, ...] = ()) -> None:
         """Sort the weight file's tensors into per-module parameters and shared tensors."""
-        self.weights = _weights_file(self.folder)
+        self.weights = weights_file(self.folder)
         tensors, self.metadata = lazy_weights(self.weights)
         key = re.compile(r"^(?P<path>.+)\.(?P<param>" + "|".join(params) + r")(?:\.weight)?$")
         save = self.config.get("modules_to_save") or []
         for name, tensor in tensors.items():
-            if name.startswith(MODEL_PREFIX):
-                inner = name[len(MODEL_PREFIX) :]
+            if name.startswith(PREFIX):
+                inner = name[len(PREFIX) :]
                 found = key.match(inner)
                 if found is not None:
                     self.modules.setdefault(found["path"], {})[found["param"]] = tensor
@@ -287,29 +231,14 @@ def read(folder: Path, config: dict[str, Any], peft_type: str) -> Adapter:
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if peft_type == "MISS" and config.get("init_weights") == "bat":
-        name, why, _ = MERGE_ONLY_MISS_BAT
-        raise FormatError(
-            f"peft_type MISS with init_weights 'bat' ({name}) has no plain-LoRA form: {why}; it "
-            "is merge-only, and loramerge does not merge it yet",
-            file=config_path,
-            hint="merge it with PEFT's merge_and_unload",
-        )
-    reader = EXACT.get(peft_type)
+        from loramerge.formats.peft_dense import miss_bat
+
+        return miss_bat(_Context(folder, config, peft_type))
+    reader = EXACT.get(peft_type) or dense_readers().get(peft_type)
     if reader is None:
         raise refusal(peft_type, config_path)
     context = _Context(folder, config, peft_type)
     return reader(context)
-
-
-def _weights_file(folder: Path) -> Path:
-    for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise FormatError(
-        "has adapter_config.json but no adapter_model.safetensors or adapter_model.bin",
-        file=folder,
-        hint="copy the adapter's weight file into the folder",
-    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -529,6 +458,10 @@ def _loha(ctx: _Context) -> Adapter:
                 both, (out, rank), (rank, fan_in), path=ctx.weights, module=path, merge_only=dense
             )
         modules[path] = _module(ctx, path, lora_b, lora_a, scale)
+        if dense:
+            factors = dense_forms.hadamard_factors([(w1a, w1b, None), (w2a, w2b, None)])
+            twin = dense_forms.hadamard_form(path, "LoHa", factors, scale, dense, where=ctx.weights)
+            modules[path].dense = twin
     return ctx.adapter(
         modules,
         "LoHa ((w1a w1b) * (w2a w2b)), written as a LoRA of rank r^2 (face-splitting product)",
@@ -573,6 +506,15 @@ def _lokr(ctx: _Context) -> Adapter:
             derived(a_of, (k, fan_in), path=ctx.weights, module=path, merge_only=dense),
             alpha / expected_r,
         )
+        if dense:
+            sides = tuple(
+                (_lokr_matrix(found, stem), (b.shape[0], a.shape[1]))
+                for stem, b, a in (("lokr_w1", b1, a1), ("lokr_w2", b2, a2))
+            )
+            twin = dense_forms.kron_form(
+                path, "LoKr", sides, alpha / expected_r, dense, where=ctx.weights
+            )
+            modules[path].dense = twin
     return ctx.adapter(
         modules,
         "LoKr (kron(w1, w2)), written as a LoRA of rank rank(w1) * rank(w2) "
@@ -580,6 +522,13 @@ def _lokr(ctx: _Context) -> Adapter:
         "scale alpha / r per module, also when both sides are full (PEFT, unlike LyCORIS); "
         "each side refactored at its numerical rank (a full side by its SVD)",
     )
+
+
+def _lokr_matrix(found: dict[str, LazyTensor], stem: str) -> dense_forms.Matrix:
+    full = found.get(stem)
+    if full is not None:
+        return dense_forms.stored_matrix(full)
+    return dense_forms.matrix_of(found[f"{stem}_a"], found[f"{stem}_b"])
 
 
 def _lokr_side(

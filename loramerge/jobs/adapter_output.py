@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
+from loramerge.adapter_checks import refuse_dense_updates
 from loramerge.engines.profiles import BaseFacts, apply_engine, engine_profile, output_for
 from loramerge.errors import UsageError, opt
 from loramerge.formats.registry import OutputFormat, check_output_name, output_format
@@ -85,6 +86,7 @@ def write_adapter(
     `launch`, `launch_args`), or {} when no profile applies.
     """
     out = Path(out)
+    refuse_dense_updates(adapter, "an adapter file")
     check_adapter_output(out, output, inputs, force)
     facts = base_facts(output.base)
     report: dict[str, Any] = {}

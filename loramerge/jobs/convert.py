@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import read_checked
+from loramerge.adapter_checks import read_checked, refuse_dense_updates
 from loramerge.formats.components import for_component
 from loramerge.formats.derived_factors import merge_only_reason
 from loramerge.formats.provenance import read_as
-from loramerge.formats.registry import ReadOptions, check_user_alpha
+from loramerge.formats.registry import ReadOptions
 from loramerge.jobs.adapter_output import check_adapter_output, choose_output, write_adapter
 from loramerge.jobs.options import check_rank, check_share
 from loramerge.jobs.pipeline_base import (
@@ -60,7 +60,7 @@ def convert_adapter(
     check_adapter_output(out, output, inputs, force)
     options = ReadOptions(alpha=alpha, base_config=config, base=base)
     adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
-    check_user_alpha(adapter, alpha)
+    refuse_dense_updates(adapter, "an adapter file")
     adapter = for_component(adapter, component)
     result: dict[str, Any] = {
         "source_format": adapter.source_format,

@@ -11,17 +11,18 @@ from typing import Any
 
 import torch
 
-from loramerge.adapter import Adapter, LoraModule, ModuleKind
+from loramerge.adapter import Adapter, DenseUpdate, LoraModule, ModuleKind
 from loramerge.adapter_checks import read_checked
 from loramerge.errors import opt
 from loramerge.formats.components import components, for_component, select
 from loramerge.formats.derived_factors import merge_only_modules
 from loramerge.formats.dylora import is_dylora, unit_of
 from loramerge.formats.provenance import read_as
-from loramerge.formats.registry import ReadOptions, check_user_alpha
+from loramerge.formats.registry import ReadOptions
 from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.jobs.merge import rounding_warning
 from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora, model_config
+from loramerge.model.dense_tiles import dense_support
 from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, TensorPlan
@@ -44,6 +45,7 @@ class ModuleReport:
     dora: bool = False
     component: str | None = None  # the pipeline model of a multi-model adapter
     merge_only: bool = False  # its exact LoRA form is no smaller than the dense update
+    rule: str | None = None  # a dense update (no rank): its method and rule, "IA3 scale_out"
     base_tensor: str | None = None
     base_dtype: str | None = None
     base_norm: float | None = None
@@ -87,7 +89,6 @@ def inspect(
     `component` narrows a pipeline adapter to one model (needed with a base)."""
     config = model_config(base) if base is not None else None
     adapter = read_checked(path, fmt, ReadOptions(alpha=alpha, base_config=config, base=base))
-    check_user_alpha(adapter, alpha)
     return inspect_adapter(adapter, base, progress, component)
 
 
@@ -121,14 +122,16 @@ def inspect_adapter(
                 merge_only=key in merge_only,
             )
         )
+    lora = list(modules)
+    modules += [dense_report(key, update) for key, update in adapter.dense_updates.items()]
     report = AdapterReport(
         path=adapter.source_path or "",
         format=adapter.source_format,
         base_model=adapter.base_model,
-        module_count=len(adapter.modules),
-        ranks=sorted({m.r for m in modules}),
-        alphas=sorted({m.alpha for m in modules}),
-        scales=sorted({round(m.scale, 6) for m in modules}),
+        module_count=len(modules),
+        ranks=sorted({m.r for m in lora}),
+        alphas=sorted({m.alpha for m in lora}),
+        scales=sorted({round(m.scale, 6) for m in lora}),
         dtypes=sorted({m.dtype for m in modules}),
         parameter_count=adapter.parameter_count(),
         modules_to_save=sorted(adapter.modules_to_save),
@@ -141,11 +144,34 @@ def inspect_adapter(
             f"{len(merge_only)} modules have no low-rank form and can only be merged, e.g. "
             f"{key}: {reason}"
         )
+    if adapter.dense_updates:
+        update = next(iter(adapter.dense_updates.values()))
+        report.warnings.append(
+            f"{len(adapter.dense_updates)} modules are {update.method} updates with no LoRA "
+            f"form ({update.why}): they can only be merged"
+        )
     if is_dylora(adapter):
         report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))
     if base_ref is not None:
         _measure_against_base(adapter, base_ref, report, progress)
     return report
+
+
+def dense_report(key: str, update: DenseUpdate) -> ModuleReport:
+    """A dense update's row: no rank, alpha or scale; its size is measured against the base."""
+    dtypes = {tensor.dtype for tensor in update.tensors.values() if tensor.dtype.is_floating_point}
+    return ModuleReport(
+        path=key,
+        kind=update.kind.value,
+        r=0,
+        alpha=0.0,
+        scale=1.0,
+        dtype=",".join(sorted(dtype_code(d) for d in dtypes)),
+        update_norm=None,
+        component=update.component,
+        merge_only=True,
+        rule=f"{update.method} {update.rule}",
+    )
 
 
 def update_norm(module: LoraModule) -> float | None:
@@ -174,7 +200,8 @@ def _measure_against_base(
         sources = sources_for(plan, base, stack)
         for tensor in merged:
             entry = by_path[tensor.module or ""]
-            entry.kind = (tensor.kind or adapter.modules[entry.path].kind).value
+            if tensor.kind is not None:
+                entry.kind = tensor.kind.value
             _measure(entry, tensor, sources, adapter)
             if entry.changed_share is not None and entry.changed_share < ERASED_SHARE:
                 kept = f"{entry.changed_share:.0%}"
@@ -188,12 +215,18 @@ def _measure_against_base(
 def _measure(entry: ModuleReport, tensor: TensorPlan, sources: Sources, adapter: Adapter) -> None:
     """The base weight's norm and the share of elements the update changes after rounding."""
     out_dtype = torch_dtype(tensor.dtype)
-    squares, changed, elements = 0.0, 0, 0
+    squares, changed, elements, moved = 0.0, 0, 0, 0.0
     for base_rows, values in merged_tiles(tensor, sources, adapter):
-        squares += float(base_rows.to(torch.float64).square().sum())
+        base = base_rows.to(torch.float64)
+        squares += float(base.square().sum())
+        if tensor.dense:  # no factors: the update is what the rule did to the weight
+            moved += float((values.to(torch.float64) - base).square().sum())
         changed += count_changed(values.to(out_dtype), base_rows.to(out_dtype))
         elements += values.numel()
         sources.give(base_rows, values)
+    if tensor.dense:
+        entry.update_norm = moved**0.5
+        elements = dense_support(tensor, adapter) or elements
     entry.base_tensor = tensor.name
     entry.base_dtype = tensor.dtype
     entry.base_norm = squares**0.5

@@ -16,7 +16,7 @@ from typing import Any
 from loramerge.adapter import Adapter
 from loramerge.adapter_checks import check_values, read_checked
 from loramerge.errors import LoramergeError, OutputError, opt
-from loramerge.formats.registry import check_output_name
+from loramerge.formats.registry import ReadOptions, check_output_name
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import read_header
@@ -165,12 +165,8 @@ def _read(
 ) -> Adapter:
     """The adapter, read with what the base and the user supply for formats that store less
     (torchtune's head counts and alpha, VeRA's input sizes, official DyLoRA's alpha)."""
-    from loramerge.formats.registry import ReadOptions, check_user_alpha
-
     options = ReadOptions(alpha=alpha, base=base)
-    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
-    check_user_alpha(adapter, alpha)
-    return adapter
+    return read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
 
 
 def merge_adapter(

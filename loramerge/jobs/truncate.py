@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import read_checked
+from loramerge.adapter_checks import read_checked, refuse_dense_updates
 from loramerge.engines.profiles import combine_reports
 from loramerge.errors import OptionError, UsageError, located, opt
 from loramerge.formats import dylora
-from loramerge.formats.registry import ReadOptions, check_output_name, check_user_alpha
+from loramerge.formats.registry import ReadOptions, check_output_name
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
 from loramerge.jobs.adapter_output import AdapterOutput, choose_output, write_adapter
@@ -135,7 +135,9 @@ def truncate_adapter(
     """
     source, out = Path(source), Path(out)
     options.check(base)
-    adapter = _read(source, fmt, alpha, allow_nonfinite, base)
+    read = ReadOptions(alpha=alpha, base=base)
+    adapter = read_checked(source, fmt, read, allow_nonfinite=allow_nonfinite)
+    refuse_dense_updates(adapter, "truncation")
     method = resolve_method(adapter, options.method, options.energy)
     if base is not None and not options.merge:
         adapter = fit_components(adapter, base)
@@ -161,19 +163,6 @@ def truncate_adapter(
         path = out / _output_name(rank, target)
         result.outputs.append(TruncateOutput(rank, str(path), new.parameter_count(), rows))
     return result
-
-
-def _read(
-    source: Path,
-    fmt: str | None,
-    alpha: float | None,
-    allow_nonfinite: bool,
-    base: str | Path | None,
-) -> Adapter:
-    options = ReadOptions(alpha=alpha, base=base)
-    adapter = read_checked(source, fmt, options, allow_nonfinite=allow_nonfinite)
-    check_user_alpha(adapter, alpha)
-    return adapter
 
 
 def _check_outputs(

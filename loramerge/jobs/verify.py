@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
-from loramerge.adapter_checks import read_checked
+from loramerge.adapter_checks import read_checked, refuse_dense_updates
 from loramerge.errors import FormatError, MismatchError, OptionError, UsageError, located, opt
 from loramerge.formats.registry import ReadOptions
 from loramerge.io.hub import resolve
@@ -124,7 +124,11 @@ def read_side(
     """Any adapter format loramerge reads (GGUF with the base config when it needs it; VeRA,
     MiSS and torchtune with the base), refused like every other command refuses it: empty, or
     NaN / Inf values."""
-    return read_checked(path, options=ReadOptions(base_config=base_config, base=base))
+    adapter = read_checked(path, options=ReadOptions(base_config=base_config, base=base))
+    refuse_dense_updates(
+        adapter, "verify", "merge it (`loramerge merge`) and compare the merged model's logits"
+    )
+    return adapter
 
 
 def verify(

@@ -48,14 +48,6 @@ class Architecture:
     # stored_layout): its pieces, or why they are not mapped; None: stored as held in memory
     pieces: dict[str, tuple[StoredPiece, ...] | str] | None = field(default=None, repr=False)
 
-    def module(self, path: str) -> ModuleInfo | None:
-        return self.modules.get(path)
-
-    def tied_group(self, param: str) -> set[str]:
-        """Every parameter that shares storage with `param` (itself included)."""
-        root = self.tied.get(param, param)
-        return {root} | {target for target, source in self.tied.items() if source == root}
-
     def stored_pieces(self, param: str) -> list[StoredPiece]:
         """Where `param` lives in the files (names before the base-model prefix is matched);
         raises UnmappedLayout when transformers converts it in a way loramerge does not map."""

@@ -280,7 +280,7 @@ def stream_fast(
 ) -> StreamResult:
     """Write every shard of the plan into out_dir (which the caller makes atomic), as
     loramerge.model.stream.stream_plan does; `unsupported(plan, base)` must be None."""
-    direct = direct_writes_work(out_dir) and not os.environ.get("LORAMERGE_XBUFFERED")
+    direct = direct_writes_work(out_dir)
     headers, _ = _layout(plan)
     sizes = [len(h) + shard.nbytes for h, shard in zip(headers, plan.shards, strict=True)]
     total = sum(sizes)

@@ -46,6 +46,7 @@ class Fitted:
     tied: dict[str, str]  # target parameter -> the parameter it is tied to
     prefix: str = ""  # the model's base-model prefix, which checkpoints may omit
     notes: list[str] = field(default_factory=list)
+    dense_targets: dict[str, Target] = field(default_factory=dict)  # of adapter.dense_updates
 
     def param_name(self, name: str) -> str | None:
         """The parameter a name from the adapter refers to (None: the base has none)."""
@@ -81,13 +82,24 @@ def fit_adapter(adapter: Adapter, base: BaseModel) -> Fitted:
             )
         modules[resolved.path] = resolved
         targets[resolved.path] = target
+    from loramerge.model.dense_fit import fit_by_architecture
+
+    dense, dense_targets = fit_by_architecture(adapter, architecture, _find_module)
+    clash = sorted(set(dense) & set(modules))
+    if clash:
+        raise FormatError(
+            "has a LoRA module and a dense update on the same layer",
+            file=adapter.source_path,
+            module=clash[0],
+        )
     return Fitted(
-        replace(adapter, modules=modules),
+        replace(adapter, modules=modules, dense_updates=dense),
         targets,
         architecture,
         dict(architecture.parameters),
         dict(architecture.tied),
         architecture.base_model_prefix,
+        dense_targets=dense_targets,
     )
 
 

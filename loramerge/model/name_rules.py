@@ -11,6 +11,7 @@ from typing import Any
 
 from loramerge.adapter import Adapter, LoraModule, ModuleKind
 from loramerge.errors import FormatError, ShapeMismatchError
+from loramerge.model import dense_fit
 from loramerge.model.fit import Fitted, Target
 from loramerge.model.folder import BaseModel
 from loramerge.model.names import input_embedding_name, output_embedding_name, resolve_tensor_name
@@ -129,4 +130,7 @@ def fit_by_names(adapter: Adapter, base: BaseModel, reason: str) -> Fitted:
         f"the base's architecture could not be asked ({reason}): module kinds and tensor names "
         "follow name-based rules"
     )
-    return Fitted(replace(adapter, modules=modules), targets, None, shapes, tied, "", [note])
+    conv1d = base.config.get("model_type") in CONV1D_MODEL_TYPES
+    dense, dense_targets = dense_fit.fit_by_names(adapter, shapes, conv1d)
+    adapter = replace(adapter, modules=modules, dense_updates=dense)
+    return Fitted(adapter, targets, None, shapes, tied, "", [note], dense_targets)

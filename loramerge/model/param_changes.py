@@ -1,11 +1,12 @@
 """What a merge changes, parameter by parameter, in the model's in-memory names.
 
-An adapter changes parameters in five ways: a module's low-rank update, a full replacement
-(modules_to_save, biases trained with bias="all"), a LoRA bias added to a bias, a saved
-embedding table that is the base value an update applies to, and trained token rows written
-over the base's. Tied parameters share one tensor in the files: a change that PEFT's forward
-applies to one side only (an update on the embedding but not the head, a modules_to_save copy
-of one side) unties them, and every member is then written on its own.
+An adapter changes parameters in six ways: a module's low-rank update, a dense update (a rule
+applied to the weight, and possibly to its bias), a full replacement (modules_to_save, biases
+trained with bias="all"), a LoRA bias added to a bias, a saved embedding table that is the
+base value an update applies to, and trained token rows written over the base's. Tied
+parameters share one tensor in the files: a change that PEFT's forward applies to one side only
+(an update on the embedding but not the head, a modules_to_save copy of one side) unties them,
+and every member is then written on its own.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ class ParamChange:
     lora_bias: str | None = None  # module whose scaled LoRA bias is added
     table: str | None = None  # key of a saved base table: the base value (tied group-wide)
     rows: str | None = None  # key of token rows written over the base value (group-wide)
+    dense: Target | None = None  # a dense update's rule applied to this weight
+    dense_bias: str | None = None  # the dense update whose bias rule changes this bias
 
     def own(self) -> tuple[Any, ...]:
         """The changes PEFT applies to this parameter's own module only."""
-        return (self.update, self.replacement, self.lora_bias)
+        return (self.update, self.replacement, self.lora_bias, self.dense, self.dense_bias)
 
     def touched(self) -> bool:
         return any(self.own()) or self.table is not None or self.rows is not None
@@ -85,6 +88,7 @@ def collect_changes(fitted: Fitted) -> ChangeSet:
             bias = target.param.rsplit(".", 1)[0] + ".bias"
             found = _param_for(bias, parameters, "LoRA bias", adapter, target.module)
             result.of(found).lora_bias = target.module
+    _collect_dense(fitted, result)
     carried_tensors = (
         ("modules_to_save", adapter.modules_to_save),
         ("saved_biases", adapter.saved_biases),
@@ -99,6 +103,12 @@ def collect_changes(fitted: Fitted) -> ChangeSet:
         param = _param_for(module + ".weight", parameters, "trained token rows", adapter, module)
         result.of(param).rows = module
     for param, change in result.changes.items():
+        if change.dense is not None and (change.update or change.replacement or change.rows):
+            raise FormatError(
+                f"changes {param} with a dense update and also otherwise",
+                file=adapter.source_path,
+                module=change.dense.module,
+            )
         if change.update is not None and change.replacement is not None:
             raise FormatError(
                 "is both a LoRA module and in modules_to_save",
@@ -112,6 +122,29 @@ def collect_changes(fitted: Fitted) -> ChangeSet:
                 module=change.rows,
             )
     return result
+
+
+def _collect_dense(fitted: Fitted, result: ChangeSet) -> None:
+    """Each dense update's weight, and its bias where its rule changes one: a bias to add must
+    exist in the base; a bias to scale (IA3) is scaled where there is one."""
+    adapter = fitted.adapter
+    for key, target in fitted.dense_targets.items():
+        change = result.of(target.param)
+        if change.update is not None or change.dense is not None:
+            raise FormatError(
+                f"two modules update {target.param}", file=adapter.source_path, module=key
+            )
+        change.dense = target
+        how = adapter.dense_updates[key].bias
+        if how is None:
+            continue
+        bias = target.param.rsplit(".", 1)[0] + ".bias"
+        if how == "add":
+            found = _param_for(bias, fitted.param_name, "bias difference", adapter, key)
+        else:
+            found = fitted.param_name(bias)
+        if found is not None:
+            result.of(found).dense_bias = key
 
 
 def resolve_ties(changes: ChangeSet, tied: Mapping[str, str]) -> None:

@@ -20,8 +20,8 @@ from loramerge.model.param_changes import (
 class Action(str, Enum):
     COPY = "copy"  # bytes unchanged
     CAST = "cast"  # same values in another dtype
-    MERGE = "merge"  # base + LoRA update (DoRA rescaled), rounded once
-    BIAS = "bias"  # base bias + s * LoRA bias
+    MERGE = "merge"  # base + LoRA update (DoRA rescaled), or a dense rule, rounded once
+    BIAS = "bias"  # base bias + s * LoRA bias, or a dense update's bias rule
     REPLACE = "replace"  # a full tensor the adapter carries
     ROWS = "rows"  # the base with trained token rows written over it
 
@@ -46,7 +46,8 @@ class UpdateSlice:
 class TensorPlan:
     """One output tensor. `source` is the base tensor read; `adapter_tensor` names a full tensor
     of the adapter (modules_to_save, trained bias or saved base table) used instead of, or as,
-    the base value; `token_rows` names trained rows written over the base value."""
+    the base value; `token_rows` names trained rows written over the base value. With
+    `dense`, `module` is a key of the adapter's dense updates, whose rule MERGE and BIAS apply."""
 
     name: str
     dtype: str
@@ -58,6 +59,7 @@ class TensorPlan:
     update: UpdateSlice | None = None
     adapter_tensor: str | None = None
     token_rows: str | None = None
+    dense: bool = False
 
     @property
     def nbytes(self) -> int:

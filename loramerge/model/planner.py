@@ -16,6 +16,7 @@ from loramerge.errors import FormatError, ShapeMismatchError
 from loramerge.io.dtypes import DTYPES, FLOAT_CODES, OUTPUT_DTYPES
 from loramerge.io.safetensors_header import TensorEntry
 from loramerge.model.architecture import side_effects
+from loramerge.model.dense_fit import check_dense_bias, matrix_shape, with_dense_forms
 from loramerge.model.fit import Fitted, Target, fit_adapter
 from loramerge.model.folder import BaseModel
 from loramerge.model.param_changes import (
@@ -82,7 +83,7 @@ def plan_merge(
             hint=f"choose one of {', '.join(OUTPUT_DTYPES)}",
         )
     refuse_unmergeable(adapter)
-    fitted = fit_adapter(adapter, base)
+    fitted = with_dense_forms(fit_adapter(adapter, base))
     stored = StoredTensors(base, fitted)
     changes = collect_changes(fitted)
     resolve_ties(changes, fitted.tied)
@@ -225,23 +226,14 @@ class _TensorPlanner:
         table = change.table
         shape = tuple(full.shape) if full is not None else tuple(entry.shape)
         common = {"source": entry.name, "adapter_tensor": table, "token_rows": change.rows}
-        if change.update is not None:
-            target = change.update
-            module = self.adapter.modules[target.module]
-            product = (module.lora_B.shape[0], math.prod(module.lora_A.shape[1:]))
-            try:
-                update = update_slice(target, piece, product)
-            except UnmappedLayout as exc:
-                raise FormatError(
-                    f"transformers stores {param} as {exc}, which loramerge does not map",
-                    file=self.adapter.source_path,
-                    module=target.module,
-                ) from None
-            self._check_dora(module, update, name)
+        if change.update is not None or change.dense is not None:
+            return self._merge_plan(name, code, shape, param, piece, change, common)
+        if change.dense_bias is not None:
+            update_ = self.adapter.dense_updates[change.dense_bias]
+            check_dense_bias(update_, tuple(entry.shape), self.adapter.source_path)
             return TensorPlan(
-                name, code, shape, Action.MERGE, module=target.module, kind=target.kind,
-                update=update, **common,
-            )  # fmt: skip
+                name, code, shape, Action.BIAS, module=change.dense_bias, dense=True, **common
+            )
         if change.lora_bias is not None:
             module = self.adapter.modules[change.lora_bias]
             check_bias(module, tuple(entry.shape), self.adapter.source_path)
@@ -254,6 +246,39 @@ class _TensorPlanner:
             return TensorPlan(name, code, shape, Action.REPLACE, adapter_tensor=table)
         action = Action.COPY if code == entry.dtype else Action.CAST
         return TensorPlan(name, code, shape, action, source=entry.name)
+
+    def _merge_plan(
+        self,
+        name: str,
+        code: str,
+        shape: tuple[int, ...],
+        param: str,
+        piece: StoredPiece,
+        change: ParamChange,
+        common: dict[str, Any],
+    ) -> TensorPlan:
+        """A MERGE plan: a module's low-rank update, or a dense update's rule."""
+        target = change.update or change.dense
+        assert target is not None
+        if change.dense is not None:
+            product = matrix_shape(target.kind, target.shape)
+        else:
+            module = self.adapter.modules[target.module]
+            product = (module.lora_B.shape[0], math.prod(module.lora_A.shape[1:]))
+        try:
+            update = update_slice(target, piece, product)
+        except UnmappedLayout as exc:
+            raise FormatError(
+                f"transformers stores {param} as {exc}, which loramerge does not map",
+                file=self.adapter.source_path,
+                module=target.module,
+            ) from None
+        if change.update is not None:
+            self._check_dora(module, update, name)
+        return TensorPlan(
+            name, code, shape, Action.MERGE, module=target.module, kind=target.kind,
+            update=update, dense=change.dense is not None, **common,
+        )  # fmt: skip
 
     def _full_tensor(self, change: ParamChange, param: str, piece: StoredPiece, entry: TensorEntry):
         """The adapter's full tensor that stands for this parameter, checked against the base."""
@@ -278,7 +303,8 @@ class _TensorPlanner:
         return carried
 
     def _require_float(self, entry: TensorEntry, change: ParamChange) -> None:
-        if entry.dtype not in FLOAT_CODES and (change.update or change.lora_bias or change.rows):
+        changes = (change.update, change.lora_bias, change.rows, change.dense, change.dense_bias)
+        if entry.dtype not in FLOAT_CODES and any(changes):
             raise FormatError(
                 f"base tensor {entry.name} is stored as {entry.dtype}; loramerge merges into "
                 "float16, bfloat16 or float32 weights",

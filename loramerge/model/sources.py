@@ -17,7 +17,7 @@ from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan
-from loramerge.model.tiling import MIN_TILE_ROWS, TILE_BYTES, tiles  # noqa: F401
+from loramerge.model.tiling import tiles
 
 # (tensor name, first row, end row, whether a float32 copy is wanted too)
 ReadKey = tuple[str, int, int, bool]
@@ -59,7 +59,8 @@ def read_schedule(plan: MergePlan, adapter: Adapter, copies_read: bool = False) 
             merged = tensor.action is Action.MERGE
             passes = 1
             if merged and tensor.update is not None and tensor.update.transposed:
-                passes += adapter.modules[tensor.module or ""].magnitude is not None
+                module = adapter.modules.get(tensor.module or "")  # None: a dense update
+                passes += module is not None and module.magnitude is not None
             for _ in range(passes):
                 schedule.extend((source, a, b, merged) for a, b in tiles(tensor.tile_shape))
     return schedule

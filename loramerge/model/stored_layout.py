@@ -79,44 +79,62 @@ def _unstack(view: _View, axis: int) -> list[_View]:
     return pieces
 
 
+Views = dict[str, _View]
+
+
+def _single(views: Views, name: str) -> _View:
+    if len(views) != 1:
+        raise UnmappedLayout(f"{name} of several tensors")
+    return next(iter(views.values()))
+
+
+def _chunk_op(operation: Any, views: Views, sources: list[str], targets: list[str], config: Any):
+    """Chunk: one tensor cut into equal pieces along `dim`, one per target pattern."""
+    view = _single(views, "Chunk")
+    if operation.num_shards_attribute is not None:
+        count = getattr(config.get_text_config(), operation.num_shards_attribute)
+        targets = [targets[0].replace("*", str(i)) for i in range(count)]
+    pieces = _chunk(view, operation.dim, len(targets))
+    if len(pieces) != len(targets):
+        raise UnmappedLayout(f"Chunk into {len(targets)} uneven pieces")
+    return dict(zip(targets, pieces, strict=True))
+
+
+def _split_op(operation: Any, views: Views, sources: list[str], targets: list[str], config: Any):
+    """SplitModulelist: a stack unstacked along `dim`, `*` in the name numbering the pieces."""
+    if len(views) == 1 and len(targets) != 1:
+        raise UnmappedLayout("SplitModulelist into several patterns")
+    result = {}
+    for key, view in views.items():
+        pattern = targets[0] if len(views) == 1 else key
+        for position, piece in enumerate(_unstack(view, operation.dim)):
+            result[pattern.replace("*", str(position))] = piece
+    return result
+
+
+def _transpose_op(
+    operation: Any, views: Views, sources: list[str], targets: list[str], config: Any
+):
+    if operation.check_dims:
+        raise UnmappedLayout("Transpose that depends on the stored shape")
+    view = _single(views, "Transpose")
+    axes = list(view.axes)
+    axes[operation.dim0], axes[operation.dim1] = axes[operation.dim1], axes[operation.dim0]
+    key = sources[0] if len(targets) > 1 and len(sources) == 1 else targets[0]
+    return {key: replace(view, axes=axes)}
+
+
+# the operations (as their reversed forms appear on saving) whose meaning is mapped here
+_VIEW_OPERATIONS = {"Chunk": _chunk_op, "SplitModulelist": _split_op, "Transpose": _transpose_op}
+
+
 def _apply(
-    operation: Any, views: dict[str, _View], sources: list[str], targets: list[str], config: Any
-) -> dict[str, _View]:
+    operation: Any, views: Views, sources: list[str], targets: list[str], config: Any
+) -> Views:
     name = type(operation).__name__
-    if name == "Chunk":
-        if len(views) != 1:
-            raise UnmappedLayout(f"{name} of several tensors")
-        if operation.num_shards_attribute is not None:
-            count = getattr(config.get_text_config(), operation.num_shards_attribute)
-            targets = [targets[0].replace("*", str(i)) for i in range(count)]
-        (view,) = views.values()
-        pieces = _chunk(view, operation.dim, len(targets))
-        if len(pieces) != len(targets):
-            raise UnmappedLayout(f"{name} into {len(targets)} uneven pieces")
-        return dict(zip(targets, pieces, strict=True))
-    if name == "SplitModulelist":
-        result = {}
-        for key, view in views.items():
-            pattern = targets[0] if len(views) == 1 and len(targets) == 1 else key
-            if len(views) == 1 and len(targets) != 1:
-                raise UnmappedLayout(f"{name} into several patterns")
-            for position, piece in enumerate(_unstack(view, operation.dim)):
-                result[pattern.replace("*", str(position))] = piece
-        return result
-    if name == "Transpose":
-        if operation.check_dims:
-            raise UnmappedLayout(f"{name} that depends on the stored shape")
-        if len(views) != 1:
-            raise UnmappedLayout(f"{name} of several tensors")
-        (view,) = views.values()
-        axes = list(view.axes)
-        axes[operation.dim0], axes[operation.dim1] = axes[operation.dim1], axes[operation.dim0]
-        key = sources[0] if len(targets) > 1 and len(sources) == 1 else targets[0]
-        return {key: replace(view, axes=axes)}
-    raise UnmappedLayout(name)
-
-
-_VIEW_OPERATIONS = ("Chunk", "SplitModulelist", "Transpose")
+    if name not in _VIEW_OPERATIONS:
+        raise UnmappedLayout(name)
+    return _VIEW_OPERATIONS[name](operation, views, sources, targets, config)
 
 
 def _piece(name: str, view: _View) -> StoredPiece:

@@ -15,16 +15,18 @@ from loramerge.adapter import Adapter, LoraModule
 from loramerge.io.direct_io import direct_writes_work
 from loramerge.io.safetensors_header import torch_dtype
 from loramerge.io.safetensors_writer import OutputTensor, StreamingWriter
+from loramerge.model.dense_tiles import dense_bias, dense_support, dense_tiles
 from loramerge.model.folder import BaseModel
 from loramerge.model.pipeline import AsyncWriter, Prefetcher
 from loramerge.model.plan import Action, MergePlan, TensorPlan, UpdateSlice
-from loramerge.model.sources import Sources, read_schedule, sources_for, tiles
+from loramerge.model.sources import Sources, read_schedule, sources_for
 from loramerge.model.stream_stats import (  # noqa: F401 - ERASED_SHARE: callers' import
     ERASED_SHARE,
     ModuleStats,
     Progress,
     StreamResult,
 )
+from loramerge.model.tiling import tiles
 from loramerge.ops.update import (
     add_update_in_place,
     dora_rescale,
@@ -155,6 +157,8 @@ def _write_tensor(
             values = stored.to(out_dtype)  # the very tile when the dtype is unchanged
             sources.write_token_rows(plan, values, start, stop)
             output.call(_write_rows, writer, sources, values, out_dtype)
+    elif plan.action is Action.BIAS and plan.dense:
+        _write_dense_bias(plan, writer, output, sources, adapter)
     elif plan.action is Action.BIAS:
         module = adapter.modules[plan.module or ""]
         stored = sources.rows(plan, 0, plan.shape[0])
@@ -180,6 +184,8 @@ def merged_tiles(
 
     Both may live in the sources' pool: a caller done with a tile may give them back.
     """
+    if plan.dense:  # a dense update's rule (model/dense_tiles)
+        return (yield from dense_tiles(plan, sources, adapter))
     module = adapter.modules[plan.module or ""]
     update = plan.update
     assert update is not None
@@ -235,6 +241,15 @@ def merged_tiles(
         yield base_rows, values
 
 
+def _write_dense_bias(
+    plan: TensorPlan, writer: StreamingWriter, output: _Output, sources: Sources, adapter: Adapter
+) -> None:
+    stored = sources.rows(plan, 0, plan.shape[0])
+    merged = dense_bias(plan, stored, adapter)
+    sources.give(stored)
+    output.call(writer.write_tensor, merged.to(torch_dtype(plan.dtype)))
+
+
 def _sliced_factors(module: LoraModule, update: UpdateSlice, expert: int | None) -> tuple:
     """(B, A, s) for the part of the update the stored tensor holds (one expert's, a range of
     rows or columns), with a power-of-two scale moved into A where that keeps every bit."""
@@ -261,6 +276,8 @@ def _write_merge(
     result: StreamResult,
 ) -> None:
     stats = result.modules.setdefault(plan.module or "", ModuleStats(plan.module or "", plan.name))
+    if plan.dense:
+        stats.support = dense_support(plan, adapter)
     out_dtype = torch_dtype(plan.dtype)
     for base_rows, values in merged_tiles(plan, sources, adapter):
         output.call(_write_rounded, writer, sources, values, base_rows, out_dtype, stats)

@@ -20,10 +20,12 @@ class ModuleStats:
     tensor: str
     elements: int = 0
     changed: int = 0
+    support: int | None = None  # elements a sparse update can change (SHiRA), else all
 
     @property
     def changed_share(self) -> float:
-        return self.changed / self.elements if self.elements else 0.0
+        total = self.support or self.elements
+        return self.changed / total if total else 0.0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from loramerge.ops.spans import MIN_PRODUCT_SPAN, product_span  # noqa: F401
+from loramerge.ops.spans import product_span
 
 Empty = Callable[[tuple[int, ...], "torch.dtype"], "torch.Tensor"]
 

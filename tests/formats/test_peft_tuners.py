@@ -17,10 +17,10 @@ from loramerge.formats.registry import ReadOptions, detect, read_adapter
 LLAMA = BASES / "llama"
 # fixture -> rank of each module in its exact LoRA form
 EXACT = {
-    "adalora": {  # pruned ranks; up_proj was pruned to 0 and is dropped
-        "model.layers.0.self_attn.q_proj": 5,
+    "adalora": {  # pruned ranks (PEFT's saved masks); up_proj was pruned to 0 and is dropped
+        "model.layers.0.self_attn.q_proj": 4,
         "model.layers.0.self_attn.v_proj": 6,
-        "model.layers.1.mlp.down_proj": 1,
+        "model.layers.1.mlp.down_proj": 2,
     },
     "loha": {  # r^2 (down_proj has r 2 by rank_pattern)
         "model.layers.0.self_attn.q_proj": 16,

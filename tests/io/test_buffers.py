@@ -88,7 +88,7 @@ def test_merging_and_inspecting_give_every_tile_back(
     assert len(pools) == 2
     assert [pool.lent for pool in pools] == [0, 0]
     # memory is what the pipeline holds at once, not what it streamed
-    tile_count = sum(len(sources.tiles(t.shape)) for s in plan.shards for t in s.tensors)
+    tile_count = sum(len(tiling.tiles(t.shape)) for s in plan.shards for t in s.tensors)
     largest = max(pool.allocated_bytes // max(pool.sizes) for pool in pools)
     assert largest <= 24 < tile_count
 

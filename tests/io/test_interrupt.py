@@ -18,7 +18,7 @@ import pytest
 from helpers import ADAPTERS, BASES, FIXTURES, tree_hashes
 
 from loramerge.errors import FormatError, OutputError
-from loramerge.io import atomic, direct_append, direct_io, safetensors_writer
+from loramerge.io import atomic, chunked_output, direct_append, direct_io, safetensors_writer
 from loramerge.io.safetensors_header import read_header
 from loramerge.io.safetensors_writer import StreamingWriter
 from loramerge.model import stream
@@ -59,6 +59,25 @@ PAUSING_CLI = textwrap.dedent(
         return count
 
     writer.close, writer.write_tensor = close, write_tensor
+
+    # the torch-free engine writes positioned chunks of each file instead
+    from loramerge.io import chunked_output
+
+    shard = chunked_output.ShardFile
+    original_finish, original_shard_write = shard.finish, shard.write
+
+    def finish(self):
+        original_finish(self)
+        closed.append(self.path)
+        if where == "after-first-shard":
+            pause(self.path)
+
+    def shard_write(self, data, offset):
+        if where == "inside-second-shard" and closed and self.path != closed[0]:
+            pause(self.path)  # before the chunk: the file holds no complete header
+        original_shard_write(self, data, offset)
+
+    shard.finish, shard.write = finish, shard_write
     from loramerge_cli.app import app
 
     app(sys.argv[1:], prog_name="loramerge")
@@ -99,8 +118,12 @@ def _siblings(out: Path) -> list[Path]:
     return sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+@pytest.mark.parametrize("engine", ["auto", "torch"])
 @pytest.mark.parametrize("where", ["after-first-shard", "inside-second-shard"])
-def test_sigkill_mid_merge_leaves_no_out_and_the_next_run_cleans_up(cli, tmp_path, where):
+def test_sigkill_mid_merge_leaves_no_out_and_the_next_run_cleans_up(
+    cli, tmp_path, monkeypatch, where, engine
+):
+    monkeypatch.setenv("LORAMERGE_ENGINE", engine)
     out = tmp_path / "merged"
     process, paused_in = _start_paused(tmp_path, where, *MERGE, "-o", out, "-q")
     _kill(process)
@@ -165,21 +188,33 @@ def _fail_after(
         (MERGE, "write_tensor", ""),
         (MERGE, "write_all", ""),
         (MERGE, "copy_range", ""),
+        (MERGE, "chunk-write", ""),
         (("convert", ADAPTERS / "llama-lora", "--to", "peft"), "write", ""),
         (("convert", ADAPTERS / "llama-lora", "--to", "kohya"), "write", ".safetensors"),
     ],
-    ids=["merge-write", "merge-direct-write", "merge-copy", "convert-peft", "convert-kohya"],
+    ids=[
+        "merge-write",
+        "merge-direct-write",
+        "merge-copy",
+        "merge-torch-free-engine",
+        "convert-peft",
+        "convert-kohya",
+    ],
 )
 def test_disk_full_ends_with_one_line_and_nothing_written(
     cli, tmp_path, monkeypatch, args, method, suffix
 ):
     out = tmp_path / f"out{suffix}"
+    # the torch engine's writer, unless the torch-free engine's chunked files are under test
+    monkeypatch.setenv("LORAMERGE_ENGINE", "auto" if method == "chunk-write" else "torch")
     if method == "copy_range":  # kernel-side copies happen where direct I/O is unavailable
         monkeypatch.setattr(stream, "direct_writes_work", lambda folder: False)
     if method == "write_all":  # the system call level of direct writes (staged, whole blocks)
         small = _small_appender(direct_append.BlockAppender)
         monkeypatch.setattr(safetensors_writer, "BlockAppender", small)
         seen = _fail_after(monkeypatch, method, calls=3, owner=direct_append)
+    elif method == "chunk-write":  # one positioned write per chunk: one per file here
+        seen = _fail_after(monkeypatch, "write", calls=3, owner=chunked_output.ShardFile)
     else:
         seen = _fail_after(monkeypatch, method, calls=3)
     result = cli(*args, "-o", out)

@@ -289,9 +289,9 @@ def _loss(logits: torch.Tensor, chunks: torch.Tensor) -> float:
 @pytest.mark.oracle
 def test_folded_model_loss_is_below_the_base_and_equals_the_live_chain(cli, tmp_path):
     """The float32 fold (float64 forward) has the loss of the three links applied live at once
-    (PEFT, float64) within 2e-8 x the chain's improvement over the base (which is above 0.1):
-    the float32 rounding of the folded weights moves it by ~6e-9 x, every scale off by 1e-6
-    by ~1e-7 x, which the check shows it would see."""
+    (PEFT, float64) within 4e-8 x the chain's improvement over the base (which is above 0.1):
+    the float32 rounding of the folded weights moves it by ~1.3e-8 x, every scale off by 1e-6
+    by ~1.4e-7 x, which the check shows it would see."""
     folded = _fold(cli, tmp_path / "folded", CHAIN, "--dtype", "float32")
     chunks = _train_chunks(BASE)
     base_loss = _loss(base_logits(BASE, chunks), chunks)
@@ -300,7 +300,7 @@ def test_folded_model_loss_is_below_the_base_and_equals_the_live_chain(cli, tmp_
     live_loss = _loss(live.logits(chunks), chunks)
     planted_loss = _loss(live.logits(chunks, 1 + PLANTED), chunks)
     assert live_loss < base_loss - 0.1, (live_loss, base_loss)
-    tolerance = 2e-8 * (base_loss - live_loss)
+    tolerance = 4e-8 * (base_loss - live_loss)
     assert abs(planted_loss - live_loss) > tolerance, "the check could not see a 1e-6 scale error"
     assert abs(folded_loss - live_loss) <= tolerance, (folded_loss, live_loss)
 

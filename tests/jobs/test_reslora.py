@@ -387,7 +387,7 @@ def test_base_rows_streamed_in_small_tiles_give_the_same_norms(monkeypatch, kind
 def test_bs_merged_float32_reproduces_the_reslora_forward(cli, tmp_path):
     """The bs merge in float32 (float64 forward) gives the logits of the training-time ResLoRA
     forward written here (float64) within 5e-7 x the adapter's effect: the float32 rounding of
-    the merged weights moves them by ~2.7e-7 x, every scale off by 1e-6 by ~1.8e-6 x (checked)."""
+    the merged weights moves them by ~2.4e-7 x, every scale off by 1e-6 by ~1.7e-6 x (checked)."""
     out = tmp_path / "merged"
     _run(cli, RESLORA / "bs", "-o", out, "--merge", "--dtype", "float32")
     assert not list(out.glob("adapter_*"))

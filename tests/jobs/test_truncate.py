@@ -486,7 +486,9 @@ def test_svd_at_full_rank_keeps_the_model(cli, tmp_path, adapter, base, rank):
     expected, planted = oracle.logits(ids), oracle.logits(ids, 1 + PLANTED)
     plain = base_logits(BASES / base, ids)
     got = PeftOracle(out, BASES / base).logits(ids)
-    assert_logits_match(got, expected, planted, plain, f"{adapter} at full rank")
+    # the reduced factors are float32 products (up to 2.2e-7 x the effect on the logits); DoRA
+    # makes a 1e-6 scale error move them by only 6.7e-7 x: 4e-7 sits between the two
+    assert_logits_match(got, expected, planted, plain, f"{adapter} at full rank", 4e-7)
 
 
 @pytest.mark.oracle

@@ -8,12 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramerge.ops.update import (
-    MIN_PRODUCT_SPAN,
-    add_update_in_place,
-    product_span,
-    update_rows,
-)
+from loramerge.ops.spans import MIN_PRODUCT_SPAN, product_span
+from loramerge.ops.update import add_update_in_place, update_rows
 
 
 def _factors(outputs: int, inputs: int, rank: int, seed: int):
