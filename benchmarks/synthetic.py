@@ -74,12 +74,34 @@ def write_adapter(folder: Path, shape: LlamaShape, rank: int = 16, seed: int = 1
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
+def write_reslora(folder: Path, shape: LlamaShape, rank: int = 16, seed: int = 2) -> None:
+    """An official ResLoRA checkpoint ("is": each block's input adds the previous block's) of
+    rank `rank` on every projection: the pickled state dict and reslora_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, dims in shape.tensors():
+        if not name.endswith("proj.weight"):
+            continue
+        stem = name.removesuffix(".weight") + ".loras.0"
+        out_features, in_features = dims
+        state[f"{stem}.lora_A"] = torch.randn(rank, in_features, generator=generator) * 0.02
+        state[f"{stem}.lora_B"] = torch.randn(out_features, rank, generator=generator) * 0.02
+    torch.save(state, folder / "pytorch_model_lora.bin")
+    config = {"rank": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "start_index": 0,
+              "target_modules": "q.k.v.o.g.u.d", "lora_num": 1, "merge_weights": True,
+              "res_flag": 1, "merge_flag": 0, "pre_num": 0, "merge_4_len": 100}  # fmt: skip
+    (folder / "reslora_config.json").write_text(json.dumps(config, indent=4))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a synthetic base and adapters.")
     parser.add_argument("work", type=Path, help="folder that gets base/ and adapter-r<rank>/")
     parser.add_argument("--layers", type=int, default=LlamaShape().layers)
     parser.add_argument("--large", action="store_true", help="Llama-2-7B widths")
     parser.add_argument("--ranks", default="16", help="comma-separated adapter ranks")
+    parser.add_argument("--links", type=int, default=0, help="rank-16 chain links link-<i>/")
+    parser.add_argument("--reslora", action="store_true", help="a rank-16 ResLoRA checkpoint")
     args = parser.parse_args()
     shape = LlamaShape.large(args.layers) if args.large else LlamaShape(layers=args.layers)
     if not (args.work / "base" / "config.json").exists():
@@ -87,6 +109,11 @@ def main() -> None:
     for rank in (int(r) for r in args.ranks.split(",")):
         if not (args.work / f"adapter-r{rank}" / "adapter_config.json").exists():
             write_adapter(args.work / f"adapter-r{rank}", shape, rank=rank)
+    for link in range(1, args.links + 1):
+        if not (args.work / f"link-{link}" / "adapter_config.json").exists():
+            write_adapter(args.work / f"link-{link}", shape, rank=16, seed=100 + link)
+    if args.reslora and not (args.work / "reslora" / "reslora_config.json").exists():
+        write_reslora(args.work / "reslora", shape)
 
 
 if __name__ == "__main__":
