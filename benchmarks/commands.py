@@ -51,7 +51,8 @@ def jobs(work: Path) -> list[Job]:
 
 def prepare(work: Path, shape: LlamaShape) -> None:
     """The base, adapters, links and checkpoint (built in a child process, as merge.py does), and
-    the cache a command finds after an earlier one."""
+    the cache folder as an earlier command leaves it (the base's architecture, the engine's
+    check)."""
     print(f"{shape.parameters() / 1e9:.2f}B-parameter base in {work}", flush=True)
     build = [sys.executable, str(HERE / "synthetic.py"), str(work), "--layers", str(shape.layers)]
     subprocess.run([*build, "--ranks", "16", "--links", "3", "--reslora"], check=True)
@@ -59,6 +60,9 @@ def prepare(work: Path, shape: LlamaShape) -> None:
     tool = shutil.which("loramerge") or "loramerge"
     plan = [tool, "merge", str(work / "adapter-r16"), "--base", str(work / "base"), "-o", "-"]
     subprocess.run([*plan, "--dry-run", "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
+    # the merge engine's one check against torch, which the first merge on a machine makes
+    check = "from loramerge.model.fast_checks import trusted; trusted()"
+    subprocess.run([sys.executable, "-c", check], check=True, env=env)
 
 
 def parse_args() -> argparse.Namespace:
