@@ -269,6 +269,8 @@ def _float32(factor: LazyTensor) -> numpy.ndarray:
     the torch engine casts it."""
     if factor.raw is not None and factor.code in bits.WIDENED and not factor.loaded:
         stored, code = factor.raw()
+        if code == "F32":  # the bytes just read, seen as float32: no second copy
+            return bits.as_values(stored, code).reshape(factor.shape[0], -1)
         widened = numpy.empty(factor.shape, dtype=numpy.float32)
         return bits.widen_into(stored, code, widened).reshape(factor.shape[0], -1)
     value = factor.float(keep=False).contiguous()
