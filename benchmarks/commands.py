@@ -1,11 +1,12 @@
 """Every command that streams a base, against copying the base: `merge`, `inspect --base`,
-`fold` of a three-link chain, `truncate --merge` and `reslora --merge`, each cold (the state
-`merge.py` uses), medians of `--runs`. (`verify` of a merged folder runs both models through
-transformers with --text; it does not stream, and is not timed here.)
+`verify` of a merged folder, `fold` of a three-link chain, `truncate --merge` and
+`reslora --merge`, each cold (the state `merge.py` uses), medians of `--runs`.
 
 The synthetic 1.1B Llama-shaped base of `merge.py`, rank-16 PEFT adapters on every projection
-(one to merge, inspect and truncate to rank 8 by SVD, three as the chain's links) and a rank-16
-ResLoRA checkpoint ("is" blocks). Prints medians and ratios to `cp -r`, and writes JSON.
+(one to merge, inspect, verify and truncate to rank 8 by SVD, three as the chain's links) and a
+rank-16 ResLoRA checkpoint ("is" blocks). `verify` compares a folder merged beforehand (untimed)
+with the adapter: it reads the base and that folder, twice the bytes the others read. Prints
+medians and ratios to `cp -r`, and writes JSON.
 
     python benchmarks/commands.py                 # 1.1B, three runs
     python benchmarks/commands.py --layers 2 --runs 1     # a quick look
@@ -30,7 +31,7 @@ from merge import Job, _machine, _shell, measure_size, print_table  # noqa: E402
 
 
 def jobs(work: Path) -> list[Job]:
-    base, out = work / "base", work / "out"
+    base, out, merged = work / "base", work / "out", work / "merged"
     tool = shutil.which("loramerge") or "loramerge"
     cache = {"LORAMERGE_CACHE_DIR": str(work / "cache")}
     adapter = work / "adapter-r16"
@@ -38,6 +39,7 @@ def jobs(work: Path) -> list[Job]:
     commands = {
         "merge": f"merge '{adapter}' --base '{base}' -o '{out}'",
         "inspect --base": f"inspect '{adapter}' --base '{base}'",
+        "verify merged": f"verify '{adapter}' '{merged}' --base '{base}'",
         "fold 3 links": f"fold {links} --base '{base}' -o '{out}'",
         "truncate --merge": f"truncate '{adapter}' --rank 8 --method svd --merge "
         f"--base '{base}' -o '{out}'",
@@ -50,9 +52,9 @@ def jobs(work: Path) -> list[Job]:
 
 
 def prepare(work: Path, shape: LlamaShape) -> None:
-    """The base, adapters, links and checkpoint (built in a child process, as merge.py does), and
-    the cache folder as an earlier command leaves it (the base's architecture, the engine's
-    check)."""
+    """The base, adapters, links and checkpoint (built in a child process, as merge.py does), the
+    merged folder `verify` reads, and the cache folder as an earlier command leaves it (the
+    base's architecture, the engine's check)."""
     print(f"{shape.parameters() / 1e9:.2f}B-parameter base in {work}", flush=True)
     build = [sys.executable, str(HERE / "synthetic.py"), str(work), "--layers", str(shape.layers)]
     subprocess.run([*build, "--ranks", "16", "--links", "3", "--reslora"], check=True)
@@ -63,6 +65,9 @@ def prepare(work: Path, shape: LlamaShape) -> None:
     # the merge engine's one check against torch, which the first merge on a machine makes
     check = "from loramerge.model.fast_checks import trusted; trusted()"
     subprocess.run([sys.executable, "-c", check], check=True, env=env)
+    if not (work / "merged").exists():
+        merge = [tool, "merge", str(work / "adapter-r16"), "--base", str(work / "base")]
+        subprocess.run([*merge, "-o", str(work / "merged"), "--quiet"], check=True, env=env)
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from loramerge_cli.common import BaseOption, Debug, JsonOutput, Quiet, note, print_json, show
+from loramerge_cli.common import (
+    BaseOption,
+    Debug,
+    JsonOutput,
+    Quiet,
+    byte_progress,
+    note,
+    print_json,
+    show,
+)
 
 from loramerge.jobs.defaults import VERIFY_ATOL, VERIFY_RTOL
 
@@ -51,19 +60,27 @@ def verify(
 ) -> None:
     """Check that CANDIDATE means the same as SOURCE; exit 1 naming the worst module if not.
 
-    Without --text, every module's update is compared from the factors: the Frobenius norm of
-    the difference (QR core, never the full matrix) must be <= atol + rtol x the source
-    update's norm. With --base and --text both run through transformers on the base (an
-    adapter applied by loramerge's own forward, as PEFT computes it) and the logits must agree
-    within atol + rtol x the largest logit.
+    Two adapters, without --text: every module's update is compared from the factors: the
+    Frobenius norm of the difference (QR core, never the full matrix) must be <= atol + rtol x
+    the source update's norm. An adapter and a merged model folder, with --base and no --text:
+    weight by weight, streamed, against what merging the adapter into the base writes;
+    differences up to one unit in the last place of the folder's dtype count as rounding, and
+    per module the rest must be <= atol + rtol x the update's norm. With --base and --text both
+    run through transformers on the base (an adapter applied by loramerge's own forward, as
+    PEFT computes it) and the logits must agree within atol + rtol x the largest logit.
 
     Example: loramerge verify fixtures/adapters/llama-lora llama-vllm
+
+    Example: loramerge verify ADAPTER merged --base BASE
 
     Example: loramerge verify ADAPTER merged --base BASE --text eval.txt
     """
     from loramerge.jobs.verify import verify as run_verify
 
-    result = run_verify(source, candidate, base=base, text=text, atol=atol, rtol=rtol)
+    with byte_progress("comparing", quiet or json_output) as progress:
+        result = run_verify(
+            source, candidate, base=base, text=text, atol=atol, rtol=rtol, progress=progress
+        )
     if json_output:
         print_json(result.to_json())
     for message in result.notes:
@@ -80,6 +97,15 @@ def verify(
             f"ok: {candidate} matches {source} on {logits['tokens']} tokens: max |logits "
             f"difference| {logits['max_abs_diff']:.3e}, loss {logits['loss_source']:.6f} "
             f"vs {logits['loss_candidate']:.6f}",
+            quiet,
+        )
+        return
+    if result.mode == "weights":
+        changed = [d for d in result.differences if d.source_norm > 0]
+        show(
+            f"ok: {candidate} matches {source}: {len(result.differences)} tensors or modules "
+            f"compared ({len(changed)} changed by the merge), largest difference beyond "
+            f"rounding {worst.diff_norm if worst else 0.0:.3e}",
             quiet,
         )
         return

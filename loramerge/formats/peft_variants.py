@@ -56,9 +56,7 @@ class BlockDiagonal:
         return {**found, part: LazyTensor(shape, stored.dtype, load)}
 
 
-def scaled_columns(
-    lora_b: LazyTensor, diag: LazyTensor, path: Path, module: str
-) -> LazyTensor:
+def scaled_columns(lora_b: LazyTensor, diag: LazyTensor, path: Path, module: str) -> LazyTensor:
     """KaSA's B diag(d), formed as PEFT forms it (B * d, elementwise in B's dtype)."""
     if len(lora_b.shape) != 2 or tuple(diag.shape) != (lora_b.shape[1],):
         raise FormatError(

@@ -32,9 +32,7 @@ def _torch_dtypes() -> dict[str, tuple[torch.dtype, int]]:
     io/dtypes; built on first use, so that headers are parsed without importing torch."""
     import torch
 
-    return {
-        code: (getattr(torch, name), size) for code, (name, size) in dtype_table.DTYPES.items()
-    }
+    return {code: (getattr(torch, name), size) for code, (name, size) in dtype_table.DTYPES.items()}
 
 
 def __getattr__(name: str) -> Any:

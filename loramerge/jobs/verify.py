@@ -22,6 +22,7 @@ from loramerge.model.folder import base_config_of, open_base, resolve_base
 from loramerge.model.hf_runtime import load_model, quiet_transformers
 from loramerge.model.lora_forward import PlainForward
 from loramerge.model.names import resolve_tensor_name
+from loramerge.model.stream_stats import Progress
 from loramerge.ops.lowrank import difference_frobenius_norm, update_frobenius_norm
 
 
@@ -139,6 +140,7 @@ def verify(
     text: str | Path | None = None,
     atol: float = VERIFY_ATOL,
     rtol: float = VERIFY_RTOL,
+    progress: Progress | None = None,
 ) -> VerifyResult:
     """Compare `candidate` with `source` (each a local path or a cached hub repo id).
 
@@ -147,7 +149,9 @@ def verify(
     with `base`, a saved table on one side only is compared with the base's own. With `base`
     and `text`: both run through transformers on the base (adapters through loramerge's own
     forward hooks, a merged folder as is) and pass when max |logits difference| <= atol +
-    rtol * max |logits|.
+    rtol * max |logits|. With `base`, no `text` and a merged folder on one side: weight by weight
+    against what merging the other side into `base` writes, streamed (jobs.verify_weights;
+    `progress` is called with bytes compared).
     """
     check_tolerance(atol, "atol")
     check_tolerance(rtol, "rtol")
@@ -155,15 +159,25 @@ def verify(
     source = resolve(source, what="adapter or model folder")
     candidate = resolve(candidate, what="adapter or model folder")
     merged = [p for p in (source, candidate) if is_model_folder(p)]
-    if merged and text is None:
+    if len(merged) == 2 and text is None:
         raise UsageError(
-            f"{merged[0]} is a merged model: comparing it needs {opt('base')} and {opt('text')}",
+            f"{source} and {candidate} are both merged models: comparing them needs "
+            f"{opt('base')} and {opt('text')}",
             option="text",
+        )
+    if merged and text is None and base is None:
+        raise UsageError(
+            f"{merged[0]} is a merged model: comparing it weight by weight needs the base it was "
+            f"merged into ({opt('base')}), or {opt('base')} and {opt('text')} for logits",
+            option="base",
         )
     base_config = base_config_of(base) if base is not None else None
     if text is not None:
         assert base is not None
         return _compare_logits(source, candidate, base, Path(text), base_config, atol, rtol)
+    if merged:
+        assert base is not None
+        return _compare_weights(source, candidate, base, base_config, atol, rtol, progress)
     left, right = read_side(source, base_config, base), read_side(candidate, base_config, base)
     base_tensor = None
     if base is not None:
@@ -295,6 +309,26 @@ def _tensor_difference(name: str, left: torch.Tensor, right: torch.Tensor) -> Di
 
 
 # --- logits through transformers --------------------------------------------------------------
+
+
+def _compare_weights(
+    source: Path,
+    candidate: Path,
+    base: str | Path,
+    base_config: Mapping[str, Any] | None,
+    atol: float,
+    rtol: float,
+    progress: Progress | None,
+) -> VerifyResult:
+    from loramerge.jobs.verify_weights import compare_merged
+
+    adapter_side, folder = (candidate, source) if is_model_folder(source) else (source, candidate)
+    adapter = read_checked(adapter_side, options=ReadOptions(base_config=base_config, base=base))
+    norms, notes = compare_merged(adapter, base, folder, progress)
+    result = VerifyResult("weights", atol, rtol, notes=notes)
+    for name, (update, excess) in norms.items():
+        result.differences.append(Difference(name, update, excess))
+    return result
 
 
 def _compare_logits(

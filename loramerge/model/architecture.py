@@ -138,8 +138,7 @@ def build_architecture(config: dict[str, Any]) -> Architecture | NoArchitecture:
         for name, module in model.named_modules(remove_duplicate=False)
     }
     parameters = {
-        name: tuple(param.shape)
-        for name, param in model.named_parameters(remove_duplicate=False)
+        name: tuple(param.shape) for name, param in model.named_parameters(remove_duplicate=False)
     }
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     return Architecture(

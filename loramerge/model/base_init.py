@@ -72,6 +72,4 @@ def rebuild_for_original_base(adapter: Adapter, base: BaseModel) -> Adapter:
     config.pop("kasa_config", None)
     if method != "kasa":
         config["init_lora_weights"] = True
-    return replace(
-        fitted.adapter, modules=modules, base_init=None, source_config=config
-    )
+    return replace(fitted.adapter, modules=modules, base_init=None, source_config=config)

@@ -72,9 +72,7 @@ def square_kind(
     return ModuleKind.CONV1D if any(m.fan_in_fan_out for m in modules) else ModuleKind.LINEAR
 
 
-def _tied_by_names(
-    shapes: dict[str, tuple[int, ...]], config: Mapping[str, Any]
-) -> dict[str, str]:
+def _tied_by_names(shapes: dict[str, tuple[int, ...]], config: Mapping[str, Any]) -> dict[str, str]:
     """lm_head tied to the input embedding when the files hold no head and the config ties."""
     embed = input_embedding_name(shapes)
     head = output_embedding_name(shapes)

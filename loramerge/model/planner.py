@@ -219,9 +219,7 @@ class _TensorPlanner:
         full = self._full_tensor(change, param, piece, entry)
         if change.replacement is not None:
             shape = tuple(full.shape)
-            return TensorPlan(
-                name, code, shape, Action.REPLACE, adapter_tensor=change.replacement
-            )
+            return TensorPlan(name, code, shape, Action.REPLACE, adapter_tensor=change.replacement)
         self._require_float(entry, change)
         table = change.table
         shape = tuple(full.shape) if full is not None else tuple(entry.shape)
@@ -237,9 +235,7 @@ class _TensorPlanner:
         if change.lora_bias is not None:
             module = self.adapter.modules[change.lora_bias]
             check_bias(module, tuple(entry.shape), self.adapter.source_path)
-            return TensorPlan(
-                name, code, shape, Action.BIAS, module=change.lora_bias, **common
-            )
+            return TensorPlan(name, code, shape, Action.BIAS, module=change.lora_bias, **common)
         if change.rows is not None:
             return TensorPlan(name, code, shape, Action.ROWS, **common)
         if table is not None:
