@@ -129,9 +129,23 @@ def _compare_tensor(
         offset = reader.absolute_offset(entry) + tile.start * row_bytes
         raw = reader.read_bytes(offset, (tile.stop - tile.start) * row_bytes)
         candidate = torch.as_tensor(raw).view(dtype).reshape(tile.values.shape)
-        sums.excess += excess_squares(candidate, tile.values)
+        sums.excess += _tile_excess(candidate, tile.values)
         if changes:
-            moved = tile.values.to(torch.float64)
+            moved = tile.values.to(torch.float32)
             if tile.base is not None:
-                moved = moved - tile.base.to(torch.float64).reshape(moved.shape)
-            sums.update += float(moved.square().sum())
+                moved = moved - tile.base.to(torch.float32).reshape(moved.shape)
+            sums.update += float(torch.linalg.vector_norm(moved, dtype=torch.float64)) ** 2
+
+
+def _tile_excess(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """excess_squares, computed only where the candidate's bits are not the reference rounded
+    once to the candidate's dtype (everywhere else the difference is within half a unit)."""
+    rounded = reference.to(candidate.dtype)
+    bits = _BITS.get(candidate.dtype)
+    if bits is None:
+        differ = (candidate != rounded).reshape(-1)
+    else:
+        differ = (candidate.view(bits) != rounded.view(bits)).reshape(-1)
+    if not bool(differ.any()):
+        return 0.0
+    return excess_squares(candidate.reshape(-1)[differ], reference.reshape(-1)[differ])
