@@ -190,15 +190,7 @@ def merge_adapter(
     started = time.perf_counter()
     out = Path(out)
     check_output_name(out, None)
-    adapter, root = one_model(adapter, base_ref, component, "merging it")
-    base = open_base(root)
-    adapter = _rebuilt(adapter, base)
-    plan = plan_merge(
-        base,
-        adapter,
-        dtype=output_code(dtype),
-        max_shard_bytes=max_shard_bytes,
-    )
+    plan, base = planned_merge(adapter, base_ref, component, dtype, max_shard_bytes)
     inputs = [base.root, *(extra_inputs or [])]
     if adapter.source_path:
         inputs.append(Path(adapter.source_path))
@@ -268,6 +260,22 @@ def preview_merge(
         dtype=output_code(dtype),
         max_shard_bytes=max_shard_bytes,
     )
+
+
+def planned_merge(
+    adapter: Adapter,
+    base_ref: str | Path,
+    component: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+) -> tuple[MergePlan, BaseModel]:
+    """The plan of merging `adapter` into `base_ref` (one model of a pipeline: `component`, or
+    the one the base folder is named after), for the original base where training changed it."""
+    adapter, root = one_model(adapter, base_ref, component, "merging it")
+    base = open_base(root)
+    adapter = _rebuilt(adapter, base)
+    plan = plan_merge(base, adapter, dtype=output_code(dtype), max_shard_bytes=max_shard_bytes)
+    return plan, base
 
 
 def _rebuilt(adapter: Adapter, base: BaseModel) -> Adapter:

@@ -21,9 +21,9 @@ from loramerge.adapter import Adapter
 from loramerge.errors import MismatchError
 from loramerge.io.safetensors_header import TensorEntry, torch_dtype
 from loramerge.io.safetensors_reader import SafetensorsReader
+from loramerge.jobs.merge import planned_merge
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, TensorPlan
-from loramerge.model.planner import plan_merge
 from loramerge.model.reference_tiles import reference_tiles
 from loramerge.model.sources import Sources, sources_for
 from loramerge.model.stream_stats import Progress
@@ -66,8 +66,7 @@ def compare_merged(
     adapter: Adapter, base_ref: str | Path, candidate: Path, progress: Progress | None = None
 ) -> tuple[dict[str, tuple[float, float]], list[str]]:
     """Per module (or untouched tensor): (norm of the update, norm of the excess), and notes."""
-    base = open_base(base_ref)
-    plan = plan_merge(base, adapter)
+    plan, base = planned_merge(adapter, base_ref)
     adapter = plan.adapter
     folder = open_base(candidate)
     stored = folder.locate()
