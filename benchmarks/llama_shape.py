@@ -45,6 +45,10 @@ class LlamaShape:
         found.append(("lm_head.weight", (self.vocab, self.hidden)))
         return found
 
+    def projections(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The weights of the seven linear modules of every layer, in file order."""
+        return [(n, dims) for n, dims in self.tensors() if n.endswith("proj.weight")]
+
     @classmethod
     def large(cls, layers: int) -> LlamaShape:
         """Llama-2-7B's widths (hidden 4096, MLP 11008, 32 heads without grouping) with `layers`
@@ -56,9 +60,7 @@ class LlamaShape:
 
     def adapter_bytes(self, rank: int) -> int:
         """float32 bytes of a rank-`rank` adapter on every projection."""
-        return sum(
-            4 * rank * sum(dims) for name, dims in self.tensors() if name.endswith("proj.weight")
-        )
+        return sum(4 * rank * sum(dims) for _, dims in self.projections())
 
     def parameters(self) -> int:
         return sum(math.prod(shape) for _, shape in self.tensors())

@@ -64,5 +64,3 @@ def run_measured(command: list[str], env: dict[str, str] | None = None) -> Measu
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{err.decode()[-2000:]}")
     return Measured(seconds, peak, meter.cores(), out.decode())
-
-

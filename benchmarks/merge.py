@@ -226,8 +226,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT path")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the first-use and torch-engine merges")  # fmt: skip
-    parser.add_argument("--no-wait", action="store_true",
-                        help="do not wait for other processes to go quiet before each job")
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="do not wait for other processes to go quiet before each job",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/loramerge-bench"))
     parser.add_argument("--json", type=Path, default=HERE / "results" / "merge.json")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic models")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,22 +45,24 @@ def write_base(folder: Path, shape: LlamaShape, shard_bytes: int = 1 << 30, seed
     (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
 
 
+def random_factors(
+    shape: LlamaShape, rank: int, seed: int
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module, A, B) of rank `rank` for every projection of every layer, float32, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, (out_features, in_features) in shape.projections():
+        module = name.removesuffix(".weight")
+        lora_a = torch.randn(rank, in_features, generator=generator) * 0.02
+        yield module, lora_a, torch.randn(out_features, rank, generator=generator) * 0.02
+
+
 def write_adapter(folder: Path, shape: LlamaShape, rank: int = 16, seed: int = 1) -> None:
     """A PEFT adapter of rank `rank` on every linear module of every layer (float32)."""
     folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, dims in shape.tensors():
-        if not name.endswith("proj.weight"):
-            continue
-        stem = "base_model.model." + name.removesuffix(".weight")
-        out_features, in_features = dims
-        tensors[f"{stem}.lora_A.weight"] = (
-            torch.randn(rank, in_features, generator=generator) * 0.02
-        )
-        tensors[f"{stem}.lora_B.weight"] = (
-            torch.randn(out_features, rank, generator=generator) * 0.02
-        )
+    for module, lora_a, lora_b in random_factors(shape, rank, seed):
+        stem = "base_model.model." + module
+        tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = lora_a, lora_b
     save_tensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
     config = {
         "peft_type": "LORA",
@@ -78,15 +81,9 @@ def write_reslora(folder: Path, shape: LlamaShape, rank: int = 16, seed: int = 2
     """An official ResLoRA checkpoint ("is": each block's input adds the previous block's) of
     rank `rank` on every projection: the pickled state dict and reslora_config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, dims in shape.tensors():
-        if not name.endswith("proj.weight"):
-            continue
-        stem = name.removesuffix(".weight") + ".loras.0"
-        out_features, in_features = dims
-        state[f"{stem}.lora_A"] = torch.randn(rank, in_features, generator=generator) * 0.02
-        state[f"{stem}.lora_B"] = torch.randn(out_features, rank, generator=generator) * 0.02
+    for module, lora_a, lora_b in random_factors(shape, rank, seed):
+        state[f"{module}.loras.0.lora_A"], state[f"{module}.loras.0.lora_B"] = lora_a, lora_b
     torch.save(state, folder / "pytorch_model_lora.bin")
     config = {"rank": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "start_index": 0,
               "target_modules": "q.k.v.o.g.u.d", "lora_num": 1, "merge_weights": True,
