@@ -50,6 +50,9 @@ TILES = "tests/ops/test_update_tiles.py"
 DENSE_OPS = "tests/ops/test_dense_updates.py"
 DENSE_PEFT = "tests/formats/test_peft_dense.py"
 DENSE_ARCH = "tests/jobs/test_dense_architectures.py"
+BITS = "tests/ops/test_bits.py"
+IDENTITY = "tests/model/test_stream_identity.py"
+VERIFY_WEIGHTS = "tests/jobs/test_verify_weights.py"
 
 
 @dataclass(frozen=True)
@@ -322,8 +325,61 @@ MUTATIONS = [
         "dense-rounded-to-bf16",
         "a dense rule's result rounded to bfloat16 before the output dtype",
         "loramerge/model/dense_tiles.py",
-        (patch("rows.copy_(merged)", "rows.copy_(merged.to(torch.bfloat16))"),),
+        (
+            patch(
+                "rows.copy_(float32_rounding_once(merged, out_dtype))",
+                "rows.copy_(merged.to(torch.bfloat16))",
+            ),
+        ),
         (DENSE_PEFT,),
+    ),
+    Mutation(
+        "fast-bf16-ties-down",
+        "torch-free engine: bfloat16 ties rounded toward zero instead of to even",
+        "loramerge/ops/bits.py",
+        (
+            patch(
+                "numpy.bitwise_and(scratch, 1, out=scratch)",
+                "numpy.bitwise_and(scratch, 0, out=scratch)",
+            ),
+        ),
+        (BITS, MERGE),
+    ),
+    Mutation(
+        "fast-prescale-twice",
+        "torch-free engine: a power-of-two scale moved into A squared",
+        "loramerge/ops/fast_update.py",
+        (
+            patch(
+                "return lora_b, lora_a * numpy.float32(scale), 1.0",
+                "return lora_b, lora_a * numpy.float32(scale * scale), 1.0",
+            ),
+        ),
+        (MERGE, IDENTITY),
+    ),
+    Mutation(
+        "verify-weights-16-ulps",
+        "verify of a merged folder takes 16 units in the last place as rounding",
+        "loramerge/jobs/verify_weights.py",
+        (
+            patch(
+                "beyond = ((values - wanted).abs() - gap).clamp(min=0)",
+                "beyond = ((values - wanted).abs() - 16 * gap).clamp(min=0)",
+            ),
+        ),
+        (VERIFY_WEIGHTS,),
+    ),
+    Mutation(
+        "verify-weights-rounded-bits-only",
+        "verify of a merged folder: a tile whose stored bits differ anywhere counts as equal",
+        "loramerge/jobs/verify_weights.py",
+        (
+            patch(
+                "    if not bool(differ.any()):\n        return 0.0",
+                "    if True:\n        return 0.0",
+            ),
+        ),
+        (VERIFY_WEIGHTS,),
     ),
 ]
 

@@ -93,18 +93,21 @@ def cli_merge(out: Path) -> int:
     return CliRunner().invoke(app, args).exit_code
 
 
+@pytest.mark.oracle  # the difference is planted here, its size known
 def test_one_changed_weight_fails_naming_its_module(cli, tmp_path):
     folder = _changed(tmp_path, f"{TARGET}.weight", element=5, ulps=8)
     result = cli("verify", ADAPTERS / "llama-lora", folder, "--base", LLAMA)
     _one_error(result, TARGET, "differs from")
 
 
+@pytest.mark.oracle  # the difference is planted here, its size known
 def test_an_untouched_tensor_must_hold_the_base_s_values(cli, tmp_path):
     folder = _changed(tmp_path, "model.norm.weight", element=0, ulps=2)
     result = cli("verify", ADAPTERS / "llama-lora", folder, "--base", LLAMA)
     _one_error(result, "model.norm.weight", "differs from")
 
 
+@pytest.mark.oracle  # the difference is planted here, its size known
 def test_one_unit_in_the_last_place_counts_as_rounding(cli, tmp_path):
     folder = _changed(tmp_path, f"{TARGET}.weight", element=5, ulps=1)
     result = cli("verify", ADAPTERS / "llama-lora", folder, "--base", LLAMA, "--json")
