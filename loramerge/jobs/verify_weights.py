@@ -12,16 +12,21 @@ merge changes in the weight (its update); an untouched tensor must hold the base
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loramerge.adapter import Adapter
+from loramerge.adapter_checks import read_checked
 from loramerge.errors import MismatchError
+from loramerge.formats.registry import ReadOptions
 from loramerge.io.safetensors_header import TensorEntry, torch_dtype
 from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.jobs.merge import planned_merge
+from loramerge.jobs.verify_result import Difference, VerifyResult, is_model_folder
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, TensorPlan
 from loramerge.model.reference_tiles import reference_tiles
@@ -148,3 +153,22 @@ def _tile_excess(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     if not bool(differ.any()):
         return 0.0
     return excess_squares(candidate.reshape(-1)[differ], reference.reshape(-1)[differ])
+
+
+def compare_weights(
+    source: Path,
+    candidate: Path,
+    base: str | Path,
+    base_config: Mapping[str, Any] | None,
+    atol: float,
+    rtol: float,
+    progress: Progress | None,
+) -> VerifyResult:
+    """An adapter and a merged model folder (on either side), weight by weight."""
+    adapter_side, folder = (candidate, source) if is_model_folder(source) else (source, candidate)
+    adapter = read_checked(adapter_side, options=ReadOptions(base_config=base_config, base=base))
+    norms, notes = compare_merged(adapter, base, folder, progress)
+    result = VerifyResult("weights", atol, rtol, notes=notes)
+    for name, (update, excess) in norms.items():
+        result.differences.append(Difference(name, update, excess))
+    return result
