@@ -11,10 +11,9 @@ import torch
 
 from loramerge.adapter import Adapter
 from loramerge.io.safetensors_header import torch_dtype
-from loramerge.model.dense_tiles import dense_bias
 from loramerge.model.plan import Action, TensorPlan
 from loramerge.model.sources import Sources
-from loramerge.model.stream import merged_tiles
+from loramerge.model.stream import merged_bias, merged_tiles
 from loramerge.model.tiling import tiles
 
 
@@ -43,13 +42,7 @@ def reference_tiles(
         return
     if plan.action is Action.BIAS:
         stored = sources.rows(plan, 0, plan.shape[0])
-        if plan.dense:
-            merged = dense_bias(plan, stored, adapter)
-        else:
-            module = adapter.modules[plan.module or ""]
-            assert module.bias is not None
-            merged = stored.to(torch.float32) + module.bias.float() * module.scale
-        yield ReferenceTile(0, plan.shape[0], stored, merged)
+        yield ReferenceTile(0, plan.shape[0], stored, merged_bias(plan, stored, adapter))
         sources.give(stored)
         return
     out_dtype = torch_dtype(plan.dtype)

@@ -157,13 +157,9 @@ def _write_tensor(
             values = stored.to(out_dtype)  # the very tile when the dtype is unchanged
             sources.write_token_rows(plan, values, start, stop)
             output.call(_write_rows, writer, sources, values, out_dtype)
-    elif plan.action is Action.BIAS and plan.dense:
-        _write_dense_bias(plan, writer, output, sources, adapter)
     elif plan.action is Action.BIAS:
-        module = adapter.modules[plan.module or ""]
         stored = sources.rows(plan, 0, plan.shape[0])
-        assert module.bias is not None
-        merged = stored.to(torch.float32) + module.bias.float() * module.scale
+        merged = merged_bias(plan, stored, adapter)
         sources.give(stored)  # only now: `to` returns the very tensor when it is float32
         output.call(writer.write_tensor, merged.to(out_dtype))
     else:
@@ -241,13 +237,14 @@ def merged_tiles(
         yield base_rows, values
 
 
-def _write_dense_bias(
-    plan: TensorPlan, writer: StreamingWriter, output: _Output, sources: Sources, adapter: Adapter
-) -> None:
-    stored = sources.rows(plan, 0, plan.shape[0])
-    merged = dense_bias(plan, stored, adapter)
-    sources.give(stored)
-    output.call(writer.write_tensor, merged.to(torch_dtype(plan.dtype)))
+def merged_bias(plan: TensorPlan, stored: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """A BIAS plan's merged values before rounding: the base bias plus s x the LoRA bias, or a
+    dense update's bias rule."""
+    if plan.dense:
+        return dense_bias(plan, stored, adapter)
+    module = adapter.modules[plan.module or ""]
+    assert module.bias is not None
+    return stored.to(torch.float32) + module.bias.float() * module.scale
 
 
 def _sliced_factors(module: LoraModule, update: UpdateSlice, expert: int | None) -> tuple:
