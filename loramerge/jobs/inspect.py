@@ -106,24 +106,10 @@ def inspect_adapter(
         adapter = rename_to_base(adapter, base_ref)  # kinds and expert stacks from the base
         adapter = fold_lycoris_dora(adapter, base_ref, "measuring it against the base")
     merge_only = merge_only_modules(adapter)
-    modules = []
-    for key, module in adapter.modules.items():
-        modules.append(
-            ModuleReport(
-                path=key,
-                kind=module.kind.value,
-                r=module.r,
-                alpha=module.alpha,
-                scale=module.scale,
-                dtype=dtype_code(module.lora_A.dtype),
-                update_norm=update_norm(module),
-                dora=module.magnitude is not None,
-                component=module.component,
-                merge_only=key in merge_only,
-            )
-        )
-    lora = list(modules)
-    modules += [dense_report(key, update) for key, update in adapter.dense_updates.items()]
+    lora = [
+        _module_report(key, module, key in merge_only) for key, module in adapter.modules.items()
+    ]
+    modules = lora + [dense_report(key, update) for key, update in adapter.dense_updates.items()]
     report = AdapterReport(
         path=adapter.source_path or "",
         format=adapter.source_format,
@@ -138,23 +124,45 @@ def inspect_adapter(
         read_as=read_as(adapter),
         modules=modules,
     )
-    if merge_only:
-        key, reason = next(iter(merge_only.items()))
-        report.warnings.append(
-            f"{len(merge_only)} modules have no low-rank form and can only be merged, e.g. "
-            f"{key}: {reason}"
-        )
-    if adapter.dense_updates:
-        update = next(iter(adapter.dense_updates.values()))
-        report.warnings.append(
-            f"{len(adapter.dense_updates)} modules are {update.method} updates with no LoRA "
-            f"form ({update.why}): they can only be merged"
-        )
+    report.warnings += _merge_only_warnings(adapter, merge_only)
     if is_dylora(adapter):
         report.dylora_ranks = dylora_rank_profile(adapter, unit_of(adapter))
     if base_ref is not None:
         _measure_against_base(adapter, base_ref, report, progress)
     return report
+
+
+def _module_report(key: str, module: LoraModule, merge_only: bool) -> ModuleReport:
+    return ModuleReport(
+        path=key,
+        kind=module.kind.value,
+        r=module.r,
+        alpha=module.alpha,
+        scale=module.scale,
+        dtype=dtype_code(module.lora_A.dtype),
+        update_norm=update_norm(module),
+        dora=module.magnitude is not None,
+        component=module.component,
+        merge_only=merge_only,
+    )
+
+
+def _merge_only_warnings(adapter: Adapter, merge_only: dict[str, str]) -> list[str]:
+    """What inspect says of modules that can only be merged (no low-rank form)."""
+    found = []
+    if merge_only:
+        key, reason = next(iter(merge_only.items()))
+        found.append(
+            f"{len(merge_only)} modules have no low-rank form and can only be merged, e.g. "
+            f"{key}: {reason}"
+        )
+    if adapter.dense_updates:
+        update = next(iter(adapter.dense_updates.values()))
+        found.append(
+            f"{len(adapter.dense_updates)} modules are {update.method} updates with no LoRA "
+            f"form ({update.why}): they can only be merged"
+        )
+    return found
 
 
 def dense_report(key: str, update: DenseUpdate) -> ModuleReport:
