@@ -205,8 +205,24 @@ def _module(
             file=weights,
             module=path,
         )
-    magnitude = found.get("m")
-    out = lora_b.shape[1]
+    magnitude = _magnitude(weights, path, found.get("m"), lora_b.shape[1], dora)
+    embedding = path.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+    if embedding and magnitude is not None:
+        raise FormatError("DoRA on an embedding is not read", file=weights, module=path)
+    return LoraModule(
+        path=path,
+        lora_A=transposed(lora_a),
+        lora_B=transposed(lora_b),
+        alpha=scale * r,
+        kind=ModuleKind.EMBEDDING if embedding else ModuleKind.LINEAR,
+        magnitude=magnitude,
+    )
+
+
+def _magnitude(
+    weights: Path, path: str, magnitude: LazyTensor | None, out: int, dora: bool
+) -> LazyTensor | None:
+    """The module's DoRA magnitude m, present exactly when the config says DoRA."""
     if dora and magnitude is None:
         raise FormatError(
             "has no DoRA magnitude m (fine_tune_type dora)", file=weights, module=path
@@ -222,17 +238,7 @@ def _module(
                 file=weights,
                 module=path,
             )
-    embedding = path.rsplit(".", 1)[-1] in EMBEDDING_NAMES
-    if embedding and magnitude is not None:
-        raise FormatError("DoRA on an embedding is not read", file=weights, module=path)
-    return LoraModule(
-        path=path,
-        lora_A=transposed(lora_a),
-        lora_B=transposed(lora_b),
-        alpha=scale * r,
-        kind=ModuleKind.EMBEDDING if embedding else ModuleKind.LINEAR,
-        magnitude=magnitude,
-    )
+    return magnitude
 
 
 # ---------------------------------------------------------------- writing
