@@ -233,8 +233,8 @@ MUTATIONS = [
         "loramerge/model/stream.py",
         (
             patch(
-                "merged = stored.to(torch.float32) + module.bias.float() * module.scale",
-                "merged = stored.to(torch.float32) + module.bias.float()",
+                "return stored.to(torch.float32) + module.bias.float() * module.scale",
+                "return stored.to(torch.float32) + module.bias.float()",
             ),
         ),
         (MERGE,),
