@@ -29,7 +29,7 @@ from loramerge.formats.derived import derived
 from loramerge.ops import rotations
 
 if TYPE_CHECKING:
-    from loramerge.formats.peft_tuners import _Context
+    from loramerge.formats.peft_tuner_context import TunerContext
 
 F64 = torch.float64
 
@@ -53,14 +53,14 @@ WHY = {
 }
 
 
-def _update(ctx: _Context, path: str, rule: str, tensors: dict[str, LazyTensor], **kw: Any):
+def _update(ctx: TunerContext, path: str, rule: str, tensors: dict[str, LazyTensor], **kw: Any):
     key = "MISS-BAT" if ctx.peft_type == "MISS" else ctx.peft_type
     method, why = WHY[key]
     fan_in_fan_out = ctx.config.get("fan_in_fan_out") is True
     return DenseUpdate(path, method, rule, tensors, why=why, fan_in_fan_out=fan_in_fan_out, **kw)
 
 
-def _adapter(ctx: _Context, updates: dict[str, DenseUpdate], rule: str) -> Adapter:
+def _adapter(ctx: TunerContext, updates: dict[str, DenseUpdate], rule: str) -> Adapter:
     version = ctx.config.get("peft_version")
     tool = f"PEFT {version}" if isinstance(version, str) else "PEFT"
     method = next(iter(updates.values())).method
@@ -78,7 +78,7 @@ def _adapter(ctx: _Context, updates: dict[str, DenseUpdate], rule: str) -> Adapt
     )
 
 
-def _float(ctx: _Context, path: str, name: str, tensor: LazyTensor, dims: int) -> None:
+def _float(ctx: TunerContext, path: str, name: str, tensor: LazyTensor, dims: int) -> None:
     if len(tensor.shape) != dims or not tensor.dtype.is_floating_point:
         raise FormatError(
             f"{name} {list(tensor.shape)} ({tensor.dtype}) is not a {dims}-D float tensor",
@@ -87,7 +87,7 @@ def _float(ctx: _Context, path: str, name: str, tensor: LazyTensor, dims: int) -
         )
 
 
-def _number(ctx: _Context, key: str, default: float) -> float:
+def _number(ctx: TunerContext, key: str, default: float) -> float:
     value = ctx.config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FormatError(f"{key} must be a number, got {value!r}", file=ctx.config_path)
@@ -99,7 +99,7 @@ def _number(ctx: _Context, key: str, default: float) -> float:
 # ---------------------------------------------------------------- IA3
 
 
-def _feedforward(ctx: _Context, path: str) -> bool:
+def _feedforward(ctx: TunerContext, path: str) -> bool:
     """PEFT's test: a full match of the regex, or a list entry the path ends with."""
     modules = ctx.config.get("feedforward_modules") or []
     if isinstance(modules, str):
@@ -107,7 +107,7 @@ def _feedforward(ctx: _Context, path: str) -> bool:
     return any(isinstance(m, str) and path.endswith(m) for m in modules)
 
 
-def _ia3(ctx: _Context) -> Adapter:
+def _ia3(ctx: TunerContext) -> Adapter:
     ctx.load(("ia3_l",))
     updates = {}
     for path, found in ctx.modules.items():
@@ -150,7 +150,7 @@ OFT_CONV = (
 )
 
 
-def _oft(ctx: _Context) -> Adapter:
+def _oft(ctx: TunerContext) -> Adapter:
     ctx.load(("oft_R", "oft_embedding_R"))
     neumann = ctx.config.get("use_cayley_neumann", True) is True
     terms = (
@@ -205,7 +205,7 @@ def _oft(ctx: _Context) -> Adapter:
     )
 
 
-def _boft(ctx: _Context) -> Adapter:
+def _boft(ctx: TunerContext) -> Adapter:
     ctx.load(("boft_R", "boft_s"))
     updates = {}
     for path, found in ctx.modules.items():
@@ -250,7 +250,7 @@ def _boft(ctx: _Context) -> Adapter:
 # ---------------------------------------------------------------- HRA, MiSS "bat"
 
 
-def _hra(ctx: _Context) -> Adapter:
+def _hra(ctx: TunerContext) -> Adapter:
     ctx.load(("hra_u",))
     orthonormal = ctx.config.get("apply_GS") is True
     updates = {}
@@ -268,7 +268,7 @@ def _hra(ctx: _Context) -> Adapter:
     return _adapter(ctx, updates, rule + "; the bias is unchanged")
 
 
-def miss_bat(ctx: _Context) -> Adapter:
+def miss_bat(ctx: TunerContext) -> Adapter:
     """MiSS with init_weights "bat": miss_block (out / r, r, r)."""
     ctx.load(("miss_block",))
     updates = {}

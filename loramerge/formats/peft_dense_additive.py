@@ -12,10 +12,10 @@ from loramerge.formats.common import require_rank
 from loramerge.formats.peft_dense import _adapter, _float, _number, _update
 
 if TYPE_CHECKING:
-    from loramerge.formats.peft_tuners import _Context
+    from loramerge.formats.peft_tuner_context import TunerContext
 
 
-def _fourierft(ctx: _Context) -> Adapter:
+def _fourierft(ctx: TunerContext) -> Adapter:
     ctx.load(("fourierft_spectrum",))
     seed = ctx.config.get("random_loc_seed", 777)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -40,7 +40,7 @@ def _fourierft(ctx: _Context) -> Adapter:
     )
 
 
-def _shira(ctx: _Context) -> Adapter:
+def _shira(ctx: TunerContext) -> Adapter:
     ctx.load(("shira_weight", "shira_indices"))
     updates = {}
     for path, found in ctx.modules.items():
@@ -63,7 +63,7 @@ def _shira(ctx: _Context) -> Adapter:
     )
 
 
-def _c3a(ctx: _Context) -> Adapter:
+def _c3a(ctx: TunerContext) -> Adapter:
     ctx.load(("c3a_kernel",))
     updates = {}
     for path, found in ctx.modules.items():
@@ -82,7 +82,7 @@ def _c3a(ctx: _Context) -> Adapter:
     )
 
 
-def _randlora(ctx: _Context) -> Adapter:
+def _randlora(ctx: TunerContext) -> Adapter:
     ctx.load(("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"),
              shared=("randlora_A", "randlora_B"))  # fmt: skip
     if "randlora_A" not in ctx.shared or "randlora_B" not in ctx.shared:
@@ -120,7 +120,7 @@ def _randlora(ctx: _Context) -> Adapter:
 
 
 def _check_randlora(
-    ctx: _Context,
+    ctx: TunerContext,
     path: str,
     lam: LazyTensor,
     gamma: LazyTensor,
