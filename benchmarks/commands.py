@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 from llama_shape import LlamaShape  # noqa: E402
 from machine import COLD_STATES, choose_cold_state  # noqa: E402
-from merge import Job, _machine, _shell, measure_size, print_table  # noqa: E402
+from merge import Job, machine_facts, measure_size, print_table, shell  # noqa: E402
 
 
 def jobs(work: Path) -> list[Job]:
@@ -45,9 +45,9 @@ def jobs(work: Path) -> list[Job]:
         f"--base '{base}' -o '{out}'",
         "reslora --merge": f"reslora '{work / 'reslora'}' --base '{base}' -o '{out}' --merge",
     }
-    found = [Job("copy", _shell(f"cp -r '{base}' '{out}' && sync"))]
+    found = [Job("copy", shell(f"cp -r '{base}' '{out}' && sync"))]
     for name, command in commands.items():
-        found.append(Job(name, _shell(f"'{tool}' {command} --quiet > /dev/null && sync"), cache))
+        found.append(Job(name, shell(f"'{tool}' {command} --quiet > /dev/null && sync"), cache))
     return found
 
 
@@ -101,7 +101,7 @@ def main() -> int:
         name: found[f"{regimes[0]}_s"] / copy for name, found in summary["jobs"].items()
     }
     print_table("commands", summary, regimes)
-    report = {"machine": _machine(), "cold_state": cold_state, "regimes": regimes, **summary}
+    report = {"machine": machine_facts(), "cold_state": cold_state, "regimes": regimes, **summary}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -58,7 +58,7 @@ class Job:
     fresh_cache: bool = False  # the base's architecture answer removed before each run
 
 
-def _shell(text: str) -> list[str]:
+def shell(text: str) -> list[str]:
     return ["bash", "-c", text]
 
 
@@ -69,20 +69,20 @@ def jobs(work: Path, ranks: list[int], peft: bool, extras: bool) -> list[Job]:
     python = sys.executable
     direct = f"'{python}' '{HERE / 'direct_copy.py'}' '{base}' '{out}' && sync"
     copy = f"cp -r '{base}' '{out}' && sync"
-    found = [Job("copy", _shell(copy)), Job("copy-direct", _shell(direct))]
+    found = [Job("copy", shell(copy)), Job("copy-direct", shell(direct))]
     for rank in ranks:
         adapter = work / f"adapter-r{rank}"
         merge = f"'{loramerge}' merge '{adapter}' --base '{base}' -o '{out}' --quiet && sync"
         if rank != ranks[0]:
             found.append(Job(f"gemm-r{rank}", [python, str(HERE / "gemm_floor.py"), str(adapter)]))
-        found.append(Job(f"loramerge-r{rank}", _shell(merge), cache))
+        found.append(Job(f"loramerge-r{rank}", shell(merge), cache))
         if rank == ranks[0] and extras:
-            found.append(Job(f"first-use-r{rank}", _shell(merge), cache, fresh_cache=True))
+            found.append(Job(f"first-use-r{rank}", shell(merge), cache, fresh_cache=True))
             torch_engine = {**cache, "LORAMERGE_ENGINE": "torch"}
-            found.append(Job(f"torch-engine-r{rank}", _shell(merge), torch_engine))
+            found.append(Job(f"torch-engine-r{rank}", shell(merge), torch_engine))
         if rank == ranks[0] and peft:
             command = f"'{python}' '{HERE / 'peft_path.py'}' '{base}' '{adapter}' '{out}' && sync"
-            found.append(Job(f"peft-r{rank}", _shell(command)))
+            found.append(Job(f"peft-r{rank}", shell(command)))
     return found
 
 
@@ -244,7 +244,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _machine() -> dict:
+def machine_facts() -> dict:
     return {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -284,7 +284,7 @@ def main() -> int:
     regimes = (["cold"] if cold_state else []) + (["warm"] if args.warm or not cold_state else [])
     ctx = {"cold_state": cold_state, "filler": filler, "regimes": regimes,
            "wait_quiet": not args.no_wait, "quiet_limit": 900.0}  # fmt: skip
-    report = {"machine": _machine(), "cold_state": cold_state, "regimes": regimes, "sizes": {}}
+    report = {"machine": machine_facts(), "cold_state": cold_state, "regimes": regimes, "sizes": {}}
     ranks = [int(r) for r in args.ranks.split(",")]
     sizes = [("default", LlamaShape(layers=args.layers), ranks)]
     if args.half:
