@@ -43,7 +43,10 @@ PAUSING_CLI = textwrap.dedent(
     original_close, original_write = writer.close, writer.write_tensor
 
     def pause(path):
-        signal_file.write_text(str(path))
+        # renamed into place: the test polls for the file and must never read it half-written
+        staged = signal_file.with_name(f"{signal_file.name}.{os.getpid()}.{id(path)}")
+        staged.write_text(str(path))
+        os.replace(staged, signal_file)
         time.sleep(600)
 
     def close(self):
@@ -132,9 +135,8 @@ def test_sigkill_mid_merge_leaves_no_out_and_the_next_run_cleans_up(
     temp = atomic.temp_name(out, process.pid)
     assert _siblings(out) == [temp], "the only trace is the recognisable temporary folder"
     assert paused_in.parent == temp
-    shards = sorted(temp.glob("*.safetensors"))
     if where == "after-first-shard":
-        read_header(shards[0])  # a complete shard exists, but only inside the hidden temp
+        read_header(paused_in)  # a complete shard exists, but only inside the hidden temp
     else:
         # direct writes reach the file in whole blocks: it may not even hold its header yet
         with pytest.raises(FormatError, match=r"truncated|too short"):
