@@ -3,8 +3,10 @@ a byte of its inputs or print a traceback for a user error."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ OUT_OPTIONS = ("-o", "--out")
 # the architecture answers loramerge keeps between runs: in a folder of this session's own (the
 # commands run in-process and in child processes alike), never the user's cache
 os.environ["LORAMERGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="loramerge-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LORAMERGE_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
