@@ -11,7 +11,6 @@ work from ever waiting on later work. Numpy buffers, no torch.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -121,8 +120,6 @@ class ChunkedFiles:
         self._first = [0]  # number of each file's first chunk
         for found in files:
             self._first.append(self._first[-1] + max(1, -(-found.size // CHUNK)))
-        # chunks of each file still to write: the file is synced as soon as it has none
-        self._unwritten = [b - a for a, b in itertools.pairwise(self._first)]
         self._window = max(2, window)
         self._buffers: dict[int, numpy.ndarray] = {}
         self._filled: dict[int, int] = {}
@@ -188,11 +185,7 @@ class ChunkedFiles:
                 self._earliest += 1
             self.written += size
             written = self.written
-            self._unwritten[file] -= 1
-            complete = not self._unwritten[file]
             self._state.notify_all()
-        if complete:  # synced now, while later files are still being computed
-            self.files[file].finish()
         if self._on_written is not None:
             self._on_written(written)
 
@@ -215,6 +208,10 @@ class ChunkedFiles:
             self._raise()
             if self._earliest != self._first[-1]:
                 raise RuntimeError(f"{self._first[-1] - self._earliest} output chunks unfilled")
+        # synced only now: an fsync while direct writes go on stalls them (on ext4 they wait for
+        # the journal commit it forces), and the written blocks leave it little else to do
+        for found in self.files:
+            found.finish()
 
     def abandon(self) -> None:
         """After a failure: wait for writes under way, close the files (the caller removes

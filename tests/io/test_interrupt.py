@@ -69,14 +69,17 @@ PAUSING_CLI = textwrap.dedent(
     shard = chunked_output.ShardFile
     original_finish, original_shard_write = shard.finish, shard.write
 
-    def finish(self):
+    written_to = []
+
+    def finish(self):  # every file is synced once all are written
         original_finish(self)
-        closed.append(self.path)
         if where == "after-first-shard":
             pause(self.path)
 
     def shard_write(self, data, offset):
-        if where == "inside-second-shard" and closed and self.path != closed[0]:
+        if self.path not in written_to:
+            written_to.append(self.path)
+        if where == "inside-second-shard" and self.path != written_to[0]:
             pause(self.path)  # before the chunk: the file holds no complete header
         original_shard_write(self, data, offset)
 
