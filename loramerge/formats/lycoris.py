@@ -46,7 +46,8 @@ def network_args(metadata: dict[str, str], path: Path) -> dict[str, object]:
 
 
 def read(path: Path, options: ReadOptions | None = None) -> Adapter:
-    from loramerge.formats import lycoris_modules  # LoHa/LoKr math: torch, loaded when read
+    # LoHa/LoKr math: torch, loaded when read
+    from loramerge.formats import lycoris_modules, lycoris_parts
 
     tensors, metadata = lazy_safetensors(path)
     args = network_args(metadata, path)
@@ -63,11 +64,11 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
     names = kohya.resolve_names(list(grouped), metadata)
     if str(args.get("algo", "")).lower() == "dylora":
         return _read_dylora(path, grouped, names, metadata, args)
-    context = lycoris_modules.Context(path, lycoris_modules.proj_is_conv(grouped, names, metadata))
+    context = lycoris_parts.Context(path, lycoris_parts.proj_is_conv(grouped, names, metadata))
     modules, algorithms, dora = [], {}, []
     for name, parts in grouped.items():
         component, module_path = names[name]
-        algorithm = lycoris_modules.algorithm_of(path, name, parts)
+        algorithm = lycoris_parts.algorithm_of(path, name, parts)
         with_path = lycoris_modules.BUILDERS[algorithm](
             context, name, parts, component, module_path
         )
@@ -130,7 +131,7 @@ def _read_dylora(
     `block_size` ranks scales the first n * block_size ranks by alpha / n. As a LoRA of rank r
     that is alpha' / r with alpha' = alpha * block_size, and truncating to b ranks keeps alpha'
     (docs/rules.md section 2 with alpha' for alpha)."""
-    from loramerge.formats import lycoris_modules
+    from loramerge.formats import lycoris_parts
 
     try:
         block = int(str(args.get("block_size", 4)))  # LyCORIS's default block size
@@ -150,7 +151,7 @@ def _read_dylora(
                 file=path,
                 module=name,
             )
-        down, up = lycoris_modules.need(path, name, parts, "lora_down.weight", "lora_up.weight")
+        down, up = lycoris_parts.need(path, name, parts, "lora_down.weight", "lora_up.weight")
         plain = kohya._module(
             path, name, {"lora_down.weight": down, "lora_up.weight": up}, *names[name]
         )
@@ -161,7 +162,7 @@ def _read_dylora(
                 module=name,
             )
         modules.append(
-            replace(plain, alpha=lycoris_modules.alpha_of(path, name, parts, plain.r) * block)
+            replace(plain, alpha=lycoris_parts.alpha_of(path, name, parts, plain.r) * block)
         )
     info = kohya.stamp(
         _tool(metadata),
