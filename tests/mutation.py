@@ -157,7 +157,7 @@ MUTATIONS = [
     Mutation(
         "kohya-writer-alpha",
         "kohya writer stores the module's alpha, not scale x r (wrong for rsLoRA)",
-        "loramerge/formats/kohya.py",
+        "loramerge/formats/kohya_writer.py",
         (patch("alpha = module.scale * module.r", "alpha = module.alpha"),),
         (CONVERT,),
     ),

@@ -16,7 +16,8 @@ from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match
 from loramerge.errors import FormatError, opt
 from loramerge.formats.common import lazy_safetensors, require_positive, require_rank
 from loramerge.formats.components import keyed
-from loramerge.formats.kohya import header_of, stamp
+from loramerge.formats.kohya import stamp
+from loramerge.formats.kohya_detect import header_of
 from loramerge.formats.sd_names import COMPONENT_ORDER, TEXT_ENCODERS
 from loramerge.io.safetensors_writer import save_tensors
 

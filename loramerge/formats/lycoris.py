@@ -13,7 +13,7 @@ import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
 from loramerge.errors import FormatError
-from loramerge.formats import kohya
+from loramerge.formats import kohya, kohya_detect, kohya_names, kohya_writer
 from loramerge.formats.common import lazy_safetensors
 from loramerge.formats.dylora import UNIT_KEY
 
@@ -30,8 +30,8 @@ DORA_EPS = 2.0**-23  # torch.finfo(torch.float32).eps, without loading torch to 
 
 
 def sniff(path: Path) -> bool:
-    header = kohya.header_of(path)
-    return header is not None and SOURCE in kohya.evidence(header)
+    header = kohya_detect.header_of(path)
+    return header is not None and SOURCE in kohya_detect.evidence(header)
 
 
 def network_args(metadata: dict[str, str], path: Path) -> dict[str, object]:
@@ -53,7 +53,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
     args = network_args(metadata, path)
     grouped: dict[str, dict[str, LazyTensor]] = {}
     for key, tensor in tensors.items():
-        match = kohya._ANY_KEY.match(key)
+        match = kohya_detect.ANY_KEY.match(key)
         if match is None:
             raise FormatError(
                 f"tensor {key!r} is not a LyCORIS module tensor (<lora_name>.<part>)", file=path
@@ -61,7 +61,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
         grouped.setdefault(match["name"], {})[match["part"]] = tensor
     if not grouped:
         raise FormatError("holds no LyCORIS tensors", file=path)
-    names = kohya.resolve_names(list(grouped), metadata)
+    names = kohya_names.resolve_names(list(grouped), metadata)
     if str(args.get("algo", "")).lower() == "dylora":
         return _read_dylora(path, grouped, names, metadata, args)
     context = lycoris_parts.Context(path, lycoris_parts.proj_is_conv(grouped, names, metadata))
@@ -76,9 +76,9 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
         algorithms[algorithm] = algorithms.get(algorithm, 0) + 1
         if with_path.magnitude is not None:
             dora.append(with_path)
-    keyed = kohya.keyed_once(path, modules, names)
-    notes = kohya.name_notes(names)
-    extra = {kohya.NAMES_KEY: kohya.names_record(names)}
+    keyed = kohya_names.keyed_once(path, modules, names)
+    notes = kohya_names.name_notes(names)
+    extra = {kohya_names.NAMES_KEY: kohya_names.names_record(names)}
     if dora:
         extra[DORA_KEY] = json.dumps([k for k, m in keyed.items() if m.magnitude is not None])
         notes.append(
@@ -96,7 +96,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
     )
     plain = set(algorithms) == {"locon"} and not dora
     if plain:
-        extra[kohya.LYCORIS_AS_KOHYA_KEY] = "true"
+        extra[kohya_writer.LYCORIS_AS_KOHYA_KEY] = "true"
     return Adapter(
         modules=keyed,
         base_model=metadata.get("ss_base_model_version"),
@@ -169,17 +169,17 @@ def _read_dylora(
         f"DyLoRA (LyCORIS, block_size {block}): lora_down / lora_up",
         f"LyCORIS DyLoRA: alpha / n for n blocks of block_size {block}, i.e. alpha' / r with "
         f"alpha' = alpha * {block}; truncation to b keeps alpha'",
-        kohya.name_notes(names),
+        kohya_names.name_notes(names),
     )
     return Adapter(
-        modules=kohya.keyed_once(path, modules, names),
+        modules=kohya_names.keyed_once(path, modules, names),
         base_model=metadata.get("ss_base_model_version"),
         source_format=DYLORA,
         source_path=str(path),
         metadata={
             **metadata,
             **info,
-            kohya.NAMES_KEY: kohya.names_record(names),
+            kohya_names.NAMES_KEY: kohya_names.names_record(names),
             UNIT_KEY: str(block),
         },
     )

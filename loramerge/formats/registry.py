@@ -103,7 +103,7 @@ OUTPUT_FORMATS: list[OutputFormat] = [
     OutputFormat(
         "peft", "PEFT adapter folder (one per component for a pipeline)", "peft_components", None
     ),
-    OutputFormat("kohya", "kohya .safetensors file", "kohya", ".safetensors"),
+    OutputFormat("kohya", "kohya .safetensors file", "kohya_writer", ".safetensors"),
     OutputFormat(
         "gguf", "llama.cpp LoRA GGUF file (needs the base)", "gguf", ".gguf", True, "llama.cpp"
     ),
