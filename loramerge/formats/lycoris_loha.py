@@ -9,14 +9,12 @@ import torch
 
 from loramerge.adapter import DenseUpdate, LazyTensor, LoraModule, ModuleKind
 from loramerge.formats import dense_forms
-from loramerge.formats.derived_factors import derived_pair, high_rank_reason
+from loramerge.formats.lycoris_derived import derived_module
 from loramerge.formats.lycoris_parts import (
     Context,
     alpha_of,
     bad_shapes,
     flat_kernel,
-    kind_shapes,
-    magnitude_of,
     need,
 )
 from loramerge.ops.lowrank_forms import hadamard_factors, tucker_down
@@ -72,19 +70,14 @@ def loha(
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         return hadamard_factors(*side(*sides[0]), *side(*sides[1]))
 
-    kind, shape_b, shape_a = kind_shapes(out_features, rank, width, kernel)
-    reason = high_rank_reason(rank, out_features, width, "this LoHa module")
-    lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
-    return LoraModule(
-        path=module_path,
-        lora_A=lora_a,
-        lora_B=lora_b,
-        alpha=scale * rank,
-        kind=kind,
-        magnitude=magnitude_of(context.path, name, parts, out_features),
-        component=component,
-        dense=_loha_dense(context, module_path, sides, scale, reason, kind, component),
-    )
+    def dense_of(reason: str | None, kind: ModuleKind) -> DenseUpdate | None:
+        return _loha_dense(context, module_path, sides, scale, reason, kind, component)
+
+    return derived_module(
+        context, name, parts, component, module_path,
+        shape=(out_features, width, kernel), rank=rank, scale=scale, label="this LoHa module",
+        compute=compute, dense_of=dense_of,
+    )  # fmt: skip
 
 
 def _loha_dense(

@@ -8,17 +8,15 @@ import math
 
 import torch
 
-from loramerge.adapter import LazyTensor, LoraModule
+from loramerge.adapter import DenseUpdate, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import FormatError
 from loramerge.formats import dense_forms
-from loramerge.formats.derived_factors import derived_pair, high_rank_reason
+from loramerge.formats.lycoris_derived import derived_module
 from loramerge.formats.lycoris_parts import (
     Context,
     alpha_of,
     bad_shapes,
     flat_kernel,
-    kind_shapes,
-    magnitude_of,
 )
 from loramerge.ops.lowrank_forms import exact_factors, kronecker_factors, tucker_down
 
@@ -90,26 +88,20 @@ def lokr(
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         return kronecker_factors(*side1(), *side2())
 
-    kind, shape_b, shape_a = kind_shapes(out_features, rank, width, kernel)
-    reason = high_rank_reason(rank, out_features, width, "this LoKr module")
-    lora_b, lora_a = derived_pair(shape_b, shape_a, compute, reason)
-    dense = None
-    if reason:
+    def dense_of(reason: str | None, kind: ModuleKind) -> DenseUpdate | None:
+        if not reason:
+            return None
         sides = ((_lokr_matrix(parts, "w1"), (a, b)), (_lokr_matrix(parts, "w2"), (c, dk)))
-        dense = dense_forms.kron_form(
+        return dense_forms.kron_form(
             module_path, "LyCORIS LoKr", sides, scale, reason, kind=kind, component=component,
             where=context.path,
         )  # fmt: skip
-    return LoraModule(
-        path=module_path,
-        lora_A=lora_a,
-        lora_B=lora_b,
-        alpha=scale * rank,
-        kind=kind,
-        magnitude=magnitude_of(context.path, name, parts, out_features),
-        component=component,
-        dense=dense,
-    )
+
+    return derived_module(
+        context, name, parts, component, module_path,
+        shape=(out_features, width, kernel), rank=rank, scale=scale, label="this LoKr module",
+        compute=compute, dense_of=dense_of,
+    )  # fmt: skip
 
 
 def _lokr_matrix(parts: dict[str, LazyTensor], which: str) -> dense_forms.Matrix:
