@@ -34,7 +34,7 @@ from loramerge.model.plan import Action, MergePlan, TensorPlan
 from loramerge.model.stream_stats import ModuleStats, Progress, StreamResult
 from loramerge.model.tiling import tiles
 from loramerge.ops import bits, torch_blas
-from loramerge.ops.fast_update import Scratch, add_update, prescaled_factors
+from loramerge.ops.fast_update import SPARE, Scratch, add_update, prescaled_factors
 
 COPY_PIECE = 4 << 20  # untouched tensors are moved in pieces of at most this many bytes
 METADATA = {"format": "pt"}
@@ -230,7 +230,7 @@ class _Engine:
         before = stored.view(view)
         if item.offset % size:  # a tensor at an odd offset: round aside, then copy bytes
             rounded = scratch.get("rounded", item.nbytes, numpy.uint8)
-            spare = scratch.get("bits", values.size, numpy.uint32)
+            spare = scratch.get(SPARE, values.size, numpy.uint32)
             bits.round_into(values, code, rounded.view(view), spare)
             self._emit(item, rounded)
             return bits.count_changed(rounded.view(view), before)
@@ -239,7 +239,7 @@ class _Engine:
             low, high = piece.source // size, (piece.source + piece.length) // size
             chunk = self.files.buffer(piece.chunk)
             target = chunk[piece.start : piece.start + piece.length].view(view)
-            spare = scratch.get("bits", high - low, numpy.uint32)
+            spare = scratch.get(SPARE, high - low, numpy.uint32)
             bits.round_into(values[low:high], code, target, spare)
             changed += bits.count_changed(target, before[low:high])
             self.files.filled(piece.chunk, piece.length)

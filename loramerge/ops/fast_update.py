@@ -14,17 +14,26 @@ from loramerge.ops.torch_blas import TorchBlas
 
 
 class Scratch:
-    """One thread's reusable float32 and uint32 buffers, grown on demand."""
+    """One thread's reusable buffers, grown on demand, one per name.
+
+    A name is one buffer whatever dtype it is asked in, so uses of a name must not overlap in
+    time: the update's product and the rounding's spare bits share SPARE (8 MB a worker less
+    with a large rank, where the product is formed apart).
+    """
 
     def __init__(self) -> None:
-        self._arrays: dict[str, numpy.ndarray] = {}
+        self._buffers: dict[str, numpy.ndarray] = {}
 
     def get(self, name: str, count: int, dtype: type) -> numpy.ndarray:
-        found = self._arrays.get(name)
-        if found is None or found.size < count:
-            found = numpy.empty(count, dtype=dtype)
-            self._arrays[name] = found
-        return found[:count]
+        nbytes = count * numpy.dtype(dtype).itemsize
+        found = self._buffers.get(name)
+        if found is None or found.nbytes < nbytes:
+            found = numpy.empty(nbytes, dtype=numpy.uint8)
+            self._buffers[name] = found
+        return found[:nbytes].view(dtype)
+
+
+SPARE = "spare"  # the product of a tile, then the bits its rounding works in
 
 
 def add_update(
@@ -44,7 +53,7 @@ def add_update(
     if fused and fused_keeps_bits(blas, stop - start, columns, lora_a.shape[0]):
         blas.addmm(wide, lora_b[start:stop], lora_a, 1.0)
         return
-    product = scratch.get("product", (high - low) * columns, numpy.float32)
+    product = scratch.get(SPARE, (high - low) * columns, numpy.float32)
     product = blas.addmm(product.reshape(high - low, columns), lora_b[low:high], lora_a, 0.0)
     delta = product[start - low : stop - low]
     if scale != 1.0:
