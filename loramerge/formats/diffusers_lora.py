@@ -1,75 +1,29 @@
-"""diffusers' own LoRA files (`pytorch_lora_weights.safetensors`, what `save_lora_weights` writes):
-`<component>.<module path>` keys in three layouts, and each component's LoraConfig flattened into
-the `lora_adapter_metadata` header field. Read and written."""
+"""diffusers' own LoRA files (`pytorch_lora_weights.safetensors`, what `save_lora_weights` writes),
+read: `<component>.<module path>` keys in three layouts (diffusers_keys), each component's
+LoraConfig flattened into the `lora_adapter_metadata` header field (diffusers_metadata). Written
+by diffusers_writer."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, match_pattern
-from loramerge.errors import FormatError, opt
+from loramerge.errors import FormatError
 from loramerge.formats.common import lazy_safetensors, require_positive, require_rank
 from loramerge.formats.components import keyed
+from loramerge.formats.diffusers_keys import WEIGHT_NAME, parse_key, weights_file
+from loramerge.formats.diffusers_metadata import METADATA_KEY, component_configs
 from loramerge.formats.kohya import stamp
 from loramerge.formats.kohya_detect import header_of
-from loramerge.formats.sd_names import COMPONENT_ORDER, TEXT_ENCODERS
-from loramerge.io.safetensors_writer import save_tensors
+from loramerge.formats.sd_names import COMPONENT_ORDER
 
 if TYPE_CHECKING:
     from loramerge.formats.registry import ReadOptions
 
 SOURCE = "diffusers"
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-METADATA_KEY = "lora_adapter_metadata"
-COMPONENTS = frozenset(COMPONENT_ORDER)
-# (suffix, part, layout): PEFT's keys (diffusers' own since 0.2x); the attention keys that
-# convert_state_dict_to_diffusers writes for the UNet and for text encoders; DoRA, lora bias
-# and the network alphas of files without metadata
-_SUFFIXES = (
-    (".lora_A.weight", "A", "PEFT lora_A/lora_B"),
-    (".lora_B.weight", "B", "PEFT lora_A/lora_B"),
-    (".lora.down.weight", "A", "diffusers lora.down/lora.up"),
-    (".lora.up.weight", "B", "diffusers lora.down/lora.up"),
-    (".lora_linear_layer.down.weight", "A", "text encoder lora_linear_layer.down/up"),
-    (".lora_linear_layer.up.weight", "B", "text encoder lora_linear_layer.down/up"),
-    (".lora_magnitude_vector.weight", "magnitude", "PEFT lora_A/lora_B"),
-    (".lora_magnitude_vector", "magnitude", "PEFT lora_A/lora_B"),
-    (".lora_B.bias", "bias", "PEFT lora_A/lora_B"),
-    (".alpha", "alpha", "network alphas"),
-)
-# the attention-processor keys of diffusers < 0.21 (`attn1.processor.to_q_lora.down.weight`)
-_PROCESSOR = re.compile(
-    r"^(?P<stem>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
-)
-
-
-def _parse(key: str) -> tuple[str, str, str, str] | None:
-    """(component, module path, part, layout) of a diffusers LoRA key, or None."""
-    component, _, rest = key.partition(".")
-    if component not in COMPONENTS or not rest:
-        return None
-    found = _PROCESSOR.match(rest)
-    if found:
-        proj = found["proj"] + (".0" if found["proj"] == "to_out" else "")
-        part = "A" if found["part"] == "down" else "B"
-        return component, f"{found['stem']}.{proj}", part, "attention processor (diffusers < 0.21)"
-    for suffix, part, layout in _SUFFIXES:
-        if rest.endswith(suffix) and len(rest) > len(suffix):
-            return component, rest[: -len(suffix)], part, layout
-    return None
-
-
-def weights_file(path: Path) -> Path | None:
-    if path.is_dir():
-        candidate = path / WEIGHT_NAME
-        return candidate if candidate.is_file() else None
-    return path if path.suffix == ".safetensors" and path.is_file() else None
 
 
 def sniff(path: Path) -> bool:
@@ -79,27 +33,7 @@ def sniff(path: Path) -> bool:
         return False
     if METADATA_KEY in header.metadata:
         return True
-    return any((found := _parse(k)) and found[2] in ("A", "B") for k in header.entries)
-
-
-def component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
-    """`lora_adapter_metadata` unflattened: {component: {LoraConfig field: value}}."""
-    text = metadata.get(METADATA_KEY)
-    if text is None:
-        return {}
-    try:
-        flat = json.loads(text)
-    except json.JSONDecodeError:
-        raise FormatError(f"{METADATA_KEY} is not valid JSON", file=path) from None
-    if not isinstance(flat, dict):
-        raise FormatError(f"{METADATA_KEY} is not a JSON object", file=path)
-    configs: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        component, _, name = str(key).partition(".")
-        if not name:
-            raise FormatError(f"{METADATA_KEY} entry {key!r} is not <component>.<field>", file=path)
-        configs.setdefault(component, {})[name] = value
-    return configs
+    return any((found := parse_key(k)) and found[2] in ("A", "B") for k in header.entries)
 
 
 def read(path: Path, options: ReadOptions | None = None) -> Adapter:
@@ -111,7 +45,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
     grouped: dict[tuple[str, str], dict[str, LazyTensor]] = {}
     layouts: set[str] = set()
     for key, tensor in tensors.items():
-        found = _parse(key)
+        found = parse_key(key)
         if found is None:
             raise FormatError(
                 f"tensor {key!r} is not a diffusers LoRA key (<component>.<path>.lora_A.weight, "
@@ -272,106 +206,3 @@ def _read_info(
             "module paths as the file names them",
         ],
     )
-
-
-# ---------------------------------------------------------------- writing
-
-
-def _target_name(component: str, module_path: str) -> str:
-    """How the LoraConfig names a module: text-encoder paths without `text_model.`, which PEFT
-    matches as a suffix of the module name whether or not transformers builds that level
-    (transformers >= 5 does not for CLIPTextModel)."""
-    if component in TEXT_ENCODERS and module_path.startswith("text_model."):
-        return module_path[len("text_model.") :]
-    return module_path
-
-
-def config_for(component: str, modules: list[LoraModule]) -> dict[str, Any]:
-    """The LoraConfig fields that make diffusers (through PEFT) rebuild these modules' scales."""
-    rslora = {m.use_rslora for m in modules}
-    if len(rslora) > 1:
-        raise FormatError(
-            f"the {component} modules mix rsLoRA and plain scaling, which one LoraConfig "
-            "cannot express"
-        )
-    ranks = Counter(m.r for m in modules)
-    alphas = Counter(m.alpha for m in modules)
-    r = max(ranks, key=lambda v: (ranks[v], v))
-    alpha = max(alphas, key=lambda v: (alphas[v], v))
-    names = {m.path: re.escape(_target_name(component, m.path)) for m in modules}
-    return {
-        "alpha_pattern": {names[m.path]: _number(m.alpha) for m in modules if m.alpha != alpha},
-        "bias": "none",
-        "lora_alpha": _number(alpha),
-        "lora_bias": any(m.bias is not None for m in modules),
-        "lora_dropout": 0.0,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": {names[m.path]: m.r for m in modules if m.r != r},
-        "target_modules": sorted(_target_name(component, m.path) for m in modules),
-        "use_dora": any(m.magnitude is not None for m in modules),
-        "use_rslora": rslora == {True},
-    }
-
-
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _peft_magnitude(module: LoraModule) -> Any:
-    """A DoRA magnitude as PEFT stores it: (out,) for Linear, (1, out, 1, ...) for convs."""
-    magnitude = module.magnitude.load().reshape(-1)
-    if module.kind is ModuleKind.CONV:
-        ones = (1,) * (len(module.lora_A.shape) - 2)
-        magnitude = magnitude.reshape(1, -1, *ones)
-    return magnitude.contiguous()
-
-
-def write(adapter: Adapter, folder: Path) -> None:
-    """`<folder>/pytorch_lora_weights.safetensors` in PEFT's key layout (one layout per file:
-    diffusers 0.42 reads the layout of the first key only) with `lora_adapter_metadata`."""
-    refused = [
-        m.path
-        for m in adapter.modules.values()
-        if m.kind not in (ModuleKind.LINEAR, ModuleKind.CONV)
-    ]
-    if refused or adapter.modules_to_save or adapter.base_tables:
-        what = refused[0] if refused else "modules_to_save or saved embedding tables"
-        raise FormatError(
-            f"diffusers LoRA files hold linear and conv LoRA only, not {what}",
-            file=adapter.source_path,
-            hint=f"write a PEFT adapter instead ({opt('to')} peft)",
-        )
-    orphans = [m.path for m in adapter.modules.values() if m.component is None]
-    if orphans:
-        raise FormatError(
-            f"diffusers LoRA files name each module's pipeline component, and this adapter's "
-            f"modules have none (e.g. {orphans[0]})",
-            file=adapter.source_path,
-            hint=f"say which model it adapts with {opt('component')} (unet, text_encoder, ...)",
-        )
-    by_component: dict[str, list[LoraModule]] = {}
-    for module in adapter.modules.values():
-        by_component.setdefault(module.component or "", []).append(module)
-    flat: dict[str, Any] = {}
-    tensors: dict[str, Any] = {}
-    for component in sorted(by_component, key=COMPONENT_ORDER.index):
-        modules = by_component[component]
-        for field, value in config_for(component, modules).items():
-            flat[f"{component}.{field}"] = value
-        for module in modules:
-            stem = f"{component}.{module.path}"
-            tensors[f"{stem}.lora_A.weight"] = module.lora_A.load().contiguous()
-            tensors[f"{stem}.lora_B.weight"] = module.lora_B.load().contiguous()
-            if module.magnitude is not None:
-                # with `.weight`: diffusers 0.42 + transformers 5 load text encoders through
-                # transformers' own key mapping, which drops a bare lora_magnitude_vector
-                tensors[f"{stem}.lora_magnitude_vector.weight"] = _peft_magnitude(module)
-            if module.bias is not None:
-                tensors[f"{stem}.lora_B.bias"] = module.bias.load().contiguous()
-    metadata = {
-        "format": "pt",
-        METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True),
-        "loramerge.version": __version__,
-    }
-    save_tensors(folder / WEIGHT_NAME, tensors, metadata)

@@ -110,7 +110,7 @@ OUTPUT_FORMATS: list[OutputFormat] = [
     OutputFormat(
         "diffusers",
         "diffusers LoRA folder (pytorch_lora_weights.safetensors)",
-        "diffusers_lora",
+        "diffusers_writer",
         None,
     ),
     OutputFormat("mlx-lm", "mlx-lm adapter folder", "mlx_lm", None),

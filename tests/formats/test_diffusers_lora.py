@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from sd_fixtures import FIXTURES, geometry, output, relative_error, where
 
 from loramerge.errors import FormatError, UnknownFormatError, option_ids
-from loramerge.formats import diffusers_lora
+from loramerge.formats import diffusers_keys, diffusers_metadata
 from loramerge.formats.registry import detect, read_adapter
 from loramerge.io.safetensors_writer import save_tensors
 from loramerge.jobs.convert import convert_adapter
@@ -61,11 +61,11 @@ def test_written_files_read_back_the_same(tmp_path, name):
         copy = again.modules[key]
         assert (copy.r, copy.scale, copy.component) == (module.r, module.scale, module.component)
         assert torch.equal(copy.lora_A.load(), module.lora_A.load())
-    with safe_open(str(out / diffusers_lora.WEIGHT_NAME), "pt") as handle:
+    with safe_open(str(out / diffusers_keys.WEIGHT_NAME), "pt") as handle:
         keys = list(handle.keys())
-        flat = json.loads(handle.metadata()[diffusers_lora.METADATA_KEY])
+        flat = json.loads(handle.metadata()[diffusers_metadata.METADATA_KEY])
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)  # one layout
-    assert all("." in k and k.split(".")[0] in diffusers_lora.COMPONENTS for k in flat)
+    assert all("." in k and k.split(".")[0] in diffusers_keys.COMPONENTS for k in flat)
 
 
 def test_kohya_to_diffusers_and_back_keeps_every_key(tmp_path):
@@ -103,7 +103,7 @@ def _stored(module) -> str:
 
 
 def test_files_without_metadata_scale_by_one_or_their_alphas(tmp_path):
-    tensors = load_file(DIFFUSERS / "sd1-peft-keys" / diffusers_lora.WEIGHT_NAME)
+    tensors = load_file(DIFFUSERS / "sd1-peft-keys" / diffusers_keys.WEIGHT_NAME)
     plain = tmp_path / "plain.safetensors"
     save_tensors(plain, tensors, {"format": "pt"})
     assert {m.scale for m in read_adapter(plain).modules.values()} == {1.0}
@@ -116,7 +116,7 @@ def test_files_without_metadata_scale_by_one_or_their_alphas(tmp_path):
 
 
 def test_old_attention_processor_keys(tmp_path):
-    tensors = load_file(DIFFUSERS / "sdxl-converted-keys" / diffusers_lora.WEIGHT_NAME)
+    tensors = load_file(DIFFUSERS / "sdxl-converted-keys" / diffusers_keys.WEIGHT_NAME)
     renamed = {}
     for key, value in tensors.items():
         for proj in ("to_q", "to_k", "to_v", "to_out.0"):
@@ -127,7 +127,7 @@ def test_old_attention_processor_keys(tmp_path):
                     key = key[: -len(old)] + f".processor.{name}_lora.{part}.weight"
         renamed[key] = value
     path = tmp_path / "old.safetensors"
-    with safe_open(str(DIFFUSERS / "sdxl-converted-keys" / diffusers_lora.WEIGHT_NAME), "pt") as f:
+    with safe_open(str(DIFFUSERS / "sdxl-converted-keys" / diffusers_keys.WEIGHT_NAME), "pt") as f:
         metadata = f.metadata()
     save_tensors(path, renamed, metadata)
     assert any(".processor." in k for k in renamed)
@@ -137,10 +137,10 @@ def test_old_attention_processor_keys(tmp_path):
 
 
 def test_rank_that_contradicts_the_metadata_is_refused(tmp_path):
-    source = DIFFUSERS / "sd1-peft-keys" / diffusers_lora.WEIGHT_NAME
+    source = DIFFUSERS / "sd1-peft-keys" / diffusers_keys.WEIGHT_NAME
     with safe_open(str(source), "pt") as handle:
         metadata = handle.metadata()
-    flat = json.loads(metadata[diffusers_lora.METADATA_KEY])
+    flat = json.loads(metadata[diffusers_metadata.METADATA_KEY])
     flat["unet.rank_pattern"] = {}
     flat["unet.r"] = 7
     path = tmp_path / "bad.safetensors"
@@ -150,7 +150,7 @@ def test_rank_that_contradicts_the_metadata_is_refused(tmp_path):
 
 
 def test_a_file_with_kohya_and_diffusers_keys_is_refused_naming_both(tmp_path):
-    tensors = load_file(DIFFUSERS / "sd1-peft-keys" / diffusers_lora.WEIGHT_NAME)
+    tensors = load_file(DIFFUSERS / "sd1-peft-keys" / diffusers_keys.WEIGHT_NAME)
     tensors["lora_unet_conv_in.lora_down.weight"] = torch.zeros(1, 4)
     tensors["lora_unet_conv_in.lora_up.weight"] = torch.zeros(8, 1)
     path = tmp_path / "both.safetensors"
@@ -170,8 +170,8 @@ def test_diffusers_folder_next_to_a_peft_config_is_refused(tmp_path):
     folder.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (folder / name).write_bytes((FIXTURES / "adapters" / "llama-lora" / name).read_bytes())
-    source = DIFFUSERS / "sd1-peft-keys" / diffusers_lora.WEIGHT_NAME
-    (folder / diffusers_lora.WEIGHT_NAME).write_bytes(source.read_bytes())
+    source = DIFFUSERS / "sd1-peft-keys" / diffusers_keys.WEIGHT_NAME
+    (folder / diffusers_keys.WEIGHT_NAME).write_bytes(source.read_bytes())
     with pytest.raises(UnknownFormatError, match="peft and diffusers"):
         detect(Path(folder))
 
