@@ -124,7 +124,7 @@ MUTATIONS = [
     Mutation(
         "gguf-k-heads",
         "GGUF k_proj rows permuted over the attention heads, not the key/value heads",
-        "loramerge/formats/gguf.py",
+        "loramerge/formats/gguf_writer.py",
         (
             patch(
                 "elif permuted and tensor_type is gguf.MODEL_TENSOR.ATTN_K:\n"
@@ -261,7 +261,7 @@ MUTATIONS = [
     Mutation(
         "gguf-embedding-untransposed",
         "GGUF token_embd lora_a written as A, not A^T",
-        "loramerge/formats/gguf.py",
+        "loramerge/formats/gguf_writer.py",
         (patch("lora_a = lora_a.T if self.embedding else lora_a", "lora_a = lora_a"),),
         (GGUF,),
     ),

@@ -105,7 +105,12 @@ OUTPUT_FORMATS: list[OutputFormat] = [
     ),
     OutputFormat("kohya", "kohya .safetensors file", "kohya_writer", ".safetensors"),
     OutputFormat(
-        "gguf", "llama.cpp LoRA GGUF file (needs the base)", "gguf", ".gguf", True, "llama.cpp"
+        "gguf",
+        "llama.cpp LoRA GGUF file (needs the base)",
+        "gguf_writer",
+        ".gguf",
+        True,
+        "llama.cpp",
     ),
     OutputFormat(
         "diffusers",

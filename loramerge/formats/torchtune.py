@@ -29,7 +29,7 @@ from loramerge.errors import FormatError, OptionError, opt
 from loramerge.formats import provenance
 from loramerge.formats.common import load_pickle_weights, require_positive, require_rank
 from loramerge.formats.derived import derived
-from loramerge.formats.gguf import unpermute_rows
+from loramerge.formats.gguf_arch import unpermute_rows
 from loramerge.io.json_files import read_json
 
 FORMAT = "torchtune"

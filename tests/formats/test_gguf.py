@@ -108,7 +108,7 @@ def test_llama_cpp_permutation_oracle_on_a_known_answer():
 
 @pytest.mark.oracle
 def test_permute_rows_is_llama_cpps_permutation():
-    from loramerge.formats.gguf import permute_rows, unpermute_rows
+    from loramerge.formats.gguf_arch import permute_rows, unpermute_rows
 
     torch.manual_seed(0)
     for heads, rows in ((1, 8), (2, 8), (2, 32), (4, 32), (8, 64), (32, 4096 // 16)):
@@ -234,7 +234,7 @@ def test_foreign_gguf_without_our_metadata_needs_the_base(tmp_path):
 def test_writing_streams_module_by_module(tmp_path):
     """Tensor infos first, then each module loaded, written and released: nothing of the source
     adapter stays cached in memory after the write."""
-    from loramerge.formats import gguf as gguf_format
+    from loramerge.formats import gguf_writer as gguf_format
     from loramerge.formats.peft import read
 
     adapter = read(ADAPTERS / "llama-lora")  # lazy: nothing loaded yet
