@@ -12,14 +12,14 @@ import torch
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import FormatError, opt
 from loramerge.formats.gguf_arch import (
-    _PERMUTED_ARCHS,
     KEY_BASE,
     KEY_HEADS,
     KEY_KV_HEADS,
     KEY_NAMES,
     KEY_PATHS,
     KEY_PERMUTED,
-    _heads,
+    PERMUTED_ARCHS,
+    attention_heads,
     unpermute_rows,
 )
 
@@ -45,7 +45,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Adapter:
     fields, pairs = _read_file(path)
     arch = str(fields.get("general.architecture", ""))
     paths = _module_paths(fields, arch, list(pairs), base_config, path)
-    permuted = bool(fields.get(KEY_PERMUTED, _PERMUTED_ARCHS.get(arch, False)))
+    permuted = bool(fields.get(KEY_PERMUTED, PERMUTED_ARCHS.get(arch, False)))
     heads = _read_heads(fields, base_config, path) if permuted else None
     alpha = fields.get("adapter.lora.alpha")
     if alpha is not None and not (isinstance(alpha, (int, float)) and 0 <= alpha < math.inf):
@@ -139,7 +139,7 @@ def _read_heads(
             raise FormatError(f"{KEY_HEADS} / {KEY_KV_HEADS} must be positive integers", file=path)
         return heads, kv_heads
     if base_config:
-        return _heads(base_config)
+        return attention_heads(base_config)
     return None
 
 
@@ -156,7 +156,7 @@ def _module_paths(
         mapping = dict(zip(names, paths, strict=True))
         if all(stem in mapping for stem in stems) and len(set(paths)) == len(paths):
             return mapping
-    needs_heads = _PERMUTED_ARCHS.get(arch, False) and any(
+    needs_heads = PERMUTED_ARCHS.get(arch, False) and any(
         s.endswith((".attn_q.weight", ".attn_k.weight")) for s in stems
     )
     if needs_heads and KEY_HEADS not in fields and not base_config:

@@ -24,7 +24,7 @@ _MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
 }
 # gguf architecture name -> whether llama.cpp's conversion permutes q/k rows
-_PERMUTED_ARCHS = {"llama": True, "qwen2": False}
+PERMUTED_ARCHS = {"llama": True, "qwen2": False}
 # Our own keys: llama.cpp ignores unknown keys; they let `verify` map tensors back exactly.
 KEY_VERSION = "loramerge.version"
 KEY_PATHS = "loramerge.module_paths"
@@ -71,7 +71,7 @@ def architecture(config: Mapping[str, Any]) -> tuple[str, bool]:
     )
 
 
-def _heads(config: Mapping[str, Any]) -> tuple[int, int]:
+def attention_heads(config: Mapping[str, Any]) -> tuple[int, int]:
     try:
         heads = int(config["num_attention_heads"])
     except (KeyError, TypeError, ValueError):

@@ -21,8 +21,8 @@ from loramerge.formats.gguf_arch import (
     KEY_PATHS,
     KEY_PERMUTED,
     KEY_VERSION,
-    _heads,
     architecture,
+    attention_heads,
     permute_rows,
 )
 from loramerge.io.atomic import short_write_cause
@@ -64,7 +64,7 @@ def _plan(adapter: Adapter, config: Mapping[str, Any]) -> tuple[str, bool, list[
         [blocks] + [int(p) + 1 for m in adapter.modules for p in m.split(".") if p.isdigit()]
     )
     names = gguf.get_tensor_name_map(arch, blocks)
-    heads, kv_heads = _heads(config) if permuted else (0, 0)
+    heads, kv_heads = attention_heads(config) if permuted else (0, 0)
     entries = []
     for module in adapter.modules.values():
         if module.kind not in (ModuleKind.LINEAR, ModuleKind.EMBEDDING):
@@ -128,7 +128,7 @@ def write(adapter: Adapter, path: Path, base_config: Mapping[str, Any]) -> None:
         writer.add_string(KEY_BASE, str(adapter.base_model))
     writer.add_bool(KEY_PERMUTED, permuted)
     if permuted:
-        heads, kv_heads = _heads(base_config)
+        heads, kv_heads = attention_heads(base_config)
         writer.add_uint32(KEY_HEADS, heads)
         writer.add_uint32(KEY_KV_HEADS, kv_heads)
     if entries:
