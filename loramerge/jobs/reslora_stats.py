@@ -21,7 +21,7 @@ from loramerge.model.reslora_fit import check_against_base
 from loramerge.model.reslora_forward import ResLoraForward
 
 if TYPE_CHECKING:
-    from loramerge.jobs.reslora import ResLoraConversion
+    from loramerge.jobs.reslora_conversion import ResLoraConversion
 
 
 @dataclass(frozen=True)

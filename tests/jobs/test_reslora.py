@@ -372,8 +372,9 @@ def test_norms_without_forming_the_matrix_match_the_dense_norms():
     ("kind", "norms", "estimator"), [("is", "official", "official"), ("ms", None, "weights")]
 )
 def test_base_rows_streamed_in_small_tiles_give_the_same_norms(monkeypatch, kind, norms, estimator):
-    import loramerge.jobs.reslora as module
-    from loramerge.jobs.reslora import ResLoraOptions, convert_reslora
+    import loramerge.jobs.reslora_conversion as module
+    from loramerge.jobs.reslora_conversion import convert_reslora
+    from loramerge.jobs.reslora_options import ResLoraOptions
 
     monkeypatch.setattr(module, "TILE_BYTES", 8 * 64 * 5)  # five rows of a 64-wide weight
     conversion = convert_reslora(RESLORA / kind, BASE, ResLoraOptions(norms=norms))
@@ -523,7 +524,7 @@ def _adapter_deltas(adapter):
 @pytest.mark.oracle
 @pytest.mark.parametrize(("flag", "estimator"), [(1, "weights"), (2, "exact"), (3, "weights")])
 def test_summed_loras_merge_like_their_sum(tmp_path, flag, estimator):
-    from loramerge.jobs.reslora import convert_reslora
+    from loramerge.jobs.reslora_conversion import convert_reslora
 
     folder = _copy("ms", tmp_path)
     state = _state(folder)
@@ -543,7 +544,7 @@ def test_summed_loras_merge_like_their_sum(tmp_path, flag, estimator):
 def test_trainer_and_safetensors_layouts_follow_the_rules(tmp_path):
     from safetensors.torch import save_file
 
-    from loramerge.jobs.reslora import convert_reslora
+    from loramerge.jobs.reslora_conversion import convert_reslora
 
     state = _state(RESLORA / "ms")
     config = json.loads((RESLORA / "ms" / "reslora_config.json").read_text())
