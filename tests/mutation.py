@@ -188,7 +188,7 @@ MUTATIONS = [
     Mutation(
         "fold-per-link-order",
         "per-link fold ties the knots in reverse chain order",
-        "loramerge/jobs/fold.py",
+        "loramerge/jobs/fold_model.py",
         (
             patch(
                 "for step, link in enumerate(chain.links):",

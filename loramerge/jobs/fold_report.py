@@ -1,17 +1,17 @@
-"""What a COLA fold reports per link: each link's update size per module, the chain's sum, and
-warnings about links that do not fit together or whose rounding erased their update."""
+"""What a COLA fold reports: each link's update size per module, the chain's sum, warnings about
+links that do not fit together or whose rounding erased their update, and the fold's result."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loramerge.errors import located, opt
 from loramerge.formats.cola_chain import Chain
-from loramerge.jobs.merge import rounding_warning
+from loramerge.jobs.merge import MergeResult, rounding_warning
 from loramerge.model.stream import ERASED_SHARE
-from loramerge.ops.cola_fold import chain_update_norm, total_norm, update_norm
+from loramerge.ops.cola_fold import FoldedAdapter, chain_update_norm, total_norm, update_norm
 
 
 @dataclass
@@ -64,6 +64,54 @@ class LinkReport:
                 for path, m in self.modules.items()
             },
         }
+
+
+@dataclass
+class FoldResult:
+    out: Path
+    links: list[LinkReport]
+    chain_norms: dict[str, float]  # ||sum_j w_j s_j B_j A_j||_F per module
+    rounding: str | None = None  # None when an adapter was written
+    merge: MergeResult | None = None  # the (last) merge of the folded model
+    folded: FoldedAdapter | None = None  # the adapter written (as_lora)
+    bytes_written: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # output tensors by action
+    warnings: list[str] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)  # the engine profile's report
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "out": str(self.out),
+            "kind": "adapter" if self.folded is not None else "model",
+            "rounding": self.rounding,
+            "seconds": round(self.seconds, 3),
+            "links": [link.to_json() for link in self.links],
+            "chain_update_norm": dict(self.chain_norms),
+            "warnings": self.warnings,
+        }
+        if self.merge is not None:
+            summary["bytes"] = self.bytes_written
+            summary["shards"] = [s.file_name for s in self.merge.plan.shards]
+            summary["tensors"] = self.counts
+            if self.rounding == "once":
+                summary["changed_share"] = {
+                    name: stats.changed_share for name, stats in self.merge.modules.items()
+                }
+        if self.folded is not None:
+            summary["energy_kept"] = self.folded.energy_kept
+            summary["modules"] = {
+                path: {
+                    "rank": m.rank,
+                    "link_ranks": list(m.link_ranks),
+                    "energy_kept": m.energy_kept,
+                    "relative_error": m.relative_error,
+                }
+                for path, m in self.folded.modules.items()
+            }
+        if self.engine:
+            summary["engine"] = self.engine
+        return summary
 
 
 def base_model_warnings(chain: Chain) -> list[str]:

@@ -467,7 +467,8 @@ def test_library_reports_match_the_math():
 
 def test_failed_per_link_fold_leaves_nothing_behind(tmp_path):
     """A failure in a later link's merge removes the temporary knots and writes no OUT."""
-    from loramerge.jobs.fold import fold_to_model, load_chain
+    from loramerge.jobs.fold_load import load_chain
+    from loramerge.jobs.fold_model import fold_to_model
 
     chain, _ = load_chain([CHAIN], BASE)
     out = tmp_path / "out"
