@@ -85,14 +85,7 @@ def _c3a(ctx: TunerContext) -> Adapter:
 def _randlora(ctx: TunerContext) -> Adapter:
     ctx.load(("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"),
              shared=("randlora_A", "randlora_B"))  # fmt: skip
-    if "randlora_A" not in ctx.shared or "randlora_B" not in ctx.shared:
-        raise FormatError(
-            "holds no shared randlora_A / randlora_B: with save_projection false PEFT "
-            "regenerates them from projection_prng_key, which loramerge does not do",
-            file=ctx.weights,
-            hint="save the adapter with save_projection=True",
-        )
-    bases_a, bases_b = ctx.shared["randlora_A"], ctx.shared["randlora_B"]
+    bases_a, bases_b = ctx.shared_projections("randlora_A", "randlora_B")
     _float(ctx, "base_model.randlora_A", "randlora_A", bases_a, 3)
     _float(ctx, "base_model.randlora_B", "randlora_B", bases_b, 3)
     rank = require_rank(ctx.config.get("r", 32), "r", ctx.config_path)

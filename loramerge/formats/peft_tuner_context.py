@@ -155,6 +155,18 @@ class TunerContext:
             metadata=provenance.stamp(self.metadata, tool, algorithm, rule, notes),
         )
 
+    def shared_projections(self, a: str, b: str) -> tuple[LazyTensor, LazyTensor]:
+        """The random projections all modules share (VeRA, RandLoRA), which PEFT saves only
+        with save_projection."""
+        if a not in self.shared or b not in self.shared:
+            raise FormatError(
+                f"holds no shared {a} / {b}: with save_projection false PEFT regenerates them "
+                "from projection_prng_key, which loramerge does not do",
+                file=self.weights,
+                hint="save the adapter with save_projection=True",
+            )
+        return self.shared[a], self.shared[b]
+
 
 # ---------------------------------------------------------------- helpers
 

@@ -26,14 +26,7 @@ from loramerge.formats.peft_tuner_context import (
 
 def vera(ctx: TunerContext) -> Adapter:
     ctx.load(("vera_lambda_b", "vera_lambda_d"), shared=("vera_A", "vera_B"))
-    if "vera_A" not in ctx.shared or "vera_B" not in ctx.shared:
-        raise FormatError(
-            "holds no shared vera_A / vera_B: with save_projection false PEFT regenerates them "
-            "from projection_prng_key, which loramerge does not do",
-            file=ctx.weights,
-            hint="save the adapter with save_projection=True",
-        )
-    vera_a, vera_b = ctx.shared["vera_A"], ctx.shared["vera_B"]
+    vera_a, vera_b = ctx.shared_projections("vera_A", "vera_B")
     r, max_in = matrix_shape(ctx, "base_model.vera_A", "vera_A", vera_a)
     max_out, r_b = matrix_shape(ctx, "base_model.vera_B", "vera_B", vera_b)
     expected_r = require_rank(ctx.config.get("r", 256), "r", ctx.config_path)
