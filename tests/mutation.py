@@ -99,8 +99,8 @@ MUTATIONS = [
         "loramerge/model/stream.py",
         (
             patch(
-                "squares += output_norms_squared(values, transposed)",
-                "squares += output_norms_squared(base_rows.float(), transposed)",
+                "squares += output_norms_squared(values, True)",
+                "squares += output_norms_squared(base_rows.float(), True)",
             ),
             patch(
                 "tile_norms = output_norms_squared(values, transposed).sqrt()",

@@ -131,7 +131,6 @@ def _read_dylora(
     `block_size` ranks scales the first n * block_size ranks by alpha / n. As a LoRA of rank r
     that is alpha' / r with alpha' = alpha * block_size, and truncating to b ranks keeps alpha'
     (docs/rules.md section 2 with alpha' for alpha)."""
-    from loramerge.formats import lycoris_parts
 
     try:
         block = int(str(args.get("block_size", 4)))  # LyCORIS's default block size
@@ -142,28 +141,9 @@ def _read_dylora(
             f"ss_network_args has an invalid DyLoRA block_size {args.get('block_size')!r}",
             file=path,
         )
-    modules = []
-    for name, parts in grouped.items():
-        strangers = set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}
-        if strangers:
-            raise FormatError(
-                f"has tensors LyCORIS DyLoRA does not write: {sorted(strangers)}",
-                file=path,
-                module=name,
-            )
-        down, up = lycoris_parts.need(path, name, parts, "lora_down.weight", "lora_up.weight")
-        plain = kohya._module(
-            path, name, {"lora_down.weight": down, "lora_up.weight": up}, *names[name]
-        )
-        if plain.r % block:
-            raise FormatError(
-                f"has rank {plain.r}, not a multiple of the DyLoRA block_size {block}",
-                file=path,
-                module=name,
-            )
-        modules.append(
-            replace(plain, alpha=lycoris_parts.alpha_of(path, name, parts, plain.r) * block)
-        )
+    modules = [
+        _dylora_module(path, name, parts, names[name], block) for name, parts in grouped.items()
+    ]
     info = kohya.stamp(
         _tool(metadata),
         f"DyLoRA (LyCORIS, block_size {block}): lora_down / lora_up",
@@ -183,6 +163,34 @@ def _read_dylora(
             UNIT_KEY: str(block),
         },
     )
+
+
+def _dylora_module(
+    path: Path,
+    name: str,
+    parts: dict[str, LazyTensor],
+    where: tuple[str | None, str],
+    block: int,
+) -> LoraModule:
+    """One DyLoRA module as a LoRA of its full rank, alpha' = alpha * block_size."""
+    from loramerge.formats import lycoris_parts
+
+    strangers = set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}
+    if strangers:
+        raise FormatError(
+            f"has tensors LyCORIS DyLoRA does not write: {sorted(strangers)}",
+            file=path,
+            module=name,
+        )
+    down, up = lycoris_parts.need(path, name, parts, "lora_down.weight", "lora_up.weight")
+    plain = kohya._module(path, name, {"lora_down.weight": down, "lora_up.weight": up}, *where)
+    if plain.r % block:
+        raise FormatError(
+            f"has rank {plain.r}, not a multiple of the DyLoRA block_size {block}",
+            file=path,
+            module=name,
+        )
+    return replace(plain, alpha=lycoris_parts.alpha_of(path, name, parts, plain.r) * block)
 
 
 def fold_dora_epsilon(

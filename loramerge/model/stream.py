@@ -217,13 +217,7 @@ def merged_tiles(
     magnitude = module.magnitude.float().reshape(-1) if module.magnitude is not None else None
     norms = None
     if magnitude is not None and transposed:
-        # DoRA normalises each output, a column of a transposed table: one pass to sum squares
-        squares = torch.zeros(magnitude.numel(), dtype=torch.float64)
-        for start, stop in tiles(plan.tile_shape):
-            base_rows, values = merged(start, stop)
-            squares += output_norms_squared(values, transposed)
-            sources.give(base_rows, values)
-        norms = squares.sqrt()
+        norms = _column_norms(plan, merged, sources, magnitude.numel())
     for start, stop in tiles(plan.tile_shape):
         base_rows, values = merged(start, stop)
         if magnitude is not None:
@@ -235,6 +229,22 @@ def merged_tiles(
             sources.give(values)
             values = rescaled
         yield base_rows, values
+
+
+def _column_norms(
+    plan: TensorPlan,
+    merged: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+    sources: Sources,
+    outputs: int,
+) -> torch.Tensor:
+    """DoRA normalises each output, a column of a transposed table: one pass over the merged
+    tiles to sum its squares."""
+    squares = torch.zeros(outputs, dtype=torch.float64)
+    for start, stop in tiles(plan.tile_shape):
+        base_rows, values = merged(start, stop)
+        squares += output_norms_squared(values, True)
+        sources.give(base_rows, values)
+    return squares.sqrt()
 
 
 def merged_bias(plan: TensorPlan, stored: torch.Tensor, adapter: Adapter) -> torch.Tensor:
