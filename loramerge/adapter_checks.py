@@ -116,3 +116,4 @@ def refuse_dense_updates(adapter: Adapter, what: str, hint: str | None = None) -
         file=adapter.source_path,
         hint=hint or "`loramerge merge` applies it exactly to the base model",
     )
+

@@ -151,3 +151,13 @@ class OutputError(LoramergeError):
 
 class MismatchError(LoramergeError):
     """Two things that should mean the same do not (what `verify` reports)."""
+
+
+def unmeasurable_factors() -> LoramergeError:
+    """Why factors holding NaN or Inf (which --allow-nonfinite let through) cannot be measured
+    or reduced."""
+    return LoramergeError(
+        "LoRA factors contain NaN or infinite values, which have no SVD or norm",
+        hint=f"remove them from the adapter; {opt('allow_nonfinite')} only lets plain merges "
+        "and conversions through",
+    )

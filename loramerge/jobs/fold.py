@@ -19,7 +19,7 @@ from loramerge.jobs.fold_load import load_chain
 from loramerge.jobs.fold_model import fold_to_model
 from loramerge.jobs.fold_report import FoldResult
 from loramerge.jobs.options import check_choice, check_rank, exclusive, needs
-from loramerge.model.stream import Progress
+from loramerge.model.stream_stats import Progress
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from loramerge.io.dtypes import output_code
 from loramerge.io.safetensors_header import torch_dtype
 from loramerge.jobs.adapter_output import check_adapter_output, choose_output, write_adapter
 from loramerge.jobs.fold_report import FoldResult, link_reports
-from loramerge.ops.cola_fold import fold_chain
 
 
 def fold_to_adapter(
@@ -31,6 +30,8 @@ def fold_to_adapter(
     out = Path(out)
     output = choose_output(None, engine, base)
     check_adapter_output(out, output, chain.inputs, force)
+    from loramerge.ops.cola_fold import fold_chain  # torch: imported only for this path
+
     reports, chain_norms = link_reports(chain)
     folded = fold_chain(
         [(link.adapter, link.weight) for link in chain.links], rank=rank, dtype=torch_dtype(code)

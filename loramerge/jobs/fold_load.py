@@ -17,7 +17,7 @@ from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
 from loramerge.model.planner import plan_merge
-from loramerge.ops.cola_fold import check_compatible
+from loramerge.ops.cola_links import check_compatible
 
 
 def load_chain(

@@ -4,19 +4,21 @@ adapter) or per link (one merge per link through temporary knots)."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from loramerge.adapter import Adapter
 from loramerge.formats.cola_chain import Chain
 from loramerge.io.atomic import TEMP_MARK, check_output_target, remove_path
 from loramerge.io.dtypes import output_code
 from loramerge.jobs.defaults import ROUNDINGS
-from loramerge.jobs.fold_report import FoldResult, knot_warnings, link_reports
+from loramerge.jobs.fold_report import FoldResult, check_measurable, knot_warnings, link_reports
 from loramerge.jobs.merge import MergeResult, merge_adapter
 from loramerge.jobs.options import check_choice
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.plan import Action
-from loramerge.model.stream import Progress
-from loramerge.ops.cola_fold import fold_chain, weighted
+from loramerge.model.stream_stats import Progress
+from loramerge.ops.cola_links import concatenated, weighted
 
 
 def fold_to_model(
@@ -42,39 +44,61 @@ def fold_to_model(
     out = Path(out)
     base = open_base(base_ref)
     check_output_target(out, [base.root, *chain.inputs], force)
-    reports, chain_norms = link_reports(chain)
-    result = FoldResult(out, reports, chain_norms, rounding=rounding)
+    check_measurable(chain)
+    folded = _exact_fold(chain) if rounding == "once" else None
+    # the report's norms (a QR of every link's modules) need nothing the merge writes: they
+    # are measured on a thread of their own while the base streams. It imports torch, holding
+    # the GIL for most of a second: started after the fold, whose many small numpy steps it
+    # slowed tenfold, and before the stream, whose long steps release the GIL
+    with ThreadPoolExecutor(1, thread_name_prefix="loramerge-fold-norms") as pool:
+        measured = pool.submit(link_reports, chain)
+        if folded is not None:
+            merged = merge_adapter(
+                folded,
+                base.root,
+                out,
+                dtype=dtype,
+                force=force,
+                max_shard_bytes=max_shard_bytes,
+                progress=progress,
+                extra_inputs=chain.inputs,
+            )
+            steps = [merged]
+        else:
+            steps = _merge_link_by_link(chain, base, out, dtype, force, max_shard_bytes, progress)
+            merged = steps[-1]
+        reports, chain_norms = measured.result()
+    result = FoldResult(out, reports, chain_norms, rounding=rounding, merge=merged)
+    result.bytes_written = merged.bytes_written
     if rounding == "once":
-        folded = fold_chain([(link.adapter, link.weight) for link in chain.links])
-        merged = merge_adapter(
-            folded.adapter,
-            base.root,
-            out,
-            dtype=dtype,
-            force=force,
-            max_shard_bytes=max_shard_bytes,
-            progress=progress,
-            extra_inputs=chain.inputs,
-        )
         result.warnings += merged.warnings
         result.counts = merged.plan.counts()
     else:
-        steps = _merge_link_by_link(
-            chain, base, out, result, dtype, force, max_shard_bytes, progress
-        )
-        merged = steps[-1]
+        for report, step in zip(result.links, steps, strict=True):
+            for path, stats in step.modules.items():
+                report.modules[path].changed_share = stats.changed_share
+                report.modules[path].elements = stats.elements
         result.counts = _chain_counts(steps)
         result.warnings += knot_warnings(result.links, dtype)
-    result.merge = merged
-    result.bytes_written = merged.bytes_written
     return result
+
+
+def _exact_fold(chain: Chain) -> Adapter:
+    """The chain as one exact adapter: with numpy where it can be (no torch to wait for), else
+    with torch."""
+    links = [(link.adapter, link.weight) for link in chain.links]
+    found = concatenated(links)
+    if found is not None:
+        return found
+    from loramerge.ops.cola_fold import fold_chain
+
+    return fold_chain(links, measure=False).adapter
 
 
 def _merge_link_by_link(
     chain: Chain,
     base: BaseModel,
     out: Path,
-    result: FoldResult,
     dtype: str | None,
     force: bool,
     max_shard_bytes: int | None,
@@ -102,10 +126,6 @@ def _merge_link_by_link(
                 progress=_step_progress(progress, step, total),
                 extra_inputs=[base.root, *chain.inputs],
             )
-            report = result.links[step]
-            for path, stats in merged.modules.items():
-                report.modules[path].changed_share = stats.changed_share
-                report.modules[path].elements = stats.elements
             steps.append(merged)
             if previous != base.root:
                 remove_path(previous)  # two copies on disk at most

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loramerge.errors import located, opt
+from loramerge.adapter_checks import nonfinite_count
+from loramerge.errors import located, opt, unmeasurable_factors
 from loramerge.formats.cola_chain import Chain
 from loramerge.jobs.merge import MergeResult, rounding_warning
-from loramerge.model.stream import ERASED_SHARE
-from loramerge.ops.cola_fold import FoldedAdapter, chain_update_norm, total_norm, update_norm
+from loramerge.model.stream_stats import ERASED_SHARE
+from loramerge.ops.cola_links import total_norm
+
+if TYPE_CHECKING:
+    from loramerge.ops.cola_fold import FoldedAdapter
 
 
 @dataclass
@@ -123,8 +127,21 @@ def base_model_warnings(chain: Chain) -> list[str]:
     return [f"the links name different base models ({listed}); a COLA chain shares one base"]
 
 
+def check_measurable(chain: Chain) -> None:
+    """Refuse, as the reports' norms would, links with NaN or Inf factors (which
+    --allow-nonfinite let through), before anything is written."""
+    for link in chain.links:
+        for path, module in link.adapter.modules.items():
+            if nonfinite_count(module.lora_A) or nonfinite_count(module.lora_B):
+                with located(link.path, path):
+                    raise unmeasurable_factors()
+
+
 def link_reports(chain: Chain) -> tuple[list[LinkReport], dict[str, float]]:
     """Per link and module the update size, and per module the size of the chain's sum."""
+    # torch, which `fold` imports here, on the thread that measures while the base streams
+    from loramerge.ops.cola_fold import chain_update_norm, update_norm
+
     reports = []
     for link in chain.links:
         modules = {}

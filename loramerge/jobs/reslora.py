@@ -22,7 +22,7 @@ from loramerge.jobs.options import exclusive, needs
 from loramerge.jobs.reslora_conversion import ResLoraConversion, convert_reslora
 from loramerge.jobs.reslora_options import ResLoraOptions
 from loramerge.jobs.reslora_stats import CheckResult, TextOptions, check_batches, prepare_text
-from loramerge.model.stream import Progress
+from loramerge.model.stream_stats import Progress
 
 
 @dataclass

@@ -20,7 +20,7 @@ from loramerge.jobs.defaults import TRUNCATE_METHODS
 from loramerge.jobs.merge import merge_adapter
 from loramerge.jobs.options import check_choice, check_rank, check_share, exclusive, needs
 from loramerge.jobs.pipeline_base import fit_components
-from loramerge.model.stream import Progress
+from loramerge.model.stream_stats import Progress
 from loramerge.ops.rank_truncation import ModuleRow, check_prefix_rank, reduce_svd, truncate_prefix
 
 

@@ -298,10 +298,11 @@ def rename_to_base(adapter: Adapter, base_ref: str | Path) -> Adapter:
     if adapter.source_config.get("layer_replication"):
         # its modules are those of the model PEFT builds by replicating layers: kept as named
         return adapter
-    from loramerge.model.base_init import rebuild_for_original_base
-
     base = open_base(base_ref)
-    adapter = rebuild_for_original_base(adapter, base)
+    if adapter.base_init is not None:  # torch, only where the training changed the base
+        from loramerge.model.base_init import rebuild_for_original_base
+
+        adapter = rebuild_for_original_base(adapter, base)
     fitted = fit_adapter(adapter, base)
     carried = {
         **fitted.adapter.modules_to_save,

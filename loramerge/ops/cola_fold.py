@@ -9,14 +9,14 @@ here forms an out x in matrix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
-from loramerge.errors import OptionError, ShapeMismatchError, located
+from loramerge.errors import OptionError, located
+from loramerge.ops.cola_links import Link, chain_paths, folded_adapter, folded_module, members
 from loramerge.ops.lowrank import Reduction, concat_factors, svd_reduce, update_frobenius_norm
 
 Term = tuple[torch.Tensor, torch.Tensor, float]  # (B (out x r), A (r x in), scale)
@@ -53,14 +53,6 @@ def chain_update_norm(modules: Sequence[tuple[LoraModule, float]]) -> float:
     return update_frobenius_norm(lora_b, lora_a, 1.0)
 
 
-def weighted(adapter: Adapter, weight: float) -> Adapter:
-    """The adapter with every scale multiplied by `weight` (through alpha); itself for 1.0."""
-    if weight == 1.0:
-        return adapter
-    modules = {p: replace(m, alpha=m.alpha * weight) for p, m in adapter.modules.items()}
-    return replace(adapter, modules=modules)
-
-
 @dataclass(frozen=True)
 class ModuleFold:
     """How one module of the folded adapter was made."""
@@ -87,82 +79,38 @@ class FoldedAdapter:
         return sum(m.energy_kept * m.total_energy for m in self.modules.values()) / total
 
 
-def _members(
-    links: Sequence[tuple[Adapter, float]], path: str
-) -> list[tuple[int, LoraModule, float]]:
-    """(link index, module, weight) of every link touching `path`, checked against each other."""
-    members = [(i, a.modules[path], w) for i, (a, w) in enumerate(links, 1) if path in a.modules]
-    first_index, first, _ = members[0]
-    for index, module, _ in members[1:]:
-        same_kind = module.kind is first.kind
-        if (
-            not same_kind
-            or module.lora_B.shape[0] != first.lora_B.shape[0]
-            or (module.lora_A.shape[1:] != first.lora_A.shape[1:])
-        ):
-            raise ShapeMismatchError(
-                f"link {index}: its {module.kind.value} update "
-                f"(B {list(module.lora_B.shape)}, A {list(module.lora_A.shape)}) does not fit "
-                f"link {first_index}'s {first.kind.value} update on the same module "
-                f"(B {list(first.lora_B.shape)}, A {list(first.lora_A.shape)})",
-                file=links[index - 1][0].source_path,
-                module=path,
-                hint="every link of a chain must be trained on the same base model",
-            )
-    return members
-
-
-def check_compatible(links: Sequence[tuple[Adapter, float]]) -> None:
-    """Refuse links whose updates on the same module have different kinds or shapes."""
-    for path in sorted({path for adapter, _ in links for path in adapter.modules}):
-        _members(links, path)
-
-
 def fold_chain(
-    links: Sequence[tuple[Adapter, float]],
+    links: Sequence[Link],
     *,
     rank: int | None = None,
     dtype: torch.dtype = torch.float32,
+    measure: bool = True,
 ) -> FoldedAdapter:
     """Fold (adapter, weight) links, in chain order, into one plain LoRA adapter.
 
     Exact by concatenation when `rank` is None, else each module reduced to at most `rank`.
+    `measure=False` skips the exact fold's energies (`total_energy` stays 0.0), which a fold
+    into the base does not report: they cost a QR of every module.
     Every module gets r = lora_alpha = its rank (scale 1, no rsLoRA); LoRA biases add up as
     sum_j w_j s_j b_j. Links must be plain LoRA (no DoRA magnitude, no modules_to_save): the
     caller checks that, since only plain updates add up.
     """
     if not links:
         raise OptionError("a chain needs at least one link")
-    paths = sorted({path for adapter, _ in links for path in adapter.modules})
     modules: dict[str, LoraModule] = {}
     report: dict[str, ModuleFold] = {}
-    for path in paths:
-        members = _members(links, path)
-        terms = [module_terms(module, weight) for _, module, weight in members]
+    for path in chain_paths(links):
+        found = members(links, path)
+        terms = [module_terms(module, weight) for _, module, weight in found]
         link_ranks = tuple(
             adapter.modules[path].r if path in adapter.modules else 0 for adapter, _ in links
         )
         with located(module=path):
-            folded, lora_b, lora_a = _fold_module(path, terms, link_ranks, rank, dtype)
-        first = members[0][1]
-        module = first.with_factors(lora_b, lora_a, float(lora_a.shape[0]))
-        modules[path] = replace(
-            module,
-            use_rslora=False,
-            magnitude=None,
-            bias=_folded_bias(members, dtype),
-            fan_in_fan_out=any(m.fan_in_fan_out for _, m, _ in members),
-        )
+            folded, lora_b, lora_a = _fold_module(path, terms, link_ranks, rank, dtype, measure)
+        module = found[0][1].with_factors(lora_b, lora_a, float(lora_a.shape[0]))
+        modules[path] = folded_module(module, found, _folded_bias(found, dtype))
         report[path] = folded
-    first_adapter = links[0][0]
-    adapter = Adapter(
-        modules=modules,
-        base_model=first_adapter.base_model,
-        source_format="cola-chain",
-        source_path=None,
-        task_type=first_adapter.task_type,
-    )
-    return FoldedAdapter(adapter, report)
+    return FoldedAdapter(folded_adapter(links, modules), report)
 
 
 def _folded_bias(
@@ -178,24 +126,20 @@ def _folded_bias(
     return LazyTensor.of(total.to(dtype))
 
 
-def total_norm(norms: Sequence[float]) -> float:
-    """The Frobenius norm of several modules' updates taken together."""
-    return math.sqrt(sum(n * n for n in norms))
-
-
 def _fold_module(
     path: str,
     terms: Sequence[Term],
     link_ranks: tuple[int, ...],
     rank: int | None,
     dtype: torch.dtype,
+    measure: bool = True,
 ) -> tuple[ModuleFold, torch.Tensor, torch.Tensor]:
     """One module's folded factors: the exact concatenation, or its best rank-`rank` form."""
     if rank is None:
         exact_b, exact_a = concat_factors(terms, dtype=torch.float64)
         # the exact concatenation: the scales are applied in float64, then cast
         lora_b, lora_a = exact_b.to(dtype), exact_a.to(dtype)
-        energy = update_frobenius_norm(exact_b, exact_a, 1.0) ** 2
+        energy = update_frobenius_norm(exact_b, exact_a, 1.0) ** 2 if measure else 0.0
         return ModuleFold(path, link_ranks, lora_a.shape[0], total_energy=energy), lora_b, lora_a
     reduction = reduce_terms(terms, rank, dtype=dtype)
     energy = float((reduction.singular_values.to(torch.float64) ** 2).sum())
