@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from loramerge.adapter import Adapter, LazyTensor
-from loramerge.errors import FormatError, opt
+from loramerge.errors import FormatError, located, opt, unmeasurable_factors
 from loramerge.formats.registry import ReadOptions, check_user_alpha, read_adapter
 
 
@@ -117,3 +117,12 @@ def refuse_dense_updates(adapter: Adapter, what: str, hint: str | None = None) -
         hint=hint or "`loramerge merge` applies it exactly to the base model",
     )
 
+
+def check_measurable(adapter: Adapter, file: str | Path | None = None) -> None:
+    """Refuse, as the norms of a report would, LoRA factors holding NaN or Inf (which
+    --allow-nonfinite let through): before anything is written, where the report is measured
+    while the output is."""
+    for path, module in adapter.modules.items():
+        if nonfinite_count(module.lora_A) or nonfinite_count(module.lora_B):
+            with located(file or adapter.source_path, path):
+                raise unmeasurable_factors()

@@ -8,11 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loramerge.adapter import Adapter
+from loramerge.adapter_checks import check_measurable
 from loramerge.formats.cola_chain import Chain
 from loramerge.io.atomic import TEMP_MARK, check_output_target, remove_path
 from loramerge.io.dtypes import output_code
 from loramerge.jobs.defaults import ROUNDINGS
-from loramerge.jobs.fold_report import FoldResult, check_measurable, knot_warnings, link_reports
+from loramerge.jobs.fold_report import FoldResult, knot_warnings, link_reports
 from loramerge.jobs.merge import MergeResult, merge_adapter
 from loramerge.jobs.options import check_choice
 from loramerge.model.folder import BaseModel, open_base
@@ -44,7 +45,8 @@ def fold_to_model(
     out = Path(out)
     base = open_base(base_ref)
     check_output_target(out, [base.root, *chain.inputs], force)
-    check_measurable(chain)
+    for link in chain.links:  # what the report's norms would refuse, before any writing
+        check_measurable(link.adapter, link.path)
     folded = _exact_fold(chain) if rounding == "once" else None
     # the report's norms (a QR of every link's modules) need nothing the merge writes: they
     # are measured on a thread of their own while the base streams. It imports torch, holding

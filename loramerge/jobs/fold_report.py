@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loramerge.adapter_checks import nonfinite_count
-from loramerge.errors import located, opt, unmeasurable_factors
+from loramerge.errors import located, opt
 from loramerge.formats.cola_chain import Chain
 from loramerge.jobs.merge import MergeResult, rounding_warning
 from loramerge.model.stream_stats import ERASED_SHARE
@@ -125,16 +124,6 @@ def base_model_warnings(chain: Chain) -> list[str]:
         return []
     listed = ", ".join(f"link {index}: {name or 'none'}" for index, name in named)
     return [f"the links name different base models ({listed}); a COLA chain shares one base"]
-
-
-def check_measurable(chain: Chain) -> None:
-    """Refuse, as the reports' norms would, links with NaN or Inf factors (which
-    --allow-nonfinite let through), before anything is written."""
-    for link in chain.links:
-        for path, module in link.adapter.modules.items():
-            if nonfinite_count(module.lora_A) or nonfinite_count(module.lora_B):
-                with located(link.path, path):
-                    raise unmeasurable_factors()
 
 
 def link_reports(chain: Chain) -> tuple[list[LinkReport], dict[str, float]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy
 
-from loramerge.adapter import Adapter, LazyTensor, ModuleKind
+from loramerge.adapter import Adapter, ModuleKind
 from loramerge.io.chunked_output import ArrayPool, ChunkedFiles, ShardFile
 from loramerge.io.direct_io import BLOCK, direct_writes_work
 from loramerge.io.safetensors_header import itemsize
@@ -35,6 +35,7 @@ from loramerge.model.stream_stats import ModuleStats, Progress, StreamResult
 from loramerge.model.tiling import tiles
 from loramerge.ops import bits, torch_blas
 from loramerge.ops.fast_update import SPARE, Scratch, add_update, prescaled_factors
+from loramerge.ops.stored_factors import float32_matrix
 
 COPY_PIECE = 4 << 20  # untouched tensors are moved in pieces of at most this many bytes
 METADATA = {"format": "pt"}
@@ -252,7 +253,7 @@ class _Engine:
             found = self.held.get(key)
             if found is None:
                 module = self.plan.adapter.modules[key]
-                lora_b, lora_a = _float32(module.lora_B), _float32(module.lora_A)
+                lora_b, lora_a = float32_matrix(module.lora_B), float32_matrix(module.lora_A)
                 found = prescaled_factors(lora_b, lora_a, module.scale)
                 self.held[key] = found
             return found
@@ -261,20 +262,6 @@ class _Engine:
         self.prefetcher.close()
         for reader in self.readers.values():
             reader.close()
-
-
-def _float32(factor: LazyTensor) -> numpy.ndarray:
-    """A factor as a float32 matrix: widened from its stored bytes where it is stored as is,
-    else computed or loaded by torch (which the factor's reader has then loaded) and cast as
-    the torch engine casts it."""
-    if factor.raw is not None and factor.code in bits.WIDENED and not factor.loaded:
-        stored, code = factor.raw()
-        if code == "F32":  # the bytes just read, seen as float32: no second copy
-            return bits.as_values(stored, code).reshape(factor.shape[0], -1)
-        widened = numpy.empty(factor.shape, dtype=numpy.float32)
-        return bits.widen_into(stored, code, widened).reshape(factor.shape[0], -1)
-    value = factor.float(keep=False).contiguous()
-    return value.numpy().reshape(factor.shape[0], -1)
 
 
 def stream_fast(

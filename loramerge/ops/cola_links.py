@@ -9,16 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import ShapeMismatchError
-from loramerge.ops import bits
-
-if TYPE_CHECKING:
-    import torch
+from loramerge.ops.stored_factors import float32_matrix, in_memory, readable
 
 Link = tuple[Adapter, float]  # an adapter and its weight in the chain
 
@@ -114,15 +110,9 @@ def concatenated(links: Sequence[Link]) -> Adapter | None:
         if not all(_plain_linear(module) for _, module, _ in found):
             return None
         first = found[0][1]
-        lora_b = numpy.concatenate([_float32(m.lora_B) for _, m, _ in found], axis=1)
-        lora_a = numpy.concatenate(
-            [
-                (_float32(m.lora_A).astype(numpy.float64) * (m.scale * w)).astype(numpy.float32)
-                for _, m, w in found
-            ],
-            axis=0,
-        )
-        factors = {"lora_B": _lazy(lora_b), "lora_A": _lazy(lora_a)}
+        lora_b = numpy.concatenate([float32_matrix(m.lora_B) for _, m, _ in found], axis=1)
+        lora_a = numpy.concatenate([_scaled(m.lora_A, m.scale * w) for _, m, w in found])
+        factors = {"lora_B": in_memory(lora_b, "F32"), "lora_A": in_memory(lora_a, "F32")}
         modules[path] = folded_module(
             replace(first, **factors, alpha=float(lora_a.shape[0])), found
         )
@@ -135,28 +125,11 @@ def _plain_linear(module: LoraModule) -> bool:
         and module.experts == 1
         and module.bias is None
         and module.magnitude is None
-        and all(
-            factor.raw is not None and factor.code in bits.WIDENED and len(factor.shape) == 2
-            for factor in (module.lora_A, module.lora_B)
-        )
+        and all(readable(f) and len(f.shape) == 2 for f in (module.lora_A, module.lora_B))
         and math.isfinite(module.scale)
     )
 
 
-def _float32(factor: LazyTensor) -> numpy.ndarray:
-    assert factor.raw is not None and factor.code is not None
-    stored, code = factor.raw()
-    widened = numpy.empty(factor.shape, dtype=numpy.float32)
-    return bits.widen_into(stored, code, widened)
-
-
-def _lazy(values: numpy.ndarray) -> LazyTensor:
-    """A float32 factor held in memory, read by the torch-free engine as it is and turned into
-    a tensor (sharing the memory) where torch asks for it."""
-
-    def load() -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(values)
-
-    return LazyTensor(values.shape, "F32", load, raw=lambda: (values, "F32"))
+def _scaled(lora_a: LazyTensor, scale: float) -> numpy.ndarray:
+    """s * A formed in float64 from the float32 factor, rounded once to float32."""
+    return (float32_matrix(lora_a).astype(numpy.float64) * scale).astype(numpy.float32)
