@@ -53,6 +53,7 @@ DENSE_ARCH = "tests/jobs/test_dense_architectures.py"
 BITS = "tests/ops/test_bits.py"
 IDENTITY = "tests/model/test_stream_identity.py"
 VERIFY_WEIGHTS = "tests/jobs/test_verify_weights.py"
+COLA_LINKS = "tests/ops/test_cola_links.py"
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,13 @@ MUTATIONS = [
             ),
         ),
         (FOLD,),
+    ),
+    Mutation(
+        "fold-numpy-weights-ignored",
+        "the torch-free exact fold ignores the manifest's link weights",
+        "loramerge/ops/cola_links.py",
+        (patch("_scaled(m.lora_A, m.scale * w)", "_scaled(m.lora_A, m.scale)"),),
+        (FOLD, COLA_LINKS),
     ),
     Mutation(
         "fold-per-link-order",

@@ -331,6 +331,36 @@ def test_a_manifest_weight_multiplies_its_links_scale(cli, tmp_path):
         assert (written[name].double() - base[name].double() - unweighted).abs().max() > 1e-4
 
 
+@pytest.mark.oracle
+def test_a_manifest_weight_reaches_the_adapter_and_the_report(cli, tmp_path):
+    """With weights, `--as-lora` writes the float64 weighted sum and the report measures each
+    link's weighted update and the chain's weighted sum."""
+    weights = (1.0, 0.5, -2.0)
+    chain = tmp_path / "weighted"
+    shutil.copytree(CHAIN, chain)
+    manifest = json.loads((chain / "cola_chain.json").read_text())
+    for entry, weight in zip(manifest["links"], weights, strict=True):
+        entry["weight"] = weight
+    (chain / "cola_chain.json").write_text(json.dumps(manifest))
+    result = cli("fold", chain, "-o", tmp_path / "a", "--as-lora", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    for name, terms in _chain_terms(weights).items():
+        path = name.removesuffix(".weight")
+        exact = sum(s * (b.double() @ a.double()) for b, a, s in terms)
+        lora_b = tensors[f"{PREFIX}{path}.lora_B.weight"].double()
+        lora_a = tensors[f"{PREFIX}{path}.lora_A.weight"].double()
+        assert (lora_b @ lora_a - exact).abs().max() <= 1e-6 * exact.abs().max(), name
+        norm = float(torch.linalg.matrix_norm(exact))
+        assert report["chain_update_norm"][path] == pytest.approx(norm, rel=1e-9), name
+    for link, weight, link_report in zip(LINKS, weights, report["links"], strict=True):
+        for name, (lora_b, lora_a, scale) in _link_terms(link, weight).items():
+            dense = scale * (lora_b.double() @ lora_a.double())
+            got = link_report["modules"][name.removesuffix(".weight")]["update_norm"]
+            assert got == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-9)
+
+
 def _broken_link(tmp_path: Path, module: str) -> Path:
     """A copy of link 2 whose `module` A factor has 3 more input columns than the base."""
     link = tmp_path / "broken-link"
