@@ -36,8 +36,9 @@ def reduce_terms(
 
 
 def module_terms(module: LoraModule, weight: float = 1.0) -> Term:
-    """(B, A, s * weight) of one module as float32 matrices (conv factors flattened)."""
-    lora_b, lora_a = module.factors()
+    """(B, A, s * weight) of one module as float32 matrices (conv factors flattened); factors
+    not loaded yet are read, not kept, so that memory does not grow with the chain."""
+    lora_b, lora_a = module.factors(keep=False)
     return lora_b, lora_a, module.scale * weight
 
 

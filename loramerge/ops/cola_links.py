@@ -7,16 +7,17 @@ its report.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind
 from loramerge.errors import ShapeMismatchError
-from loramerge.ops.stored_factors import float32_matrix, in_memory, readable
+from loramerge.ops.stored_factors import computed, float32_matrix, readable
 
 Link = tuple[Adapter, float]  # an adapter and its weight in the chain
+Members = list[tuple[int, LoraModule, float]]  # (link index, module, weight) on one module
 
 
 def weighted(adapter: Adapter, weight: float) -> Adapter:
@@ -37,7 +38,7 @@ def chain_paths(links: Sequence[Link]) -> list[str]:
     return sorted({path for adapter, _ in links for path in adapter.modules})
 
 
-def members(links: Sequence[Link], path: str) -> list[tuple[int, LoraModule, float]]:
+def members(links: Sequence[Link], path: str) -> Members:
     """(link index, module, weight) of every link touching `path`, checked against each other."""
     found = [(i, a.modules[path], w) for i, (a, w) in enumerate(links, 1) if path in a.modules]
     first_index, first, _ = found[0]
@@ -80,7 +81,7 @@ def folded_adapter(links: Sequence[Link], modules: dict[str, LoraModule]) -> Ada
 
 def folded_module(
     module: LoraModule,
-    found: Sequence[tuple[int, LoraModule, float]],
+    found: Members,
     bias: LazyTensor | None = None,
 ) -> LoraModule:
     """The folded module from the first link's `module` given its new factors and alpha: no
@@ -110,13 +111,23 @@ def concatenated(links: Sequence[Link]) -> Adapter | None:
         if not all(_plain_linear(module) for _, module, _ in found):
             return None
         first = found[0][1]
-        lora_b = numpy.concatenate([float32_matrix(m.lora_B) for _, m, _ in found], axis=1)
-        lora_a = numpy.concatenate([_scaled(m.lora_A, m.scale * w) for _, m, w in found])
-        factors = {"lora_B": in_memory(lora_b, "F32"), "lora_A": in_memory(lora_a, "F32")}
-        modules[path] = folded_module(
-            replace(first, **factors, alpha=float(lora_a.shape[0])), found
-        )
+        rank = sum(m.lora_A.shape[0] for _, m, _ in found)
+        factors = {
+            "lora_B": computed((first.lora_B.shape[0], rank), "F32", _joined_b(found)),
+            "lora_A": computed((rank, first.lora_A.shape[1]), "F32", _joined_a(found)),
+        }
+        modules[path] = folded_module(replace(first, **factors, alpha=float(rank)), found)
     return folded_adapter(links, modules)
+
+
+def _joined_b(found: Members) -> Callable[[], numpy.ndarray]:
+    """B' = [B_1, ..., B_T], formed when read."""
+    return lambda: numpy.concatenate([float32_matrix(m.lora_B) for _, m, _ in found], axis=1)
+
+
+def _joined_a(found: Members) -> Callable[[], numpy.ndarray]:
+    """A' = [s_1 w_1 A_1; ...], formed when read."""
+    return lambda: numpy.concatenate([_scaled(m.lora_A, m.scale * w) for _, m, w in found])
 
 
 def _plain_linear(module: LoraModule) -> bool:

@@ -90,7 +90,7 @@ def truncate_prefix(adapter: Adapter, b: int) -> tuple[Adapter, list[ModuleRow]]
                 value="prefix",
                 hint=f"use {opt('method')} svd",
             )
-        lora_b, lora_a = prefix_factors(module.lora_B.load(), module.lora_A.load(), b)
+        lora_b, lora_a = prefix_factors(module.lora_B.read(), module.lora_A.read(), b)
         cut = replace(module, lora_A=LazyTensor.of(lora_a), lora_B=LazyTensor.of(lora_b))
         modules[path] = cut
         rows.append(_compare(module, cut, energy=None))
@@ -114,7 +114,7 @@ def reduce_svd(
         raise ValueError("give exactly one of a target rank and an energy threshold")
     modules, rows = {}, []
     for path, module in adapter.modules.items():
-        lora_b, lora_a = module.factors()
+        lora_b, lora_a = module.factors(keep=False)
         with located(adapter.source_path, path):
             core = qr_core(lora_b, lora_a, module.scale)
         if rank is not None:
@@ -176,7 +176,7 @@ def dylora_rank_profile(adapter: Adapter, unit: int = 1) -> list[RankSize]:
 
 
 def _compare(before: LoraModule, after: LoraModule, energy: float | None) -> ModuleRow:
-    b1, a1 = before.factors()
+    b1, a1 = before.factors(keep=False)
     b2, a2 = after.factors()
     norm_before = update_frobenius_norm(b1, a1, before.scale)
     difference = difference_frobenius_norm(b2, a2, after.scale, b1, a1, before.scale)

@@ -3,6 +3,7 @@ in a file read as float32, and factors computed with numpy held as lazy tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy
@@ -41,16 +42,16 @@ def stored_values(factor: LazyTensor) -> tuple[numpy.ndarray, str]:
     return bits.as_values(stored, code).reshape(factor.shape), code
 
 
-def in_memory(values: numpy.ndarray, code: str) -> LazyTensor:
-    """Values computed with numpy (of safetensors dtype `code`, bfloat16 as uint16) as a lazy
-    tensor: read as they are by the torch-free engine, turned into a tensor sharing their memory
-    where torch asks for it."""
+def computed(shape: tuple[int, ...], code: str, compute: Callable[[], numpy.ndarray]) -> LazyTensor:
+    """A tensor `compute` forms with numpy each time it is read (of safetensors dtype `code`,
+    bfloat16 as uint16), nothing kept: the torch-free engine reads a module's factors when it
+    gets to the module and drops them after it, so memory does not grow with the adapter."""
 
     def load() -> torch.Tensor:
         import torch
 
         from loramerge.io.safetensors_header import torch_dtype
 
-        return torch.from_numpy(values).view(torch_dtype(code))
+        return torch.from_numpy(compute()).view(torch_dtype(code))
 
-    return LazyTensor(values.shape, code, load, raw=lambda: (values, code))
+    return LazyTensor(shape, code, load, raw=lambda: (compute(), code))
