@@ -113,3 +113,25 @@ def test_fold_streams_while_torch_is_imported_for_the_report(tmp_path):
         assert done.returncode == 0, done.stderr
         assert sorted(p.name for p in out.glob("*.safetensors"))
     assert done.stdout.split() == ["loramerge-fold-norms_0"], done.stdout
+
+
+def test_fold_keeps_no_factors_in_memory(tmp_path):
+    """Memory that does not grow with the chain: after a fold rounded once (and its report),
+    no link's factors are held (each was read when it was needed), and the folded adapter the
+    engine merged forms its factors anew each time they are read."""
+    from loramerge.jobs.fold_load import load_chain
+    from loramerge.jobs.fold_model import fold_to_model
+
+    chain, _ = load_chain([CHAIN], BASES / "llama")
+    result = fold_to_model(chain, BASES / "llama", tmp_path / "out")
+    assert result.chain_norms and all(report.modules for report in result.links)
+    assert result.merge is not None
+    folded = result.merge.plan.adapter  # what the engine merged
+    assert folded.source_format == "cola-chain" and folded.modules
+    for adapter in [link.adapter for link in chain.links] + [folded]:
+        for path, module in adapter.modules.items():
+            assert not module.lora_A.loaded and not module.lora_B.loaded, path
+    for path, module in folded.modules.items():
+        for factor in (module.lora_A, module.lora_B):
+            assert factor.raw is not None
+            assert factor.raw()[0] is not factor.raw()[0], path
