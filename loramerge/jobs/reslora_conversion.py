@@ -19,7 +19,7 @@ import torch
 from loramerge.adapter import Adapter, LazyTensor, LoraModule
 from loramerge.errors import FormatError, OptionError
 from loramerge.formats import reslora_checkpoint as reslora_format
-from loramerge.formats.reslora_checkpoint import ResLoraChain, ResLoraCheckpoint
+from loramerge.formats.reslora_checkpoint import ResLoraBlock, ResLoraChain, ResLoraCheckpoint
 from loramerge.formats.reslora_stats import read_stats
 from loramerge.io.safetensors_header import TensorEntry
 from loramerge.io.safetensors_reader import SafetensorsReader
@@ -72,9 +72,9 @@ def convert_reslora(
     if rule.reads == OFFICIAL_WEIGHTS:
         _check_square(checkpoint)
     stats = read_stats(options.stats, checkpoint) if options.stats else None
-    merged = _merge_chains(checkpoint, base, rule, stats)
-    pad_to = max(p.A.shape[0] for *_, p in merged) if options.uniform_rank else None
-    modules, reports = _plain_modules(checkpoint, merged, options.rank, pad_to)
+    converted = _convert_chains(checkpoint, base, rule, stats, options.rank)
+    pad_to = max(out.rank for _, out, _ in converted) if options.uniform_rank else None
+    modules, reports = _plain_modules(checkpoint, converted, pad_to)
     estimator = estimator_text(rule, options, pad_to)
     architectures = base.config.get("architectures") or []
     causal = any(str(a).endswith("ForCausalLM") for a in architectures)
@@ -102,22 +102,50 @@ def _check_square(checkpoint: ResLoraCheckpoint) -> None:
             )
 
 
-_Merged = tuple[str, int, Any, rules.PlainBlock]
+_Converted = tuple[str, rules.PlainFactors, BlockReport]  # module path, factors, report
 
 
-def _merge_chains(
-    checkpoint: ResLoraCheckpoint, base: BaseModel, rule: Rule, stats: dict | None
-) -> list[_Merged]:
-    """Every block merged into a plain block by `rule`, chain by chain."""
-    merged: list[_Merged] = []
+def _convert_chains(
+    checkpoint: ResLoraCheckpoint,
+    base: BaseModel,
+    rule: Rule,
+    stats: dict | None,
+    rank: int | None,
+) -> list[_Converted]:
+    """Every block merged into a plain block by `rule` and turned into float32 factors (reduced
+    to `rank` if given), chain by chain: the float64 factors of one chain at a time are held."""
+    config = checkpoint.config
+    converted: list[_Converted] = []
     with ExitStack() as stack:
         reader = _BaseReader(base, stack)
         for chain in checkpoint.chains:
             factors = _chain_factors(checkpoint, chain)
             data = _rule_data(rule, chain, factors, reader, stats)
-            plain = rule.apply(factors, checkpoint.config.scale, checkpoint.config.pre_num, data)
-            merged += [(chain.name, n, chain.blocks[n], p) for n, p in enumerate(plain)]
-    return merged
+            plain = rule.apply(factors, config.scale, config.pre_num, data)
+            for n, (block, merged) in enumerate(zip(chain.blocks, plain, strict=True)):
+                out = rules.plain_factors(merged, config.lora_alpha, config.rank, rank=rank)
+                converted.append((block.path, out, _report(chain.name, n, block, merged, out)))
+    return converted
+
+
+def _report(
+    chain: str, n: int, block: ResLoraBlock, plain: rules.PlainBlock, out: rules.PlainFactors
+) -> BlockReport:
+    return BlockReport(
+        block.path,
+        chain,
+        n,
+        block.layer,
+        plain.rule,
+        out.rank,
+        out.alpha,
+        plain.exact and out.relative_error == 0.0,
+        dict(plain.coefficients),
+        dict(plain.norms),
+        list(plain.stacked),
+        out.energy_kept,
+        out.relative_error,
+    )
 
 
 def _chain_factors(checkpoint: ResLoraCheckpoint, chain: ResLoraChain) -> list:
@@ -149,32 +177,17 @@ def _rule_data(
 
 
 def _plain_modules(
-    checkpoint: ResLoraCheckpoint, merged: list[_Merged], rank: int | None, pad_to: int | None
+    checkpoint: ResLoraCheckpoint, converted: list[_Converted], pad_to: int | None
 ) -> tuple[dict[str, LoraModule], list[BlockReport]]:
+    """The adapter's modules, zero-padded to `pad_to` (exact) where asked."""
     config = checkpoint.config
     modules, reports = {}, []
-    for chain_name, n, block, plain in merged:
-        out = rules.plain_factors(plain, config.lora_alpha, config.rank, rank=rank, pad_to=pad_to)
-        modules[block.path] = LoraModule(
-            block.path, LazyTensor.of(out.A), LazyTensor.of(out.B), out.alpha
-        )
-        reports.append(
-            BlockReport(
-                block.path,
-                chain_name,
-                n,
-                block.layer,
-                plain.rule,
-                out.rank,
-                out.alpha,
-                plain.exact and out.relative_error == 0.0,
-                dict(plain.coefficients),
-                dict(plain.norms),
-                list(plain.stacked),
-                out.energy_kept,
-                out.relative_error,
-            )
-        )
+    for path, out, report in converted:
+        if pad_to is not None:
+            out = rules.padded(out, pad_to, config.lora_alpha, config.rank)
+            report.rank, report.alpha = out.rank, out.alpha
+        modules[path] = LoraModule(path, LazyTensor.of(out.A), LazyTensor.of(out.B), out.alpha)
+        reports.append(report)
     return modules, reports
 
 

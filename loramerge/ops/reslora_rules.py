@@ -266,10 +266,19 @@ def plain_factors(
         return PlainFactors(
             reduced.B, reduced.A, rank, float(rank), reduced.energy_kept, reduced.relative_error
         )
-    B, A = block.B, block.A
-    r = A.shape[0]
-    if pad_to is not None and pad_to > r:
-        B = torch.cat([B, B.new_zeros(B.shape[0], pad_to - r)], dim=1)
-        A = torch.cat([A, A.new_zeros(pad_to - r, A.shape[1])], dim=0)
-        r = pad_to
-    return PlainFactors(B.to(torch.float32), A.to(torch.float32), r, lora_alpha * r / lora_rank)
+    r = block.A.shape[0]
+    exact = PlainFactors(
+        block.B.to(torch.float32), block.A.to(torch.float32), r, lora_alpha * r / lora_rank
+    )
+    return exact if pad_to is None else padded(exact, pad_to, lora_alpha, lora_rank)
+
+
+def padded(exact: PlainFactors, pad_to: int, lora_alpha: float, lora_rank: int) -> PlainFactors:
+    """Exact factors zero-padded to rank `pad_to`, alpha following so that the scale stays; as
+    they are where their rank is not below it."""
+    r = exact.rank
+    if pad_to <= r:
+        return exact
+    B = torch.cat([exact.B, exact.B.new_zeros(exact.B.shape[0], pad_to - r)], dim=1)
+    A = torch.cat([exact.A, exact.A.new_zeros(pad_to - r, exact.A.shape[1])], dim=0)
+    return PlainFactors(B, A, pad_to, lora_alpha * pad_to / lora_rank)
