@@ -66,8 +66,8 @@ def engine_outcomes(adapter: Path, base: Path) -> str:
     from loramerge.adapter_checks import read_checked
     from loramerge.engines.profiles import BaseFacts, apply_engine, engine_profile
     from loramerge.errors import LoramergeError
-    from loramerge.model.fit import rename_to_base
     from loramerge.model.folder import base_config_of, open_base
+    from loramerge.model.rename import rename_to_base
 
     fitted = rename_to_base(read_checked(adapter), base)
     facts = BaseFacts(base_config_of(base), lambda name: open_base(base).read_tensor(name))

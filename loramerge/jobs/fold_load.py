@@ -13,10 +13,10 @@ from loramerge.errors import FormatError, LoramergeError
 from loramerge.formats.cola_chain import Chain, ChainLink, in_link, read_chain
 from loramerge.formats.registry import ReadOptions
 from loramerge.jobs.fold_report import base_model_warnings
-from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.names import resolve_tensor_name
 from loramerge.model.planner import plan_merge
+from loramerge.model.rename import rename_to_base
 from loramerge.ops.cola_links import check_compatible
 
 

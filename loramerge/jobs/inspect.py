@@ -23,10 +23,10 @@ from loramerge.io.safetensors_header import dtype_code, torch_dtype
 from loramerge.jobs.merge import rounding_warning
 from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora, model_config
 from loramerge.model.dense_tiles import dense_support
-from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import open_base
 from loramerge.model.plan import Action, TensorPlan
 from loramerge.model.planner import plan_merge
+from loramerge.model.rename import rename_to_base
 from loramerge.model.sources import Sources, sources_for
 from loramerge.model.stream import ERASED_SHARE, Progress, count_changed, merged_tiles
 from loramerge.ops.lowrank import update_frobenius_norm

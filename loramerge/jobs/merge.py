@@ -291,10 +291,10 @@ def merge_engine(plan: MergePlan, base: BaseModel):
     """The engine that writes the plan: the torch-free one (model.fast_stream) where it can
     and this machine computes torch's bits with it (model.fast_checks), else torch's
     (model.stream). Both write the same bytes. LORAMERGE_ENGINE=torch picks torch's."""
-    from loramerge.model import fast_checks, fast_stream
+    from loramerge.model import fast_checks, fast_stream, fast_support
 
     wanted = os.environ.get("LORAMERGE_ENGINE", "auto")
-    if wanted != "torch" and fast_stream.unsupported(plan, base) is None and fast_checks.trusted():
+    if wanted != "torch" and fast_support.unsupported(plan, base) is None and fast_checks.trusted():
         return fast_stream.stream_fast
     from loramerge.model.stream import stream_plan
 

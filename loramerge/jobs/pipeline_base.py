@@ -12,9 +12,9 @@ from loramerge.adapter import Adapter, LoraModule
 from loramerge.errors import FormatError, OptionError, opt
 from loramerge.formats import components
 from loramerge.formats.sd_names import COMPONENT_ORDER
-from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import base_config_of, open_base, resolve_base
 from loramerge.model.names import resolve_tensor_name
+from loramerge.model.rename import rename_to_base
 
 if TYPE_CHECKING:  # torch-heavy modules load when used: a plain merge plans without torch
     import torch

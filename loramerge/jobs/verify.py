@@ -17,9 +17,9 @@ from loramerge.jobs.options import check_tolerance, needs
 from loramerge.jobs.verify_logits import compare_logits
 from loramerge.jobs.verify_result import Difference, VerifyResult, is_model_folder, read_side
 from loramerge.jobs.verify_weights import compare_weights
-from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import base_config_of, open_base
 from loramerge.model.names import resolve_tensor_name
+from loramerge.model.rename import rename_to_base
 from loramerge.model.stream_stats import Progress
 from loramerge.ops.lowrank import difference_frobenius_norm, update_frobenius_norm
 

@@ -12,10 +12,10 @@ import torch
 from loramerge.errors import FormatError, OptionError
 from loramerge.jobs.defaults import VERIFY_MAX_TOKENS
 from loramerge.jobs.verify_result import Difference, VerifyResult, is_model_folder, read_side
-from loramerge.model.fit import rename_to_base
 from loramerge.model.folder import resolve_base
 from loramerge.model.hf_runtime import load_model, quiet_transformers
 from loramerge.model.lora_forward import PlainForward
+from loramerge.model.rename import rename_to_base
 
 
 def compare_logits(

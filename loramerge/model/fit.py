@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from loramerge.adapter import Adapter, LoraModule, ModuleKind, match_pattern
 from loramerge.errors import FormatError, ShapeMismatchError
 from loramerge.model.architecture import Architecture, NoArchitecture
-from loramerge.model.folder import BaseModel, open_base
-from loramerge.model.shapes import check_full_copy
+from loramerge.model.folder import BaseModel
 
 WRAPPED = ".base_layer"
 _NAME_NORMAL = re.compile(r"[._]")
@@ -289,37 +287,3 @@ def _pattern_values(adapter: Adapter, key: str, alpha: float) -> tuple[float, in
     found = match_pattern(ranks, key)
     rank = ranks[found] if found is not None else config.get("r")
     return alpha, int(rank) if isinstance(rank, (int, float)) else None
-
-
-def rename_to_base(adapter: Adapter, base_ref: str | Path) -> Adapter:
-    """The adapter with module paths as the base names them and kinds resolved: every module,
-    and every full tensor it carries, must fit the base (what a merge adds to these checks,
-    such as a bias for a LoRA bias to land on, an adapter file does not need)."""
-    if adapter.source_config.get("layer_replication"):
-        # its modules are those of the model PEFT builds by replicating layers: kept as named
-        return adapter
-    base = open_base(base_ref)
-    if adapter.base_init is not None:  # torch, only where the training changed the base
-        from loramerge.model.base_init import rebuild_for_original_base
-
-        adapter = rebuild_for_original_base(adapter, base)
-    fitted = fit_adapter(adapter, base)
-    carried = {
-        **fitted.adapter.modules_to_save,
-        **fitted.adapter.saved_biases,
-        **fitted.adapter.base_tables,
-    }
-    names = [*carried, *(module + ".weight" for module in fitted.adapter.token_rows)]
-    for name in names:
-        param = fitted.param_name(name)
-        if param is None:
-            raise FormatError(
-                f"the base model has no parameter {name} for the tensor the adapter carries",
-                file=adapter.source_path,
-                module=name,
-                hint="is this adapter for another base model?",
-            )
-        if name in carried:
-            shape = tuple(carried[name].shape)
-            check_full_copy(param, fitted.param_shapes[param], shape, adapter.source_path, name)
-    return fitted.adapter

@@ -83,11 +83,11 @@ def _engines_agree(adapter_path, base_path, tmp_path, monkeypatch, label=""):
     """The torch-free engine, as is and in its smallest pieces, writes the torch engine's
     sequential bytes and counts."""
     from loramerge.io import chunked_output, direct_io
-    from loramerge.model import fast_stream, tiling
+    from loramerge.model import fast_stream, fast_support, tiling
     from loramerge.model.stream import stream_plan
 
     plan, base = _plan(adapter_path, base_path)
-    assert fast_stream.unsupported(plan, base) is None
+    assert fast_support.unsupported(plan, base) is None
 
     def sequential(plan, base, out):
         return stream_plan(plan, base, out, pipelined=False, direct=False)
