@@ -49,9 +49,9 @@ def fold_to_model(
         check_measurable(link.adapter, link.path)
     folded = _exact_fold(chain) if rounding == "once" else None
     # the report's norms (a QR of every link's modules) need nothing the merge writes: they
-    # are measured on a thread of their own while the base streams. It imports torch, holding
-    # the GIL for most of a second: started after the fold, whose many small numpy steps it
-    # slowed tenfold, and before the stream, whose long steps release the GIL
+    # are measured on a thread of their own while the base streams. That thread imports torch,
+    # holding the GIL for most of a second, which the stream's long numpy and BLAS steps
+    # mostly do without (docs/performance.md: what it still costs the stream)
     with ThreadPoolExecutor(1, thread_name_prefix="loramerge-fold-norms") as pool:
         measured = pool.submit(link_reports, chain)
         if folded is not None:
