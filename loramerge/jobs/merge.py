@@ -3,9 +3,7 @@ folder. `merge_adapter` is the building block the other jobs that write a model 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -15,13 +13,13 @@ from typing import Any
 
 from loramerge.adapter import Adapter
 from loramerge.adapter_checks import check_values, read_checked
-from loramerge.errors import LoramergeError, OutputError, opt
+from loramerge.errors import LoramergeError, opt
 from loramerge.formats.registry import ReadOptions, check_output_name
 from loramerge.io.atomic import atomic_output, check_output_target
 from loramerge.io.dtypes import output_code
-from loramerge.io.safetensors_header import read_header
+from loramerge.jobs.merged_folder import check_written, write_folder_files
 from loramerge.jobs.pipeline_base import one_model
-from loramerge.model.folder import INDEX_NAME, BaseModel, open_base
+from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.plan import MergePlan
 from loramerge.model.planner import plan_merge
 from loramerge.model.stream_stats import ERASED_SHARE, ModuleStats, Progress
@@ -205,41 +203,6 @@ def merge_adapter(
     warnings = erased_warnings(streamed.modules, dtype)
     seconds = time.perf_counter() - started
     return MergeResult(out, plan, streamed.modules, streamed.bytes_written, warnings, seconds)
-
-
-def write_folder_files(base: BaseModel, plan: MergePlan, folder: Path) -> None:
-    """The index, the (updated) config and the small files that make it a model folder."""
-    if len(plan.shards) > 1 or (base.has_index and len(plan.shards) == len(base.shard_names)):
-        weight_map = {t.name: s.file_name for s in plan.shards for t in s.tensors}
-        index = {
-            "metadata": {"total_size": plan.total_bytes},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    for path in base.extra_files():
-        if path.name == "config.json":
-            continue
-        shutil.copyfile(path, folder / path.name)
-    config_path = base.root / "config.json"
-    if not config_path.exists():
-        return
-    if not plan.config_updates and "quantization_config" not in base.config:
-        shutil.copyfile(config_path, folder / "config.json")
-        return
-    config = plan.config_for(base.config)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def check_written(plan: MergePlan, folder: Path) -> None:
-    """Re-read every written shard's header and check it against the plan."""
-    for shard in plan.shards:
-        header = read_header(folder / shard.file_name)
-        expected = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-        found = [(e.name, e.dtype, e.shape) for e in header.entries.values()]
-        if expected != found:
-            raise OutputError(
-                "a written shard does not match its plan", file=folder / shard.file_name
-            )
 
 
 def preview_merge(

@@ -10,7 +10,7 @@ from helpers import ADAPTERS, BASES, MERGE_CASES, tree_hashes
 def _stream(adapter_name, base_name, out, pipelined, direct=True):
     from loramerge.formats.registry import read_adapter
     from loramerge.io.atomic import atomic_output
-    from loramerge.jobs.merge import write_folder_files
+    from loramerge.jobs.merged_folder import write_folder_files
     from loramerge.model.folder import open_base
     from loramerge.model.planner import plan_merge
     from loramerge.model.stream import stream_plan
@@ -70,7 +70,7 @@ def _plan(adapter_path, base_path):
 
 def _write(plan, base, out, engine):
     from loramerge.io.atomic import atomic_output
-    from loramerge.jobs.merge import write_folder_files
+    from loramerge.jobs.merged_folder import write_folder_files
 
     with atomic_output(out) as temp:
         result = engine(plan, base, temp)
