@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import check_adapter
+from loramerge.adapter_checks import check_adapter, check_measurable
 from loramerge.errors import FormatError, LoramergeError
 from loramerge.formats.cola_chain import Chain, ChainLink, in_link, read_chain
 from loramerge.formats.registry import ReadOptions
@@ -47,6 +47,10 @@ def load_chain(
 def _checked(link: ChainLink, base: BaseModel | None, allow_nonfinite: bool) -> Adapter:
     adapter = link.adapter
     check_adapter(adapter, allow_nonfinite)
+    if allow_nonfinite:
+        # every fold measures its links (the report's norms), which NaN and Inf have none of:
+        # refused here, before anything is written, as check_adapter refuses them otherwise
+        check_measurable(adapter, link.path)
     dora = [m.path for m in adapter.modules.values() if m.magnitude is not None]
     if dora:
         raise FormatError(

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loramerge.adapter import Adapter
-from loramerge.adapter_checks import check_measurable
 from loramerge.formats.cola_chain import Chain
 from loramerge.io.atomic import TEMP_MARK, check_output_target, remove_path
 from loramerge.io.dtypes import output_code
@@ -45,8 +44,6 @@ def fold_to_model(
     out = Path(out)
     base = open_base(base_ref)
     check_output_target(out, [base.root, *chain.inputs], force)
-    for link in chain.links:  # what the report's norms would refuse, before any writing
-        check_measurable(link.adapter, link.path)
     folded = _exact_fold(chain) if rounding == "once" else None
     # the report's norms (a QR of every link's modules) need nothing the merge writes: they
     # are measured on a thread of their own while the base streams. That thread imports torch,
