@@ -52,33 +52,38 @@ def fold_to_model(
     with ThreadPoolExecutor(1, thread_name_prefix="loramerge-fold-norms") as pool:
         measured = pool.submit(link_reports, chain)
         if folded is not None:
-            merged = merge_adapter(
-                folded,
-                base.root,
-                out,
-                dtype=dtype,
-                force=force,
-                max_shard_bytes=max_shard_bytes,
-                progress=progress,
-                extra_inputs=chain.inputs,
-            )
-            steps = [merged]
+            steps = [
+                merge_adapter(
+                    folded,
+                    base.root,
+                    out,
+                    dtype=dtype,
+                    force=force,
+                    max_shard_bytes=max_shard_bytes,
+                    progress=progress,
+                    extra_inputs=chain.inputs,
+                )
+            ]
         else:
             steps = _merge_link_by_link(chain, base, out, dtype, force, max_shard_bytes, progress)
-            merged = steps[-1]
         reports, chain_norms = measured.result()
-    result = FoldResult(out, reports, chain_norms, rounding=rounding, merge=merged)
+    return _result(FoldResult(out, reports, chain_norms, rounding=rounding), steps, dtype)
+
+
+def _result(result: FoldResult, steps: list[MergeResult], dtype: str | None) -> FoldResult:
+    """The fold's result from its merges: the one merge rounded once, or every link's."""
+    merged = result.merge = steps[-1]
     result.bytes_written = merged.bytes_written
-    if rounding == "once":
+    if result.rounding == "once":
         result.warnings += merged.warnings
         result.counts = merged.plan.counts()
-    else:
-        for report, step in zip(result.links, steps, strict=True):
-            for path, stats in step.modules.items():
-                report.modules[path].changed_share = stats.changed_share
-                report.modules[path].elements = stats.elements
-        result.counts = _chain_counts(steps)
-        result.warnings += knot_warnings(result.links, dtype)
+        return result
+    for report, step in zip(result.links, steps, strict=True):
+        for path, stats in step.modules.items():
+            report.modules[path].changed_share = stats.changed_share
+            report.modules[path].elements = stats.elements
+    result.counts = _chain_counts(steps)
+    result.warnings += knot_warnings(result.links, dtype)
     return result
 
 
