@@ -213,10 +213,13 @@ class _BaseReader:
         norm_sq = 0.0
         bt_w = torch.zeros(B.shape[1], cols, dtype=torch.float64)
         w_b = torch.zeros(rows, B.shape[1], dtype=torch.float64) if official else None
+        widened = torch.empty(min(tile, rows), cols, dtype=torch.float64)
+        squares = torch.empty_like(widened)
         for start in range(0, rows, tile):
             stop = min(rows, start + tile)
-            w = reader.read(name, rows=(start, stop)).to(torch.float64)
-            norm_sq += float((w * w).sum())
+            w = widened[: stop - start]
+            w.copy_(reader.read(name, rows=(start, stop)))
+            norm_sq += float(torch.mul(w, w, out=squares[: stop - start]).sum())
             bt_w += B[start:stop].T @ w
             if w_b is not None:
                 w_b[start:stop] = w @ B
