@@ -6,6 +6,7 @@ import math
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,10 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():
             # torch warns about pickle protocols on stderr; the error line says what matters
             warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            # a zip-format file is mapped, not read: only the tensors used are paged in, and
+            # they stay file pages the kernel can drop (a trainer checkpoint holds the model)
+            mapped = zipfile.is_zipfile(path)
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except FileNotFoundError:
         raise FormatError("file not found", file=path) from None
     except pickle.UnpicklingError as exc:

@@ -52,10 +52,11 @@ class ResLoraBlock:
         """(B, A) with B = [B_0, B_1, ...] and A = [A_0; A_1; ...]: B A = sum_i B_i A_i exactly.
 
         Stacking keeps every LoRA's own middle slots, so each training-time forward of
-        docs/rules.md section 4 with summed LoRAs is the same forward on the stacked pair.
+        docs/rules.md section 4 with summed LoRAs is the same forward on the stacked pair. The
+        stored tensors are read, not kept: a conversion forms each block when it needs it.
         """
-        bs = [b.load().to(dtype) for b, _ in self.loras]
-        As = [a.load().to(dtype) for _, a in self.loras]
+        bs = [b.read().to(dtype) for b, _ in self.loras]
+        As = [a.read().to(dtype) for _, a in self.loras]
         return torch.cat(bs, dim=1), torch.cat(As, dim=0)
 
 

@@ -22,7 +22,8 @@ from loramerge.jobs.options import exclusive, needs
 from loramerge.jobs.reslora_conversion import ResLoraConversion, convert_reslora
 from loramerge.jobs.reslora_options import ResLoraOptions
 from loramerge.jobs.reslora_stats import CheckResult, TextOptions, check_batches, prepare_text
-from loramerge.model.stream_stats import Progress
+from loramerge.model.folder import open_base
+from loramerge.model.stream_stats import Progress, within
 
 
 @dataclass
@@ -85,11 +86,14 @@ def reslora(
     else:
         check_adapter_output(out, output, inputs, force)
     batches = prepare_text(base, check_text) if check_text is not None else None
-    conversion = convert_reslora(checkpoint, base, options)
+    # one bar over the norms' pass over the base and the merge's
+    merging = _base_bytes(base) if output is None else 0
+    conversion = convert_reslora(checkpoint, base, options, within(progress, after=merging))
     result = ResLoraResult(out, conversion, "merged" if output is None else output.entry.name)
     if output is None:
         merged = merge_adapter(
-            conversion.adapter, base, out, dtype=dtype, force=force, progress=progress,
+            conversion.adapter, base, out, dtype=dtype, force=force,
+            progress=within(progress, before=conversion.bytes_read),
             extra_inputs=[Path(checkpoint)],
         )  # fmt: skip
         result.bytes_written, result.warnings = merged.bytes_written, merged.warnings
@@ -98,3 +102,8 @@ def reslora(
     if batches is not None:
         result.check = check_batches(conversion, base, batches, merged=out if merge else None)
     return result
+
+
+def _base_bytes(base: str | Path) -> int:
+    """The base's tensor bytes: about what a merge writes."""
+    return sum(entry.nbytes for _, entry in open_base(base).tensors())

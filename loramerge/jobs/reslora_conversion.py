@@ -3,12 +3,14 @@ section 4.
 
 `convert_reslora` reads an official checkpoint, checks it against the base, applies the rule of
 loramerge.ops.reslora_table that fits the checkpoint and the options, chain by chain, and
-returns a plain `Adapter` with module paths as in the base. `_BaseReader` reads the base
+returns a plain `Adapter` with module paths as in the base, whose factors are formed from the
+checkpoint when they are read (loramerge.jobs.reslora_formed). `_BaseReader` reads the base
 weights in row tiles for the weight-based norms.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +18,21 @@ from typing import Any
 
 import torch
 
-from loramerge.adapter import Adapter, LazyTensor, LoraModule
+from loramerge.adapter import Adapter, LoraModule
 from loramerge.errors import FormatError, OptionError
 from loramerge.formats import reslora_checkpoint as reslora_format
 from loramerge.formats.reslora_checkpoint import ResLoraBlock, ResLoraChain, ResLoraCheckpoint
+from loramerge.formats.reslora_config import ResLoraConfig
 from loramerge.formats.reslora_stats import read_stats
 from loramerge.io.safetensors_header import TensorEntry
 from loramerge.io.safetensors_reader import SafetensorsReader
+from loramerge.jobs.reslora_formed import ChainFactors, FormedFactors
 from loramerge.jobs.reslora_options import ResLoraOptions, choose_rule, estimator_text
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.reslora_fit import check_against_base
+from loramerge.model.stream_stats import Progress
 from loramerge.ops import reslora_rules as rules
+from loramerge.ops.reslora_forms import plain_factors, plain_size
 from loramerge.ops.reslora_table import INPUT_NORMS, MIDDLE_NORMS, OFFICIAL_WEIGHTS, WEIGHTS, Rule
 
 TILE_BYTES = 32 << 20  # float64 bytes of base rows read at a time for the norms
@@ -57,12 +63,17 @@ class ResLoraConversion:
     adapter: Adapter
     blocks: list[BlockReport]
     estimator: str  # what produced the coefficients, e.g. "weight-based norms"
+    bytes_read: int = 0  # of base weights, for the weight-based norms
 
 
 def convert_reslora(
-    checkpoint_path: str | Path, base_ref: str | Path, options: ResLoraOptions | None = None
+    checkpoint_path: str | Path,
+    base_ref: str | Path,
+    options: ResLoraOptions | None = None,
+    progress: Progress | None = None,
 ) -> ResLoraConversion:
-    """The plain LoRA that a ResLoRA checkpoint merges into on its base."""
+    """The plain LoRA that a ResLoRA checkpoint merges into on its base; `progress` follows the
+    bytes of the base weights that the weight-based norms read."""
     options = options or ResLoraOptions()
     options.check()
     checkpoint = reslora_format.read(checkpoint_path)
@@ -72,9 +83,10 @@ def convert_reslora(
     if rule.reads == OFFICIAL_WEIGHTS:
         _check_square(checkpoint)
     stats = read_stats(options.stats, checkpoint) if options.stats else None
-    converted = _convert_chains(checkpoint, base, rule, stats, options.rank)
-    pad_to = max(out.rank for _, out, _ in converted) if options.uniform_rank else None
-    modules, reports = _plain_modules(checkpoint, converted, pad_to)
+    converted, bytes_read = _convert_chains(checkpoint, base, rule, stats, options.rank, progress)
+    pad_to = max(item.report.rank for item in converted) if options.uniform_rank else None
+    modules = _plain_modules(checkpoint, converted, options.rank, pad_to)
+    reports = [item.report for item in converted]
     estimator = estimator_text(rule, options, pad_to)
     architectures = base.config.get("architectures") or []
     causal = any(str(a).endswith("ForCausalLM") for a in architectures)
@@ -86,7 +98,7 @@ def convert_reslora(
         task_type="CAUSAL_LM" if causal else None,
         metadata={"reslora.type": checkpoint.kind, "reslora.estimator": estimator},
     )
-    return ResLoraConversion(checkpoint, adapter, reports, estimator)
+    return ResLoraConversion(checkpoint, adapter, reports, estimator, bytes_read)
 
 
 def _check_square(checkpoint: ResLoraCheckpoint) -> None:
@@ -102,7 +114,14 @@ def _check_square(checkpoint: ResLoraCheckpoint) -> None:
             )
 
 
-_Converted = tuple[str, rules.PlainFactors, BlockReport]  # module path, factors, report
+@dataclass(frozen=True)
+class _Converted:
+    """One block's merge: its chain, what the rule decided (numbers only) and its report."""
+
+    chain: ResLoraChain
+    block: ResLoraBlock
+    plain: rules.PlainBlock
+    report: BlockReport
 
 
 def _convert_chains(
@@ -111,63 +130,81 @@ def _convert_chains(
     rule: Rule,
     stats: dict | None,
     rank: int | None,
-) -> list[_Converted]:
-    """Every block merged into a plain block by `rule` and turned into float32 factors (reduced
-    to `rank` if given), chain by chain: the float64 factors of one chain at a time are held."""
+    progress: Progress | None = None,
+) -> tuple[list[_Converted], int]:
+    """Every block merged into a plain block by `rule`, chain by chain. Only numbers are kept:
+    the rule reads each block's float64 factors where its norms need them, and a reduction to
+    `rank` is computed here for its report and again when the factors are read. Returns them
+    with the bytes of base weights read."""
     config = checkpoint.config
     converted: list[_Converted] = []
     with ExitStack() as stack:
-        reader = _BaseReader(base, stack)
+        reads_weights = rule.reads in (WEIGHTS, OFFICIAL_WEIGHTS)
+        paths = [block.path for _, _, block in checkpoint.blocks()] if reads_weights else []
+        reader = _BaseReader(base, stack, paths, progress)
         for chain in checkpoint.chains:
-            factors = _chain_factors(checkpoint, chain)
-            data = _rule_data(rule, chain, factors, reader, stats)
+            factors = ChainFactors(chain)
+            _check_finite(checkpoint, factors)
+            data = _rule_data(rule, factors, reader, stats)
             plain = rule.apply(factors, config.scale, config.pre_num, data)
             for n, (block, merged) in enumerate(zip(chain.blocks, plain, strict=True)):
-                out = rules.plain_factors(merged, config.lora_alpha, config.rank, rank=rank)
-                converted.append((block.path, out, _report(chain.name, n, block, merged, out)))
-    return converted
+                report = _report(chain.name, n, block, merged, config, rank, factors)
+                converted.append(_Converted(chain, block, merged, report))
+    return converted, reader.done
 
 
 def _report(
-    chain: str, n: int, block: ResLoraBlock, plain: rules.PlainBlock, out: rules.PlainFactors
+    chain: str,
+    n: int,
+    block: ResLoraBlock,
+    plain: rules.PlainBlock,
+    config: ResLoraConfig,
+    rank: int | None,
+    factors: ChainFactors,
 ) -> BlockReport:
+    """The block's report; a reduction to `rank` is computed for its energy and error."""
+    written, alpha = plain_size(
+        plain.form.rank(block.rank), config.lora_alpha, config.rank, rank=rank
+    )
+    energy_kept, relative_error = 1.0, 0.0
+    if rank is not None:
+        formed = plain.form.factors(factors)
+        out = plain_factors(formed, plain.scale, config.lora_alpha, config.rank, rank=rank)
+        energy_kept, relative_error = out.energy_kept, out.relative_error
     return BlockReport(
         block.path,
         chain,
         n,
         block.layer,
         plain.rule,
-        out.rank,
-        out.alpha,
-        plain.exact and out.relative_error == 0.0,
+        written,
+        alpha,
+        plain.exact and relative_error == 0.0,
         dict(plain.coefficients),
         dict(plain.norms),
         list(plain.stacked),
-        out.energy_kept,
-        out.relative_error,
+        energy_kept,
+        relative_error,
     )
 
 
-def _chain_factors(checkpoint: ResLoraCheckpoint, chain: ResLoraChain) -> list:
-    factors = [block.factors(torch.float64) for block in chain.blocks]
-    for (B, A), block in zip(factors, chain.blocks, strict=True):
+def _check_finite(checkpoint: ResLoraCheckpoint, factors: ChainFactors) -> None:
+    """Every block's factors read once and checked, none kept."""
+    for n in range(len(factors)):
+        B, A = factors[n]
         if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
             raise FormatError(
-                "holds NaN or Inf values", file=checkpoint.source_path, module=block.path
+                "holds NaN or Inf values",
+                file=checkpoint.source_path,
+                module=factors.chain.blocks[n].path,
             )
-    return factors
 
 
-def _rule_data(
-    rule: Rule, chain: ResLoraChain, factors: list, reader: _BaseReader, stats: dict | None
-) -> Any:
+def _rule_data(rule: Rule, factors: ChainFactors, reader: _BaseReader, stats: dict | None) -> Any:
     """What the rule reads besides the factors, for every block of the chain."""
-    paths = [block.path for block in chain.blocks]
+    paths = [block.path for block in factors.chain.blocks]
     if rule.reads in (WEIGHTS, OFFICIAL_WEIGHTS):
-        official = rule.reads == OFFICIAL_WEIGHTS
-        return [
-            reader.products(path, B, official) for path, (B, _) in zip(paths, factors, strict=True)
-        ]
+        return _ChainProducts(reader, factors, rule.reads == OFFICIAL_WEIGHTS)
     assert stats is not None or rule.reads is None
     if rule.reads == INPUT_NORMS:
         return [stats[path]["input_norm"] for path in paths]
@@ -177,28 +214,59 @@ def _rule_data(
 
 
 def _plain_modules(
-    checkpoint: ResLoraCheckpoint, converted: list[_Converted], pad_to: int | None
-) -> tuple[dict[str, LoraModule], list[BlockReport]]:
-    """The adapter's modules, zero-padded to `pad_to` (exact) where asked."""
+    checkpoint: ResLoraCheckpoint,
+    converted: list[_Converted],
+    rank: int | None,
+    pad_to: int | None,
+) -> dict[str, LoraModule]:
+    """The adapter's modules, whose factors are formed when read (zero-padded to `pad_to`,
+    exact, where asked); the reports follow the padding."""
     config = checkpoint.config
-    modules, reports = {}, []
-    for path, out, report in converted:
+    formed = FormedFactors(config, rank=rank, pad_to=pad_to)
+    modules = {}
+    for item in converted:
         if pad_to is not None:
-            out = rules.padded(out, pad_to, config.lora_alpha, config.rank)
-            report.rank, report.alpha = out.rank, out.alpha
-        modules[path] = LoraModule(path, LazyTensor.of(out.A), LazyTensor.of(out.B), out.alpha)
-        reports.append(report)
-    return modules, reports
+            report = item.report
+            size = plain_size(report.rank, config.lora_alpha, config.rank, pad_to=pad_to)
+            report.rank, report.alpha = size
+        out_features, in_features = item.block.shape
+        r = item.report.rank
+        lora_a, lora_b = (
+            formed.lazy(item.chain, item.plain, part, shape)
+            for part, shape in (("A", (r, in_features)), ("B", (out_features, r)))
+        )
+        modules[item.block.path] = LoraModule(item.block.path, lora_a, lora_b, item.report.alpha)
+    return modules
+
+
+class _ChainProducts(Sequence[rules.BaseProducts]):
+    """The base products of every block of a chain, read from the base when indexed."""
+
+    def __init__(self, reader: _BaseReader, factors: ChainFactors, official: bool) -> None:
+        self.reader, self.factors, self.official = reader, factors, official
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def __getitem__(self, n: int) -> rules.BaseProducts:  # type: ignore[override]
+        path = self.factors.chain.blocks[n].path
+        return self.reader.products(path, self.factors[n][0], self.official)
 
 
 class _BaseReader:
     """Base weights read in row tiles for the weight-based norms, one reader per shard."""
 
-    def __init__(self, base: BaseModel, stack: ExitStack) -> None:
+    def __init__(
+        self, base: BaseModel, stack: ExitStack, paths: list[str], progress: Progress | None
+    ) -> None:
+        """A reader of the weights of the modules at `paths`, reporting to `progress`."""
         self.base = base
         self.stack = stack
         self.located: dict[str, tuple[str, TensorEntry]] = base.locate()
         self.readers: dict[str, SafetensorsReader] = {}
+        self.progress = progress
+        self.done = 0
+        self.total = sum(self.located[f"{path}.weight"][1].nbytes for path in paths)
 
     def products(self, path: str, B: torch.Tensor, official: bool) -> rules.BaseProducts:
         """||W||_F^2, B^T W and (official) W B for the base weight at `path`."""
@@ -221,6 +289,9 @@ class _BaseReader:
             w.copy_(reader.read(name, rows=(start, stop)))
             norm_sq += float(torch.mul(w, w, out=squares[: stop - start]).sum())
             bt_w += B[start:stop].T @ w
+            self.done += (stop - start) * entry.row_bytes
+            if self.progress is not None:
+                self.progress(self.done, self.total)
             if w_b is not None:
                 w_b[start:stop] = w @ B
         return rules.BaseProducts(norm_sq, bt_w, w_b)

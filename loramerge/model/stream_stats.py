@@ -12,6 +12,18 @@ ERASED_SHARE = 0.5
 Progress = Callable[[int, int], None]
 
 
+def within(progress: Progress | None, before: int = 0, after: int = 0) -> Progress | None:
+    """`progress` for one pass of a job that has `before` bytes done ahead of it and about
+    `after` still to come: one bar over the whole job."""
+    if progress is None:
+        return None
+
+    def update(done: int, total: int) -> None:
+        progress(before + done, before + total + after)
+
+    return update
+
+
 @dataclass
 class ModuleStats:
     """What rounding did to one module's update: elements changed vs the rounded base."""

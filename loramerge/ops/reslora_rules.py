@@ -3,9 +3,11 @@ block out.
 
 Notation: a chain holds blocks n = 0..N-1 with factors (B_n, A_n), B_n (out x R), A_n (R x in),
 and one scale s = lora_alpha / r. Every function here is pure: it takes float tensors (float64 for
-exact results) and plain numbers, and never forms an out x in matrix. What the weight-based
-estimators need from a base weight W_n comes in a `BaseProducts`, which the caller accumulates
-by streaming W_n in row tiles.
+exact results) and plain numbers, and never forms an out x in matrix. A rule returns each block's
+`BlockForm` (loramerge.ops.reslora_forms) and reads factors only where its norms need them, so a
+chain may form each (B_n, A_n) when it is indexed. What the weight-based estimators need from a
+base weight W_n comes in a `BaseProducts`, which the caller accumulates by streaming W_n in row
+tiles.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loramerge.errors import OptionError, ShapeMismatchError
-from loramerge.ops.lowrank import svd_reduce
-
-Factors = tuple[torch.Tensor, torch.Tensor]  # (B, A)
+from loramerge.errors import ShapeMismatchError
+from loramerge.ops.reslora_forms import BlockForm, Factors
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,33 +37,21 @@ class BaseProducts:
 
 @dataclass(frozen=True, eq=False)
 class PlainBlock:
-    """dW_n = scale * B @ A as a plain LoRA, and how it was obtained.
+    """dW_n = scale * B' @ A' as a plain LoRA, with (B', A') formed by `form`, and how it was
+    obtained.
 
     `coefficients` holds the numbers the rule used (a_n, or c_{n,k} keyed "c_k"); `norms` the
     norms they came from, keyed by what they are and the chain index (e.g. "f*_0", "f_2",
     "g_1"). `exact` is true when dW_n equals the trained block's contribution for any input.
     """
 
-    B: torch.Tensor
-    A: torch.Tensor
+    form: BlockForm
     scale: float
     rule: str
     exact: bool
     coefficients: dict[str, float] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
     stacked: tuple[int, ...] = ()  # bs: the chain indices whose factors were stacked
-
-
-@dataclass(frozen=True, eq=False)
-class PlainFactors:
-    """Factors ready to write: B (out x r), A (r x in), float32, with their r and alpha."""
-
-    B: torch.Tensor
-    A: torch.Tensor
-    rank: int
-    alpha: float
-    energy_kept: float = 1.0
-    relative_error: float = 0.0
 
 
 def window(pre_num: int, n: int) -> int:
@@ -105,7 +93,7 @@ def official_norm(products: BaseProducts, B: torch.Tensor, A: torch.Tensor) -> f
 
 def merge_none(chain: Sequence[Factors], scale: float) -> list[PlainBlock]:
     """res_flag 0: plain LoRA blocks without shortcuts, dW_n = s B_n A_n."""
-    return [PlainBlock(B, A, scale, "none", True) for B, A in chain]
+    return [PlainBlock(BlockForm((n,)), scale, "none", True) for n in range(len(chain))]
 
 
 def merge_bs(chain: Sequence[Factors], scale: float, pre_num: int) -> list[PlainBlock]:
@@ -113,14 +101,13 @@ def merge_bs(chain: Sequence[Factors], scale: float, pre_num: int) -> list[Plain
     blocks = []
     for n in range(len(chain)):
         used = tuple(n - k for k in range(window(pre_num, n) + 1))
-        B = torch.cat([chain[j][0] for j in used], dim=1)
-        A = torch.cat([chain[j][1] for j in used], dim=0)
-        blocks.append(PlainBlock(B, A, scale, "bs", True, stacked=used))
+        blocks.append(PlainBlock(BlockForm(used), scale, "bs", True, stacked=used))
     return blocks
 
 
-def _is_block(B: torch.Tensor, A: torch.Tensor, scale: float, a: float, norms: dict) -> PlainBlock:
-    return PlainBlock((1.0 + a) * B, A, scale, "is", False, {"a": a}, norms)
+def _is_block(n: int, scale: float, a: float, norms: dict) -> PlainBlock:
+    """B' = (1 + a_n) B_n; block 0 adds s B A (x + x) in training, so 1 + a_0 = 2 is exact."""
+    return PlainBlock(BlockForm((n,), 1.0 + a), scale, "is", n == 0, {"a": a}, norms)
 
 
 def merge_is_weights(
@@ -130,15 +117,15 @@ def merge_is_weights(
     f*_j = ||W_j + (1 + a_j) s B_j A_j||_F, from the first block upward. B' = (1 + a_n) B_n."""
     fstar: list[float] = []
     blocks = []
-    for n, (B, A) in enumerate(chain):
+    for n in range(len(chain)):
         norms: dict[str, float] = {}
         a = 1.0
         if n >= 2:
             a = ratio(fstar[n - 2], fstar[n - 1])
             norms = {f"f*_{n - 2}": fstar[n - 2], f"f*_{n - 1}": fstar[n - 1]}
+        B, A = chain[n]
         fstar.append(merged_norm(products[n], B, A, (1.0 + a) * scale))
-        block = _is_block(B, A, scale, a, norms)
-        blocks.append(_exact_first(block, n))
+        blocks.append(_is_block(n, scale, a, norms))
     return blocks
 
 
@@ -147,14 +134,14 @@ def merge_is_official(
 ) -> list[PlainBlock]:
     """Input shortcut, official-code norms: f*_j = ||W_j + (B_j A_j)^T||_F (all computed first),
     a_n = f*_{n-2} / f*_{n-1} for n >= 2, else 1."""
-    fstar = [official_norm(p, B, A) for p, (B, A) in zip(products, chain, strict=True)]
+    fstar = [official_norm(products[n], *chain[n]) for n in range(len(chain))]
     blocks = []
-    for n, (B, A) in enumerate(chain):
+    for n in range(len(chain)):
         a, norms = 1.0, {}
         if n >= 2:
             a = ratio(fstar[n - 2], fstar[n - 1])
             norms = {f"f*_{n - 2}": fstar[n - 2], f"f*_{n - 1}": fstar[n - 1]}
-        blocks.append(_exact_first(_is_block(B, A, scale, a, norms), n))
+        blocks.append(_is_block(n, scale, a, norms))
     return blocks
 
 
@@ -163,20 +150,13 @@ def merge_is_inputs(
 ) -> list[PlainBlock]:
     """Input shortcut, input-based: a_n = f_{n-1} / f_n (1 for n = 0 or a zero norm)."""
     blocks = []
-    for n, (B, A) in enumerate(chain):
+    for n in range(len(chain)):
         a, norms = 1.0, {}
         if n >= 1:
             a = ratio(input_norms[n - 1], input_norms[n])
             norms = {f"f_{n - 1}": input_norms[n - 1], f"f_{n}": input_norms[n]}
-        blocks.append(_exact_first(_is_block(B, A, scale, a, norms), n))
+        blocks.append(_is_block(n, scale, a, norms))
     return blocks
-
-
-def _exact_first(block: PlainBlock, n: int) -> PlainBlock:
-    """Block 0 of an input-shortcut chain adds s B A (x + x) in training: 1 + a_0 = 2 is exact."""
-    if n != 0:
-        return block
-    return PlainBlock(block.B, block.A, block.scale, block.rule, True, block.coefficients)
 
 
 def merge_ms_scalar(
@@ -184,13 +164,19 @@ def merge_ms_scalar(
 ) -> list[PlainBlock]:
     """Middle shortcut, scalar: B' = (1 + a_n) B_n, a_n = sum_{k=1..m_n} g_{n-k} / g_n."""
     blocks = []
-    for n, (B, A) in enumerate(chain):
+    for n in range(len(chain)):
         m = window(pre_num, n)
         a = sum((ratio(middle_norms[n - k], middle_norms[n]) for k in range(1, m + 1)), 0.0)
         norms = {f"g_{n - k}": middle_norms[n - k] for k in range(m + 1)}
-        rule = PlainBlock((1.0 + a) * B, A, scale, "ms-scalar", m == 0, {"a": a}, norms)
-        blocks.append(rule)
+        form = BlockForm((n,), 1.0 + a)
+        blocks.append(PlainBlock(form, scale, "ms-scalar", m == 0, {"a": a}, norms))
     return blocks
+
+
+def _a_merge_form(n: int, coefficients: dict[str, float]) -> BlockForm:
+    """A'_n = A_n + sum_k c_k A_{n-k} with the coefficients keyed "c_k"."""
+    terms = tuple((n - int(key.split("_")[1]), c) for key, c in coefficients.items())
+    return BlockForm((n,), a_terms=terms)
 
 
 def merge_ms_amerge_inputs(
@@ -198,14 +184,14 @@ def merge_ms_amerge_inputs(
 ) -> list[PlainBlock]:
     """Middle shortcut, A-merge from input norms: A'_n = A_n + sum_k (f_{n-k} / f_n) A_{n-k}."""
     blocks = []
-    for n, (B, _) in enumerate(chain):
+    for n in range(len(chain)):
         m = window(pre_num, n)
         coefficients = {
             f"c_{k}": ratio(input_norms[n - k], input_norms[n]) for k in range(1, m + 1)
         }
-        merged = _a_merge(chain, n, coefficients)
+        form = _a_merge_form(n, coefficients)
         norms = {f"f_{n - k}": input_norms[n - k] for k in range(m + 1)}
-        blocks.append(PlainBlock(B, merged, scale, "ms-amerge", m == 0, coefficients, norms))
+        blocks.append(PlainBlock(form, scale, "ms-amerge", m == 0, coefficients, norms))
     return blocks
 
 
@@ -217,68 +203,14 @@ def merge_ms_amerge_weights(
     fstar: list[float] = []
     alphas: list[float] = []
     blocks = []
-    for n, (B, _) in enumerate(chain):
+    for n in range(len(chain)):
         alphas.append(ratio(fstar[n - 2], fstar[n - 1]) if n >= 2 else 1.0)
         m = window(pre_num, n)
         coefficients = {f"c_{k}": math.prod(alphas[n - k + 1 : n + 1]) for k in range(1, m + 1)}
-        merged = _a_merge(chain, n, coefficients)
-        fstar.append(merged_norm(products[n], B, merged, scale))
+        form = _a_merge_form(n, coefficients)
+        fstar.append(merged_norm(products[n], chain[n][0], form.a_factor(chain), scale))
         # the f* that the a_j inside the window (j >= 2; a_0 = a_1 = 1) were taken from
         used = sorted({i for j in range(max(n - m + 1, 2), n + 1) for i in (j - 2, j - 1)})
         norms = {f"f*_{i}": fstar[i] for i in used}
-        blocks.append(PlainBlock(B, merged, scale, "ms-amerge", m == 0, coefficients, norms))
+        blocks.append(PlainBlock(form, scale, "ms-amerge", m == 0, coefficients, norms))
     return blocks
-
-
-def _a_merge(chain: Sequence[Factors], n: int, coefficients: dict[str, float]) -> torch.Tensor:
-    """A_n + sum_k c_k A_{n-k}, always from the chain's original A's."""
-    merged = chain[n][1].clone()
-    for key, c in coefficients.items():
-        k = int(key.split("_")[1])
-        previous = chain[n - k][1]
-        if previous.shape != merged.shape:
-            raise ShapeMismatchError(
-                f"A-merge needs equal A shapes, block {n - k} has {tuple(previous.shape)} and "
-                f"block {n} {tuple(merged.shape)}"
-            )
-        merged = merged + c * previous
-    return merged
-
-
-def plain_factors(
-    block: PlainBlock,
-    lora_alpha: float,
-    lora_rank: int,
-    *,
-    rank: int | None = None,
-    pad_to: int | None = None,
-) -> PlainFactors:
-    """The block as factors to write, in one of three ways.
-
-    Exact at its own rank r' (alpha = lora_alpha * r' / r, so alpha / r' = s; r' is a multiple
-    of r, so integer alphas stay integers); zero-padded to `pad_to` (exact); or reduced to `rank`
-    by the QR-core SVD with the scale folded in (r = alpha = rank; lossy, energy kept reported).
-    """
-    if rank is not None and pad_to is not None:
-        raise OptionError("choose either a target rank or padding to a uniform rank, not both")
-    if rank is not None:
-        reduced = svd_reduce(block.B, block.A, block.scale, rank, dtype=torch.float32)
-        return PlainFactors(
-            reduced.B, reduced.A, rank, float(rank), reduced.energy_kept, reduced.relative_error
-        )
-    r = block.A.shape[0]
-    exact = PlainFactors(
-        block.B.to(torch.float32), block.A.to(torch.float32), r, lora_alpha * r / lora_rank
-    )
-    return exact if pad_to is None else padded(exact, pad_to, lora_alpha, lora_rank)
-
-
-def padded(exact: PlainFactors, pad_to: int, lora_alpha: float, lora_rank: int) -> PlainFactors:
-    """Exact factors zero-padded to rank `pad_to`, alpha following so that the scale stays; as
-    they are where their rank is not below it."""
-    r = exact.rank
-    if pad_to <= r:
-        return exact
-    B = torch.cat([exact.B, exact.B.new_zeros(exact.B.shape[0], pad_to - r)], dim=1)
-    A = torch.cat([exact.A, exact.A.new_zeros(pad_to - r, exact.A.shape[1])], dim=0)
-    return PlainFactors(B, A, pad_to, lora_alpha * pad_to / lora_rank)

@@ -1,0 +1,73 @@
+"""A converted ResLoRA checkpoint's plain factors, formed from the checkpoint when they are read.
+
+A conversion keeps each block's `BlockForm` (numbers only) and the checkpoint's lazy tensors;
+the merge engine reads a module's factors when it reaches the module and drops them after it.
+So `reslora --merge` holds neither the plain adapter (which stacking makes larger than the
+checkpoint) nor the checkpoint's factors in float64.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from loramerge.adapter import LazyTensor
+from loramerge.formats.reslora_checkpoint import ResLoraChain
+from loramerge.formats.reslora_config import ResLoraConfig
+from loramerge.ops.reslora_forms import Factors, PlainFactors, plain_factors
+from loramerge.ops.reslora_rules import PlainBlock
+
+# Modules whose formed factors stay at hand: the engine's workers read B, then A, of the
+# module each is merging, and a reduced block's two factors come from one SVD.
+KEPT_MODULES = 4
+
+
+class ChainFactors(Sequence[Factors]):
+    """A chain's (B_n, A_n) in float64, read from the checkpoint each time one is indexed."""
+
+    def __init__(self, chain: ResLoraChain) -> None:
+        self.chain = chain
+
+    def __len__(self) -> int:
+        return len(self.chain.blocks)
+
+    def __getitem__(self, n: int) -> Factors:  # type: ignore[override]
+        return self.chain.blocks[n].factors(torch.float64)
+
+
+class FormedFactors:
+    """Lazy tensors of the plain factors, written as `plain_factors` turns a form's factors
+    (reduced to `rank`, or padded to `pad_to`)."""
+
+    def __init__(
+        self, config: ResLoraConfig, *, rank: int | None = None, pad_to: int | None = None
+    ) -> None:
+        self.config, self.rank, self.pad_to = config, rank, pad_to
+        self._kept: OrderedDict[tuple[str, int], PlainFactors] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lazy(
+        self, chain: ResLoraChain, plain: PlainBlock, part: str, shape: tuple[int, int]
+    ) -> LazyTensor:
+        """Factor `part` ("A" or "B") of the chain's block that `plain` merged, of `shape`."""
+        return LazyTensor(shape, torch.float32, lambda: getattr(self.formed(chain, plain), part))
+
+    def formed(self, chain: ResLoraChain, plain: PlainBlock) -> PlainFactors:
+        key = (chain.name, plain.form.stacked[0])
+        with self._lock:
+            found = self._kept.get(key)
+        if found is not None:
+            return found
+        factors = plain.form.factors(ChainFactors(chain))
+        config = self.config
+        found = plain_factors(
+            factors, plain.scale, config.lora_alpha, config.rank, rank=self.rank, pad_to=self.pad_to
+        )
+        with self._lock:
+            self._kept[key] = found
+            while len(self._kept) > KEPT_MODULES:
+                self._kept.popitem(last=False)
+        return found
