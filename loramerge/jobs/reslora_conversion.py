@@ -21,7 +21,12 @@ import torch
 from loramerge.adapter import Adapter, LoraModule
 from loramerge.errors import FormatError, OptionError
 from loramerge.formats import reslora_checkpoint as reslora_format
-from loramerge.formats.reslora_checkpoint import ResLoraBlock, ResLoraChain, ResLoraCheckpoint
+from loramerge.formats.reslora_checkpoint import (
+    ResLoraBlock,
+    ResLoraChain,
+    ResLoraCheckpoint,
+    natural_order,
+)
 from loramerge.formats.reslora_config import ResLoraConfig
 from loramerge.formats.reslora_stats import read_stats
 from loramerge.io.safetensors_header import TensorEntry
@@ -134,25 +139,30 @@ def _convert_chains(
     rank: int | None,
     progress: Progress | None = None,
 ) -> tuple[list[_Converted], int]:
-    """Every block merged into a plain block by `rule`, chain by chain. Only numbers are kept:
-    the rule reads each block's float64 factors where its norms need them, and a reduction to
-    `rank` is computed here for its report and again when the factors are read. Returns them
-    with the bytes of base weights read."""
+    """Every block merged into a plain block by `rule`, in layer order across the chains (the
+    order of the base's files, so the weight-based norms read the base front to back; block n
+    depends only on the blocks before it in its chain). Only numbers are kept: the rule reads
+    each block's float64 factors where its norms need them, and a reduction to `rank` is
+    computed here for its report and again when the factors are read. Returns them in the
+    checkpoint's order, with the bytes of base weights read."""
     config = checkpoint.config
-    converted: list[_Converted] = []
+    decided: dict[tuple[str, int], _Converted] = {}
     with ExitStack() as stack:
         reads_weights = rule.reads in (WEIGHTS, OFFICIAL_WEIGHTS)
         paths = [block.path for _, _, block in checkpoint.blocks()] if reads_weights else []
         reader = _BaseReader(base, stack, paths, progress)
+        chains = {}
         for chain in checkpoint.chains:
             factors = ChainFactors(chain)
             _check_finite(checkpoint, factors)
             data = _rule_data(rule, factors, reader, stats)
-            plain = rule.apply(factors, config.scale, config.pre_num, data)
-            for n, (block, merged) in enumerate(zip(chain.blocks, plain, strict=True)):
-                report = _report(chain.name, n, block, merged, config, rank, factors)
-                converted.append(_Converted(chain, block, merged, report))
-    return converted, reader.done
+            chains[chain.name] = (factors, rule.apply(factors, config.scale, config.pre_num, data))
+        for chain, n, block in sorted(checkpoint.blocks(), key=lambda b: natural_order(b[2].path)):
+            factors, plain = chains[chain.name]
+            merged = next(plain)
+            report = _report(chain.name, n, block, merged, config, rank, factors)
+            decided[(chain.name, n)] = _Converted(chain, block, merged, report)
+    return [decided[(chain.name, n)] for chain, n, _ in checkpoint.blocks()], reader.done
 
 
 def _report(

@@ -3,9 +3,10 @@ block out.
 
 Notation: a chain holds blocks n = 0..N-1 with factors (B_n, A_n), B_n (out x R), A_n (R x in),
 and one scale s = lora_alpha / r. Every function here is pure: it takes float tensors (float64 for
-exact results) and plain numbers, and never forms an out x in matrix. A rule returns each block's
-`BlockForm` (loramerge.ops.reslora_forms) and reads factors only where its norms need them, so a
-chain may form each (B_n, A_n) when it is indexed. What the weight-based estimators need from a
+exact results) and plain numbers, and never forms an out x in matrix. A rule yields each block's
+`BlockForm` (loramerge.ops.reslora_forms) in chain order and reads factors only where its norms
+need them, so a chain may form each (B_n, A_n) when it is indexed, and a caller may advance
+several chains side by side. What the weight-based estimators need from a
 base weight W_n comes in a `BaseProducts`, which the caller accumulates by streaming W_n in row
 tiles.
 """
@@ -13,7 +14,7 @@ tiles.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -91,18 +92,17 @@ def official_norm(products: BaseProducts, B: torch.Tensor, A: torch.Tensor) -> f
     return math.sqrt(max(products.norm_sq + 2.0 * cross + update, 0.0))
 
 
-def merge_none(chain: Sequence[Factors], scale: float) -> list[PlainBlock]:
+def merge_none(chain: Sequence[Factors], scale: float) -> Iterator[PlainBlock]:
     """res_flag 0: plain LoRA blocks without shortcuts, dW_n = s B_n A_n."""
-    return [PlainBlock(BlockForm((n,)), scale, "none", True) for n in range(len(chain))]
+    for n in range(len(chain)):
+        yield PlainBlock(BlockForm((n,)), scale, "none", True)
 
 
-def merge_bs(chain: Sequence[Factors], scale: float, pre_num: int) -> list[PlainBlock]:
+def merge_bs(chain: Sequence[Factors], scale: float, pre_num: int) -> Iterator[PlainBlock]:
     """Block shortcut, exact: B' = [B_n, ..., B_{n-m_n}], A' = [A_n; ...; A_{n-m_n}], scale s."""
-    blocks = []
     for n in range(len(chain)):
         used = tuple(n - k for k in range(window(pre_num, n) + 1))
-        blocks.append(PlainBlock(BlockForm(used), scale, "bs", True, stacked=used))
-    return blocks
+        yield PlainBlock(BlockForm(used), scale, "bs", True, stacked=used)
 
 
 def _is_block(n: int, scale: float, a: float, norms: dict) -> PlainBlock:
@@ -112,11 +112,10 @@ def _is_block(n: int, scale: float, a: float, norms: dict) -> PlainBlock:
 
 def merge_is_weights(
     chain: Sequence[Factors], scale: float, products: Sequence[BaseProducts]
-) -> list[PlainBlock]:
+) -> Iterator[PlainBlock]:
     """Input shortcut, weight-based (paper): a_n = f*_{n-2} / f*_{n-1}, a_0 = a_1 = 1, with
     f*_j = ||W_j + (1 + a_j) s B_j A_j||_F, from the first block upward. B' = (1 + a_n) B_n."""
     fstar: list[float] = []
-    blocks = []
     for n in range(len(chain)):
         norms: dict[str, float] = {}
         a = 1.0
@@ -125,52 +124,45 @@ def merge_is_weights(
             norms = {f"f*_{n - 2}": fstar[n - 2], f"f*_{n - 1}": fstar[n - 1]}
         B, A = chain[n]
         fstar.append(merged_norm(products[n], B, A, (1.0 + a) * scale))
-        blocks.append(_is_block(n, scale, a, norms))
-    return blocks
+        yield _is_block(n, scale, a, norms)
 
 
 def merge_is_official(
     chain: Sequence[Factors], scale: float, products: Sequence[BaseProducts]
-) -> list[PlainBlock]:
+) -> Iterator[PlainBlock]:
     """Input shortcut, official-code norms: f*_j = ||W_j + (B_j A_j)^T||_F (all computed first),
     a_n = f*_{n-2} / f*_{n-1} for n >= 2, else 1."""
     fstar = [official_norm(products[n], *chain[n]) for n in range(len(chain))]
-    blocks = []
     for n in range(len(chain)):
         a, norms = 1.0, {}
         if n >= 2:
             a = ratio(fstar[n - 2], fstar[n - 1])
             norms = {f"f*_{n - 2}": fstar[n - 2], f"f*_{n - 1}": fstar[n - 1]}
-        blocks.append(_is_block(n, scale, a, norms))
-    return blocks
+        yield _is_block(n, scale, a, norms)
 
 
 def merge_is_inputs(
     chain: Sequence[Factors], scale: float, input_norms: Sequence[float]
-) -> list[PlainBlock]:
+) -> Iterator[PlainBlock]:
     """Input shortcut, input-based: a_n = f_{n-1} / f_n (1 for n = 0 or a zero norm)."""
-    blocks = []
     for n in range(len(chain)):
         a, norms = 1.0, {}
         if n >= 1:
             a = ratio(input_norms[n - 1], input_norms[n])
             norms = {f"f_{n - 1}": input_norms[n - 1], f"f_{n}": input_norms[n]}
-        blocks.append(_is_block(n, scale, a, norms))
-    return blocks
+        yield _is_block(n, scale, a, norms)
 
 
 def merge_ms_scalar(
     chain: Sequence[Factors], scale: float, pre_num: int, middle_norms: Sequence[float]
-) -> list[PlainBlock]:
+) -> Iterator[PlainBlock]:
     """Middle shortcut, scalar: B' = (1 + a_n) B_n, a_n = sum_{k=1..m_n} g_{n-k} / g_n."""
-    blocks = []
     for n in range(len(chain)):
         m = window(pre_num, n)
         a = sum((ratio(middle_norms[n - k], middle_norms[n]) for k in range(1, m + 1)), 0.0)
         norms = {f"g_{n - k}": middle_norms[n - k] for k in range(m + 1)}
         form = BlockForm((n,), 1.0 + a)
-        blocks.append(PlainBlock(form, scale, "ms-scalar", m == 0, {"a": a}, norms))
-    return blocks
+        yield PlainBlock(form, scale, "ms-scalar", m == 0, {"a": a}, norms)
 
 
 def _a_merge_form(n: int, coefficients: dict[str, float]) -> BlockForm:
@@ -181,9 +173,8 @@ def _a_merge_form(n: int, coefficients: dict[str, float]) -> BlockForm:
 
 def merge_ms_amerge_inputs(
     chain: Sequence[Factors], scale: float, pre_num: int, input_norms: Sequence[float]
-) -> list[PlainBlock]:
+) -> Iterator[PlainBlock]:
     """Middle shortcut, A-merge from input norms: A'_n = A_n + sum_k (f_{n-k} / f_n) A_{n-k}."""
-    blocks = []
     for n in range(len(chain)):
         m = window(pre_num, n)
         coefficients = {
@@ -191,18 +182,16 @@ def merge_ms_amerge_inputs(
         }
         form = _a_merge_form(n, coefficients)
         norms = {f"f_{n - k}": input_norms[n - k] for k in range(m + 1)}
-        blocks.append(PlainBlock(form, scale, "ms-amerge", m == 0, coefficients, norms))
-    return blocks
+        yield PlainBlock(form, scale, "ms-amerge", m == 0, coefficients, norms)
 
 
 def merge_ms_amerge_weights(
     chain: Sequence[Factors], scale: float, pre_num: int, products: Sequence[BaseProducts]
-) -> list[PlainBlock]:
+) -> Iterator[PlainBlock]:
     """Middle shortcut, A-merge from weights: c_{n,k} = prod_{j=n-k+1..n} a_j with
     a_j = f*_{j-2} / f*_{j-1} (a_0 = a_1 = 1) and f*_j = ||W_j + s B_j A'_j||_F, upward."""
     fstar: list[float] = []
     alphas: list[float] = []
-    blocks = []
     for n in range(len(chain)):
         alphas.append(ratio(fstar[n - 2], fstar[n - 1]) if n >= 2 else 1.0)
         m = window(pre_num, n)
@@ -212,5 +201,4 @@ def merge_ms_amerge_weights(
         # the f* that the a_j inside the window (j >= 2; a_0 = a_1 = 1) were taken from
         used = sorted({i for j in range(max(n - m + 1, 2), n + 1) for i in (j - 2, j - 1)})
         norms = {f"f*_{i}": fstar[i] for i in used}
-        blocks.append(PlainBlock(form, scale, "ms-amerge", m == 0, coefficients, norms))
-    return blocks
+        yield PlainBlock(form, scale, "ms-amerge", m == 0, coefficients, norms)

@@ -6,7 +6,7 @@ come from RULES. Torch-free: the rule functions load on first use."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,10 @@ class Rule:
     exact: bool  # equal to the trained forward for any input
     estimator: str  # how the report names where the coefficients came from
 
-    def apply(self, chain: Sequence[Any], scale: float, pre_num: int, data: Any = None) -> list:
+    def apply(
+        self, chain: Sequence[Any], scale: float, pre_num: int, data: Any = None
+    ) -> Iterator[Any]:
+        """The chain's plain blocks, one by one in chain order."""
         rules = importlib.import_module("loramerge.ops.reslora_rules")
         args: list[Any] = [chain, scale]
         if self.windowed:
