@@ -2,10 +2,10 @@
 section 4.
 
 `convert_reslora` reads an official checkpoint, checks it against the base, applies the rule of
-loramerge.ops.reslora_table that fits the checkpoint and the options, chain by chain, and
-returns a plain `Adapter` with module paths as in the base, whose factors are formed from the
-checkpoint when they are read (loramerge.jobs.reslora_formed). `_BaseReader` reads the base
-weights in row tiles for the weight-based norms.
+loramerge.ops.reslora_table that fits the checkpoint and the options, in layer order across the
+chains, and returns a plain `Adapter` with module paths as in the base, whose factors are formed
+from the checkpoint when they are read (loramerge.jobs.reslora_formed). The weight-based norms
+read the base through loramerge.jobs.reslora_weights.
 """
 
 from __future__ import annotations
@@ -29,20 +29,15 @@ from loramerge.formats.reslora_checkpoint import (
 )
 from loramerge.formats.reslora_config import ResLoraConfig
 from loramerge.formats.reslora_stats import read_stats
-from loramerge.io.safetensors_header import TensorEntry
-from loramerge.io.safetensors_reader import SafetensorsReader
 from loramerge.jobs.reslora_formed import ChainFactors, FormedFactors
 from loramerge.jobs.reslora_options import ResLoraOptions, choose_rule, estimator_text
+from loramerge.jobs.reslora_weights import BaseWeights
 from loramerge.model.folder import BaseModel, open_base
 from loramerge.model.reslora_fit import check_against_base
 from loramerge.model.stream_stats import Progress
 from loramerge.ops import reslora_rules as rules
 from loramerge.ops.reslora_forms import plain_factors, plain_size
 from loramerge.ops.reslora_table import INPUT_NORMS, MIDDLE_NORMS, OFFICIAL_WEIGHTS, WEIGHTS, Rule
-
-# float64 bytes of base rows read at a time for the norms: a tile, its squares and the
-# products stay within the last-level cache (32 MiB tiles took twice the CPU time)
-TILE_BYTES = 8 << 20
 
 
 @dataclass
@@ -150,7 +145,7 @@ def _convert_chains(
     with ExitStack() as stack:
         reads_weights = rule.reads in (WEIGHTS, OFFICIAL_WEIGHTS)
         paths = [block.path for _, _, block in checkpoint.blocks()] if reads_weights else []
-        reader = _BaseReader(base, stack, paths, progress)
+        reader = BaseWeights(base, stack, paths, progress)
         chains = {}
         for chain in checkpoint.chains:
             factors = ChainFactors(chain)
@@ -212,7 +207,7 @@ def _check_finite(checkpoint: ResLoraCheckpoint, factors: ChainFactors) -> None:
             )
 
 
-def _rule_data(rule: Rule, factors: ChainFactors, reader: _BaseReader, stats: dict | None) -> Any:
+def _rule_data(rule: Rule, factors: ChainFactors, reader: BaseWeights, stats: dict | None) -> Any:
     """What the rule reads besides the factors, for every block of the chain."""
     paths = [block.path for block in factors.chain.blocks]
     if rule.reads in (WEIGHTS, OFFICIAL_WEIGHTS):
@@ -254,7 +249,7 @@ def _plain_modules(
 class _ChainProducts(Sequence[rules.BaseProducts]):
     """The base products of every block of a chain, read from the base when indexed."""
 
-    def __init__(self, reader: _BaseReader, factors: ChainFactors, official: bool) -> None:
+    def __init__(self, reader: BaseWeights, factors: ChainFactors, official: bool) -> None:
         self.reader, self.factors, self.official = reader, factors, official
 
     def __len__(self) -> int:
@@ -263,47 +258,3 @@ class _ChainProducts(Sequence[rules.BaseProducts]):
     def __getitem__(self, n: int) -> rules.BaseProducts:  # type: ignore[override]
         path = self.factors.chain.blocks[n].path
         return self.reader.products(path, self.factors[n][0], self.official)
-
-
-class _BaseReader:
-    """Base weights read in row tiles for the weight-based norms, one reader per shard."""
-
-    def __init__(
-        self, base: BaseModel, stack: ExitStack, paths: list[str], progress: Progress | None
-    ) -> None:
-        """A reader of the weights of the modules at `paths`, reporting to `progress`."""
-        self.base = base
-        self.stack = stack
-        self.located: dict[str, tuple[str, TensorEntry]] = base.locate()
-        self.readers: dict[str, SafetensorsReader] = {}
-        self.progress = progress
-        self.done = 0
-        self.total = sum(self.located[f"{path}.weight"][1].nbytes for path in paths)
-
-    def products(self, path: str, B: torch.Tensor, official: bool) -> rules.BaseProducts:
-        """||W||_F^2, B^T W and (official) W B for the base weight at `path`."""
-        name = f"{path}.weight"
-        shard, entry = self.located[name]
-        if shard not in self.readers:
-            reader = SafetensorsReader(self.base.shard_path(shard))
-            self.readers[shard] = self.stack.enter_context(reader)
-        reader = self.readers[shard]
-        rows, cols = entry.shape
-        tile = max(1, TILE_BYTES // (8 * cols))
-        norm_sq = 0.0
-        bt_w = torch.zeros(B.shape[1], cols, dtype=torch.float64)
-        w_b = torch.zeros(rows, B.shape[1], dtype=torch.float64) if official else None
-        widened = torch.empty(min(tile, rows), cols, dtype=torch.float64)
-        squares = torch.empty_like(widened)
-        for start in range(0, rows, tile):
-            stop = min(rows, start + tile)
-            w = widened[: stop - start]
-            w.copy_(reader.read(name, rows=(start, stop)))
-            norm_sq += float(torch.mul(w, w, out=squares[: stop - start]).sum())
-            bt_w += B[start:stop].T @ w
-            self.done += (stop - start) * entry.row_bytes
-            if self.progress is not None:
-                self.progress(self.done, self.total)
-            if w_b is not None:
-                w_b[start:stop] = w @ B
-        return rules.BaseProducts(norm_sq, bt_w, w_b)

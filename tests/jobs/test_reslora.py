@@ -372,7 +372,7 @@ def test_norms_without_forming_the_matrix_match_the_dense_norms():
     ("kind", "norms", "estimator"), [("is", "official", "official"), ("ms", None, "weights")]
 )
 def test_base_rows_streamed_in_small_tiles_give_the_same_norms(monkeypatch, kind, norms, estimator):
-    import loramerge.jobs.reslora_conversion as module
+    import loramerge.jobs.reslora_weights as module
     from loramerge.jobs.reslora_conversion import convert_reslora
     from loramerge.jobs.reslora_options import ResLoraOptions
 

@@ -142,17 +142,18 @@ def test_weight_norms_read_the_base_in_layer_order(monkeypatch):
     """Across chains, block n of every chain is decided before any block n + 1: the base is read
     front to back (as its files store the layers), not once per chain, and the numbers are the
     same as chain by chain (test_reslora.py's oracles)."""
-    import loramerge.jobs.reslora_conversion as conversion
     from loramerge.formats.reslora_checkpoint import natural_order
+    from loramerge.jobs.reslora_conversion import convert_reslora
+    from loramerge.jobs.reslora_weights import BaseWeights
 
     read: list[str] = []
-    products = conversion._BaseReader.products
+    products = BaseWeights.products
 
     def recorded(self, path, B, official):
         read.append(path)
         return products(self, path, B, official)
 
-    monkeypatch.setattr(conversion._BaseReader, "products", recorded)
-    result = conversion.convert_reslora(RESLORA / "ms", BASE)
+    monkeypatch.setattr(BaseWeights, "products", recorded)
+    result = convert_reslora(RESLORA / "ms", BASE)
     assert len({block.chain for block in result.blocks}) > 1
     assert read == sorted(read, key=natural_order) and len(read) == len(result.blocks)
