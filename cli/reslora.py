@@ -129,7 +129,7 @@ def reslora(
     options = ResLoraOptions(norms, stats, ms_rule, rank, uniform_rank)
     text = TextOptions(check_text, seq_len, batch_size) if check_text is not None else None
     # the bar follows the weight-based norms' pass over the base, then the merge's
-    label = "merging" if merge else "reading the base for the norms"
+    label = "merging" if merge else "converting"
     with byte_progress(label, quiet or json_output) as progress:
         result = run_reslora(
             checkpoint, base, out, options, merge=merge, engine=engine, dtype=dtype,
