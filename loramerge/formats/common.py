@@ -61,22 +61,34 @@ def _refusal_reason(exc: Exception) -> str:
     return "it holds objects other than tensors and plain containers"
 
 
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True), a zip-format file mapped rather than read: only the
+    tensors used are paged in, as file pages the kernel can drop (a trainer checkpoint holds
+    the model). Where the file cannot be mapped (some network and FUSE file systems), it is
+    read; what the unpickler refuses is refused either way."""
+    import torch
+
+    if zipfile.is_zipfile(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, FileNotFoundError):
+            raise
+        except Exception:  # read instead, which reports a damaged file
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, loaded only through torch.load(weights_only=True).
 
     Anything the weights-only unpickler refuses is refused with the reason; the file is never
     unpickled any other way.
     """
-    import torch
-
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols on stderr; the error line says what matters
             warnings.simplefilter("ignore")
-            # a zip-format file is mapped, not read: only the tensors used are paged in, and
-            # they stay file pages the kernel can drop (a trainer checkpoint holds the model)
-            mapped = zipfile.is_zipfile(path)
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+            data = _torch_load(path)
     except FileNotFoundError:
         raise FormatError("file not found", file=path) from None
     except pickle.UnpicklingError as exc:
@@ -91,6 +103,8 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
         raise FormatError(
             f"cannot be read as a torch file ({type(exc).__name__}: {reason})", file=path
         ) from None
+    import torch
+
     if not isinstance(data, dict):
         raise FormatError("does not hold a state dict (a mapping of names to tensors)", file=path)
     for key in ("state_dict", "model"):

@@ -157,3 +157,25 @@ def test_weight_norms_read_the_base_in_layer_order(monkeypatch):
     result = convert_reslora(RESLORA / "ms", BASE)
     assert len({block.chain for block in result.blocks}) > 1
     assert read == sorted(read, key=natural_order) and len(read) == len(result.blocks)
+
+
+def test_a_file_that_cannot_be_mapped_is_read(monkeypatch):
+    """Some file systems refuse mmap: the same tensors are then read into memory."""
+    from loramerge.formats.common import load_pickle_weights
+
+    path = RESLORA / "is" / "pytorch_model_lora.bin"
+    expected = torch.load(path, weights_only=True)
+    load = torch.load
+    mapped: list[bool] = []
+
+    def refusing(*args, **kwargs):
+        mapped.append(bool(kwargs.get("mmap")))
+        if kwargs.get("mmap"):
+            raise OSError("mmap: operation not supported")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refusing)
+    tensors = load_pickle_weights(path)
+    assert mapped == [True, False]
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
