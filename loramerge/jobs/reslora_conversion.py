@@ -21,12 +21,8 @@ import torch
 from loramerge.adapter import Adapter, LoraModule
 from loramerge.errors import FormatError, OptionError
 from loramerge.formats import reslora_checkpoint as reslora_format
-from loramerge.formats.reslora_checkpoint import (
-    ResLoraBlock,
-    ResLoraChain,
-    ResLoraCheckpoint,
-    natural_order,
-)
+from loramerge.formats.reslora_chains import ResLoraBlock, ResLoraChain, natural_order
+from loramerge.formats.reslora_checkpoint import ResLoraCheckpoint
 from loramerge.formats.reslora_config import ResLoraConfig
 from loramerge.formats.reslora_stats import read_stats
 from loramerge.jobs.reslora_formed import ChainFactors, FormedFactors

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from loramerge.adapter import LazyTensor
-from loramerge.formats.reslora_checkpoint import ResLoraChain
+from loramerge.formats.reslora_chains import ResLoraChain
 from loramerge.formats.reslora_config import ResLoraConfig
 from loramerge.ops.reslora_forms import Factors, PlainFactors, plain_factors
 from loramerge.ops.reslora_rules import PlainBlock

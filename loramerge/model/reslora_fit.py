@@ -4,7 +4,7 @@ linear of a chain's name has a block (ResLoRA wraps them all)."""
 from __future__ import annotations
 
 from loramerge.errors import FormatError, ShapeMismatchError
-from loramerge.formats import reslora_checkpoint as reslora_format
+from loramerge.formats.reslora_chains import natural_order
 from loramerge.formats.reslora_checkpoint import ResLoraCheckpoint
 from loramerge.model.folder import BaseModel
 
@@ -16,7 +16,7 @@ def check_against_base(checkpoint: ResLoraCheckpoint, base: BaseModel) -> None:
     for _, _, block in checkpoint.blocks():
         groups.setdefault(block.name, []).append(block)
     for name, blocks in groups.items():
-        blocks = sorted(blocks, key=lambda b: reslora_format.natural_order(b.path))
+        blocks = sorted(blocks, key=lambda b: natural_order(b.path))
         _check_shapes(checkpoint, base, located, name, blocks)
         _check_complete(checkpoint, located, name, {block.path for block in blocks})
 

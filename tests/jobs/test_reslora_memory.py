@@ -142,7 +142,7 @@ def test_weight_norms_read_the_base_in_layer_order(monkeypatch):
     """Across chains, block n of every chain is decided before any block n + 1: the base is read
     front to back (as its files store the layers), not once per chain, and the numbers are the
     same as chain by chain (test_reslora.py's oracles)."""
-    from loramerge.formats.reslora_checkpoint import natural_order
+    from loramerge.formats.reslora_chains import natural_order
     from loramerge.jobs.reslora_conversion import convert_reslora
     from loramerge.jobs.reslora_weights import BaseWeights
 
