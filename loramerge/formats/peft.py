@@ -1,4 +1,5 @@
-"""PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors` (or legacy `.bin`).
+"""PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors` (or legacy `.bin`),
+read here and written by loramerge.formats.peft_writer.
 
 Keys are PEFT's saved names (`base_model.model.<path>.lora_A.weight`, ...). A PARAMETER module
 (target_parameters) is named by PEFT's wrapper path: two parameters of one module nest two
@@ -13,14 +14,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loramerge import __version__
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, ModuleKind, TokenRows, match_pattern
 from loramerge.errors import FormatError
 from loramerge.formats.common import lazy_weights, require_positive, require_rank
-from loramerge.formats.peft_config import KASA, base_init, config_for, merge_refusal
+from loramerge.formats.peft_config import base_init, merge_refusal
 from loramerge.formats.peft_variants import BlockDiagonal, scaled_columns
 from loramerge.io.json_files import read_json
-from loramerge.io.safetensors_writer import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -284,49 +283,3 @@ def _pattern(config: dict[str, Any], key: str, config_path: Path) -> dict[str, A
 def _text(value: Any) -> str | None:
     """An informational string field; other JSON values are dropped rather than carried on."""
     return value if isinstance(value, str) else None
-
-
-def state_dict_for(adapter: Adapter) -> dict[str, Any]:
-    """PEFT's saved keys: `base_model.model.` prefix, no adapter name."""
-    tensors = {}
-    for module in adapter.modules.values():
-        stem = PREFIX + module.path
-        if module.kind is ModuleKind.EMBEDDING:
-            tensors[f"{stem}.lora_embedding_A"] = module.lora_A.load()
-            tensors[f"{stem}.lora_embedding_B"] = module.lora_B.load()
-        else:
-            tensors[f"{stem}.lora_A.weight"] = module.lora_A.load()
-            tensors[f"{stem}.lora_B.weight"] = module.lora_B.load()
-        if module.magnitude is not None:
-            magnitude = module.magnitude.load()
-            if module.kind is ModuleKind.CONV:  # PEFT keeps a conv's as (1, out, 1, ...)
-                spatial = len(module.lora_A.shape) - 2
-                magnitude = magnitude.reshape(1, -1, *([1] * spatial))
-            tensors[f"{stem}.lora_magnitude_vector"] = magnitude
-        if module.bias is not None:
-            tensors[f"{stem}.lora_B.bias"] = module.bias.load()
-        if adapter.base_init == KASA:
-            # B already holds KaSA's diagonal (B diag(d)): PEFT scales it by ones
-            import torch
-
-            tensors[f"{stem}.lora_diag"] = torch.ones(module.r, dtype=module.lora_B.dtype)
-    for name, tensor in adapter.modules_to_save.items():
-        tensors[PREFIX + name] = tensor.load()
-    for name, tensor in adapter.base_tables.items():
-        tensors[PREFIX + name.removesuffix(".weight") + WRAPPED + ".weight"] = tensor.load()
-    wrapped = {m.path for m in adapter.modules.values()}
-    for name, tensor in adapter.saved_biases.items():
-        module = name.removesuffix(".bias")
-        stem = module + WRAPPED if module in wrapped else module
-        tensors[f"{PREFIX}{stem}.bias"] = tensor.load()
-    for module, rows in adapter.token_rows.items():
-        tensors[PREFIX + module + TOKEN_DELTA] = rows.values.load()
-    return {k: v.contiguous() for k, v in tensors.items()}
-
-
-def write(adapter: Adapter, folder: Path) -> None:
-    """Write a PEFT adapter folder into an existing (empty, temporary) folder."""
-    config = config_for(adapter)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    metadata = {"format": "pt", "loramerge.version": __version__}
-    save_tensors(folder / WEIGHT_NAMES[0], state_dict_for(adapter), metadata)

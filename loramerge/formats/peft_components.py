@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loramerge.adapter import Adapter
-from loramerge.formats import peft
+from loramerge.formats import peft_writer
 from loramerge.formats.components import split
 
 
@@ -15,9 +15,9 @@ def write(adapter: Adapter, folder: Path) -> None:
     """Write into an existing (empty, temporary) folder."""
     parts = split(adapter)
     if len(parts) == 1:
-        peft.write(next(iter(parts.values())), folder)
+        peft_writer.write(next(iter(parts.values())), folder)
         return
     for component, part in parts.items():
         sub = folder / str(component)
         sub.mkdir()
-        peft.write(part, sub)
+        peft_writer.write(part, sub)

@@ -41,7 +41,8 @@ def test_adapter_for_another_architecture(cli, tmp_path):
 
 
 def test_shape_mismatch_names_module_and_shapes(cli, tmp_path):
-    from loramerge.formats.peft import read, write
+    from loramerge.formats.peft import read
+    from loramerge.formats.peft_writer import write
 
     adapter = read(ADAPTERS / "llama-lora")
     module = next(iter(adapter.modules.values()))

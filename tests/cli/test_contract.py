@@ -269,7 +269,8 @@ TIED_BASE = BASES / "llama-tied"
 
 
 def _changed_table(tmp_path: Path) -> Path:
-    from loramerge.formats.peft import read, write
+    from loramerge.formats.peft import read
+    from loramerge.formats.peft_writer import write
 
     adapter = read(TIED)
     name, table = next(iter(adapter.base_tables.items()))
@@ -304,7 +305,8 @@ def test_vllm_refuses_saved_tables_that_differ_from_the_base(cli, tmp_path):
 
 
 def test_verify_compares_a_one_sided_saved_table_with_the_base(cli, tmp_path):
-    from loramerge.formats.peft import read, write
+    from loramerge.formats.peft import read
+    from loramerge.formats.peft_writer import write
 
     changed = _changed_table(tmp_path)
     adapter = read(changed)

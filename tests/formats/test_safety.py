@@ -444,7 +444,8 @@ def test_fuzzed_adapter_configs_raise_only_loramerge_errors(fuzz_adapter):
     sane scales or raise loramerge's own error. The fuzzer must reach accepted configs, not only
     refusals: the unmodified config plans a merge of all 28 modules, and some mutated ones too."""
     from loramerge.adapter_checks import check_adapter
-    from loramerge.formats import kohya_writer, peft
+    from loramerge.formats import kohya_writer
+    from loramerge.formats.peft_config import config_for
     from loramerge.formats.registry import read_adapter
     from loramerge.jobs.merge import preview_merge
 
@@ -458,7 +459,7 @@ def test_fuzzed_adapter_configs_raise_only_loramerge_errors(fuzz_adapter):
             adapter = read_adapter(fuzz_adapter, fmt)
             check_adapter(adapter)
             plan = preview_merge(adapter, BASES / "llama")
-            written = peft.config_for(adapter)
+            written = config_for(adapter)
             json.loads(json.dumps(written, allow_nan=False))
             assert all(isinstance(v, str) for v in kohya_writer.metadata_for(adapter).values())
         except LoramergeError:
