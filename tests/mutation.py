@@ -165,7 +165,7 @@ MUTATIONS = [
     Mutation(
         "conv1d-not-transposed",
         "GPT-2 Conv1D updates not transposed to the (in x out) layout",
-        "loramerge/model/planner.py",
+        "loramerge/model/tensor_planner.py",
         (
             patch(
                 "transposed = target.kind in (ModuleKind.CONV1D, ModuleKind.EMBEDDING)",
