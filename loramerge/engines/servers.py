@@ -1,5 +1,5 @@
 """The rewrite of each engine in loramerge.engines.profiles.ENGINES, built from the exact
-rewrites and refusals of loramerge.engines.rewrites.
+rewrites of loramerge.engines.rewrites and the refusals of loramerge.engines.refusals.
 
 Keys: the PEFT writer always writes `base_model.model.<path>.lora_A.weight` (no adapter name),
 which is what TGI and LoRAX require and what vLLM and SGLang accept; no profile changes that.
@@ -11,19 +11,21 @@ from dataclasses import replace
 
 from loramerge.adapter import Adapter, ModuleKind, common_alpha
 from loramerge.engines.profiles import VLLM_MAX_LORA_RANKS, BaseFacts, Profiled, vllm_max_lora_rank
-from loramerge.engines.rewrites import (
-    add_zero_modules,
+from loramerge.engines.refusals import (
     check_saved_tables,
     check_vocabulary,
-    every_layer,
-    one_scale,
-    plain_scales,
     refuse,
     refuse_dora_and_bias,
     refuse_kinds,
     refuse_modules_to_save,
     refuse_names,
     refuse_peft_only,
+)
+from loramerge.engines.rewrites import (
+    add_zero_modules,
+    every_layer,
+    one_scale,
+    plain_scales,
     stacked_groups,
 )
 from loramerge.errors import OptionError
