@@ -118,7 +118,7 @@ OUTPUT_FORMATS: list[OutputFormat] = [
         "diffusers_writer",
         None,
     ),
-    OutputFormat("mlx-lm", "mlx-lm adapter folder", "mlx_lm", None),
+    OutputFormat("mlx-lm", "mlx-lm adapter folder", "mlx_lm_writer", None),
 ]
 
 INPUT_FORMAT_NAMES = tuple(entry.name for entry in INPUT_FORMATS)

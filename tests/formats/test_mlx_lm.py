@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tool_fixtures import MLX_LM, PEFT_TUNERS, assert_matches_tool
 
 from loramerge.errors import FormatError
-from loramerge.formats import mlx_lm
+from loramerge.formats import mlx_lm_writer
 from loramerge.formats.registry import detect, read_adapter
 from loramerge.io.safetensors_header import read_header
 
@@ -94,12 +94,12 @@ def test_writer_refuses_what_mlx_cannot_hold(tmp_path):
     mixed = dict(adapter.modules)
     mixed[first] = replace(mixed[first], magnitude=None)
     with pytest.raises(FormatError, match="DoRA and plain LoRA"):
-        mlx_lm.config_and_tensors(replace(adapter, modules=mixed))
+        mlx_lm_writer.config_and_tensors(replace(adapter, modules=mixed))
     plain = read_adapter(MLX_LM / "lora")
     module = next(iter(plain.modules.values()))
     biased = {**plain.modules, module.path: replace(module, bias=module.magnitude or module.lora_B)}
     with pytest.raises(FormatError, match="LoRA biases"):
-        mlx_lm.config_and_tensors(replace(plain, modules=biased))
+        mlx_lm_writer.config_and_tensors(replace(plain, modules=biased))
 
 
 def test_mlx_folders_are_not_taken_for_peft(tmp_path):
