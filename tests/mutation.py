@@ -97,7 +97,7 @@ MUTATIONS = [
     Mutation(
         "dora-norm-of-base",
         "DoRA norm taken from the base weight W instead of W + dW",
-        "loramerge/model/stream.py",
+        "loramerge/model/merged_tiles.py",
         (
             patch(
                 "squares += output_norms_squared(values, True)",
@@ -238,7 +238,7 @@ MUTATIONS = [
     Mutation(
         "lora-bias-unscaled",
         "lora_bias added without the LoRA scale",
-        "loramerge/model/stream.py",
+        "loramerge/model/merged_tiles.py",
         (
             patch(
                 "return stored.to(torch.float32) + module.bias.float() * module.scale",

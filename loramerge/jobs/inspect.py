@@ -24,11 +24,12 @@ from loramerge.jobs.merge import rounding_warning
 from loramerge.jobs.pipeline_base import component_root, fold_lycoris_dora, model_config
 from loramerge.model.dense_tiles import dense_support
 from loramerge.model.folder import open_base
+from loramerge.model.merged_tiles import merged_tiles
 from loramerge.model.plan import Action, TensorPlan
 from loramerge.model.planner import plan_merge
 from loramerge.model.rename import rename_to_base
 from loramerge.model.sources import Sources, sources_for
-from loramerge.model.stream import ERASED_SHARE, Progress, count_changed, merged_tiles
+from loramerge.model.stream import ERASED_SHARE, Progress, count_changed
 from loramerge.ops.lowrank import update_frobenius_norm
 from loramerge.ops.rank_truncation import RankSize, dylora_rank_profile
 

@@ -1,6 +1,6 @@
 """What a merge writes for each planned tensor, tile by tile, before it is rounded to the output
 dtype: the values `verify` compares a merged folder with (the torch engine's own arithmetic,
-model.stream, so the two cannot drift apart)."""
+model.merged_tiles, so the two cannot drift apart)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 
 from loramerge.adapter import Adapter
 from loramerge.io.safetensors_header import torch_dtype
+from loramerge.model.merged_tiles import merged_bias, merged_tiles
 from loramerge.model.plan import Action, TensorPlan
 from loramerge.model.sources import Sources
-from loramerge.model.stream import merged_bias, merged_tiles
 from loramerge.model.tiling import tiles
 
 
