@@ -144,6 +144,13 @@ MUTATIONS = [
         (RESLORA,),
     ),
     Mutation(
+        "reslora-form-scale-dropped",
+        "ResLoRA plain factors formed without the (1 + a_n) that multiplies B",
+        "loramerge/ops/reslora_forms.py",
+        (patch("            B = self.b_scale * B", "            B = B"),),
+        (RESLORA,),
+    ),
+    Mutation(
         "kohya-alpha-ignored",
         "kohya reader ignores the .alpha tensor (scale 1)",
         "loramerge/formats/kohya.py",
