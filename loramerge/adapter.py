@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -126,6 +126,21 @@ class LoraModule:
         return replace(
             self, lora_A=LazyTensor.of(lora_a), lora_B=LazyTensor.of(lora_b), alpha=alpha
         )
+
+    def with_computed_factors(
+        self, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float
+    ) -> LoraModule:
+        """A copy whose float32 factors of rank `rank`, (B, A) as matrices, `compute` gives each
+        time they are read (nothing kept), shaped as `with_factors` shapes them."""
+        if self.experts > 1:
+            raise FormatError("per-expert factors cannot be replaced as one", module=self.path)
+        import torch
+
+        shape_a = (rank, *self.lora_A.shape[1:])
+        shape_b = (self.lora_B.shape[0], rank, *self.lora_B.shape[2:])
+        lora_a = LazyTensor(shape_a, torch.float32, lambda: compute()[1].reshape(shape_a))
+        lora_b = LazyTensor(shape_b, torch.float32, lambda: compute()[0].reshape(shape_b))
+        return replace(self, lora_A=lora_a, lora_B=lora_b, alpha=alpha)
 
 
 @dataclass

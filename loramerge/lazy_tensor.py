@@ -4,12 +4,16 @@ module's factors when it reaches the module."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import numpy
     import torch
+
+T = TypeVar("T")
 
 # a tensor's stored bytes (uint8) and its safetensors dtype code, read without torch
 RawRead = Callable[[], "tuple[numpy.ndarray, str]"]
@@ -83,3 +87,25 @@ class LazyTensor:
 
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+class RecentValues:
+    """Values computed by key, the last few kept (thread-safe): a module's two factors often
+    come from one computation, and the merge engine's workers read them one after the other,
+    so each is computed once while memory holds a few modules, not the adapter."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._kept: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._kept:
+                return self._kept[key]
+        value = compute()
+        with self._lock:
+            self._kept[key] = value
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        return value

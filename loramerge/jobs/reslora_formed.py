@@ -8,8 +8,6 @@ checkpoint) nor the checkpoint's factors in float64.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -17,12 +15,9 @@ import torch
 from loramerge.adapter import LazyTensor
 from loramerge.formats.reslora_chains import ResLoraChain
 from loramerge.formats.reslora_config import ResLoraConfig
+from loramerge.lazy_tensor import RecentValues
 from loramerge.ops.reslora_forms import Factors, PlainFactors, plain_factors
 from loramerge.ops.reslora_rules import PlainBlock
-
-# Modules whose formed factors stay at hand: the engine's workers read B, then A, of the
-# module each is merging, and a reduced block's two factors come from one SVD.
-KEPT_MODULES = 4
 
 
 class ChainFactors(Sequence[Factors]):
@@ -46,8 +41,7 @@ class FormedFactors:
         self, config: ResLoraConfig, *, rank: int | None = None, pad_to: int | None = None
     ) -> None:
         self.config, self.rank, self.pad_to = config, rank, pad_to
-        self._kept: OrderedDict[tuple[str, int], PlainFactors] = OrderedDict()
-        self._lock = threading.Lock()
+        self._recent = RecentValues()
 
     def lazy(
         self, chain: ResLoraChain, plain: PlainBlock, part: str, shape: tuple[int, int]
@@ -57,17 +51,11 @@ class FormedFactors:
 
     def formed(self, chain: ResLoraChain, plain: PlainBlock) -> PlainFactors:
         key = (chain.name, plain.form.stacked[0])
-        with self._lock:
-            found = self._kept.get(key)
-        if found is not None:
-            return found
+        return self._recent.get(key, lambda: self._form(chain, plain))
+
+    def _form(self, chain: ResLoraChain, plain: PlainBlock) -> PlainFactors:
         factors = plain.form.factors(ChainFactors(chain))
         config = self.config
-        found = plain_factors(
+        return plain_factors(
             factors, plain.scale, config.lora_alpha, config.rank, rank=self.rank, pad_to=self.pad_to
         )
-        with self._lock:
-            self._kept[key] = found
-            while len(self._kept) > KEPT_MODULES:
-                self._kept.popitem(last=False)
-        return found

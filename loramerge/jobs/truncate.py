@@ -186,8 +186,11 @@ def _reduce(
     adapter: Adapter, method: str, options: TruncateOptions, result: TruncateResult
 ) -> list[tuple[int | None, Adapter, list[ModuleRow]]]:
     """(rank, reduced adapter, rows) for each output; rank None for an energy reduction."""
+    # a merge reads each module's reduction when it reaches the module: none is held
+    keep = not options.merge
     if options.energy is not None:
-        reduced, rows = reduce_svd(adapter, energy=options.energy, max_rank=options.max_rank)
+        energy, max_rank = options.energy, options.max_rank
+        reduced, rows = reduce_svd(adapter, energy=energy, max_rank=max_rank, keep=keep)
         return [(None, reduced, rows)]
     found = []
     for rank in options.ranks:
@@ -198,7 +201,7 @@ def _reduce(
             new, rows = truncate_prefix(adapter, rank)
         else:
             _check_svd_rank(rank, adapter)
-            new, rows = reduce_svd(adapter, rank=rank)
+            new, rows = reduce_svd(adapter, rank=rank, keep=keep)
         found.append((rank, new, rows))
     return found
 

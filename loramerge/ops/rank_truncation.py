@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from loramerge.adapter import Adapter, LazyTensor, LoraModule, lora_scale
 from loramerge.errors import OptionError, located, opt
+from loramerge.lazy_tensor import RecentValues
 from loramerge.ops.lowrank import (
     difference_frobenius_norm,
     qr_core,
@@ -90,11 +92,24 @@ def truncate_prefix(adapter: Adapter, b: int) -> tuple[Adapter, list[ModuleRow]]
                 value="prefix",
                 hint=f"use {opt('method')} svd",
             )
-        lora_b, lora_a = prefix_factors(module.lora_B.read(), module.lora_A.read(), b)
-        cut = replace(module, lora_A=LazyTensor.of(lora_a), lora_B=LazyTensor.of(lora_b))
+        cut = replace(
+            module, lora_A=_prefix_rows(module.lora_A, b), lora_B=_prefix_columns(module.lora_B, b)
+        )
         modules[path] = cut
         rows.append(_compare(module, cut, energy=None))
     return replace(adapter, modules=modules), rows
+
+
+def _prefix_rows(lora_a: LazyTensor, b: int) -> LazyTensor:
+    """A[:b], cut from the stored A each time it is read (nothing kept)."""
+    shape = (b, *lora_a.shape[1:])
+    return LazyTensor(shape, lora_a.code or lora_a.dtype, lambda: lora_a.read()[:b].contiguous())
+
+
+def _prefix_columns(lora_b: LazyTensor, b: int) -> LazyTensor:
+    """B[:, :b], cut from the stored B each time it is read (nothing kept)."""
+    shape = (lora_b.shape[0], b, *lora_b.shape[2:])
+    return LazyTensor(shape, lora_b.code or lora_b.dtype, lambda: lora_b.read()[:, :b].contiguous())
 
 
 def reduce_svd(
@@ -102,17 +117,22 @@ def reduce_svd(
     rank: int | None = None,
     energy: float | None = None,
     max_rank: int | None = None,
+    *,
+    keep: bool = True,
 ) -> tuple[Adapter, list[ModuleRow]]:
     """The Frobenius-optimal reduction of every module via the QR core (docs/rules.md section 3).
 
     A fixed `rank` gives each module min(rank, its r); `energy` gives each module the smallest
     rank keeping that share of its update's energy, capped at `max_rank`. The scale is folded
     into the factors (float32), so each module gets r = alpha = its new rank and no rsLoRA; a
-    LoRA bias is multiplied by the old scale to stay exact. DoRA magnitudes are kept.
+    LoRA bias is multiplied by the old scale to stay exact. DoRA magnitudes are kept. With
+    `keep` False, the reduced factors are not held: each module's reduction is computed again
+    when its factors are read (for a merge, whose memory then grows with no adapter).
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of a target rank and an energy threshold")
     modules, rows = {}, []
+    recent = RecentValues()
     for path, module in adapter.modules.items():
         lora_b, lora_a = module.factors(keep=False)
         with located(adapter.source_path, path):
@@ -125,10 +145,11 @@ def reduce_svd(
         bias = module.bias
         if bias is not None:
             bias = LazyTensor.of(bias.float() * module.scale)
-        new = replace(
-            module.with_factors(reduced.B, reduced.A, float(k)), use_rslora=False, bias=bias
-        )
-        modules[path] = new
+        if keep:
+            new = module.with_factors(reduced.B, reduced.A, float(k))
+        else:
+            new = module.with_computed_factors(_reduction(module, k, recent), k, float(k))
+        modules[path] = replace(new, use_rslora=False, bias=bias)
         squares = reduced.singular_values.square()
         rows.append(
             ModuleRow(
@@ -142,6 +163,20 @@ def reduce_svd(
             )
         )
     return replace(adapter, modules=modules), rows
+
+
+def _reduction(
+    module: LoraModule, k: int, recent: RecentValues
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """The rank-k reduction's float32 (B, A) of a module, computed as `reduce_svd` computes it,
+    both factors from one computation while the module is among the recent ones."""
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        lora_b, lora_a = module.factors(keep=False)
+        reduced = reduce_core(qr_core(lora_b, lora_a, module.scale), k, dtype=torch.float32)
+        return reduced.B, reduced.A
+
+    return lambda: recent.get(module.path, compute)
 
 
 def dylora_rank_profile(adapter: Adapter, unit: int = 1) -> list[RankSize]:
@@ -177,7 +212,7 @@ def dylora_rank_profile(adapter: Adapter, unit: int = 1) -> list[RankSize]:
 
 def _compare(before: LoraModule, after: LoraModule, energy: float | None) -> ModuleRow:
     b1, a1 = before.factors(keep=False)
-    b2, a2 = after.factors()
+    b2, a2 = after.factors(keep=False)
     norm_before = update_frobenius_norm(b1, a1, before.scale)
     difference = difference_frobenius_norm(b2, a2, after.scale, b1, a1, before.scale)
     return ModuleRow(
