@@ -179,3 +179,21 @@ def test_a_file_that_cannot_be_mapped_is_read(monkeypatch):
     assert mapped == [True, False]
     assert tensors.keys() == expected.keys()
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+
+
+def test_a_mapped_pickle_is_never_written(tmp_path):
+    """The mapping is private: a tensor changed in place is a copy, the file stays as it was."""
+    import hashlib
+    import shutil
+
+    from loramerge.formats.common import load_pickle_weights
+
+    path = tmp_path / "loras.bin"
+    shutil.copy(RESLORA / "is" / "pytorch_model_lora.bin", path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    tensor = next(iter(load_pickle_weights(path).values()))
+    before = tensor.clone()
+    tensor.mul_(2)
+    assert torch.equal(tensor, before * 2)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert torch.equal(next(iter(load_pickle_weights(path).values())), before)
