@@ -26,50 +26,55 @@ from loramerge_cli.common import (
 
 from loramerge.formats.registry import OUTPUT_FORMAT_NAMES
 
+# the options of `convert`, each with its help
+AdapterArgument = Annotated[
+    str,
+    typer.Argument(metavar="ADAPTER", help="Adapter to convert (a path or a cached hub repo id)."),
+]
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        metavar="OUT",
+        help="Output folder (peft, diffusers) or file (kohya: .safetensors, gguf: .gguf).",
+    ),
+]
+ToOption = Annotated[
+    str | None,
+    typer.Option(
+        "--to",
+        metavar=choices(OUTPUT_FORMAT_NAMES),
+        help="Output format (gguf is llama.cpp's and needs --base). Default: the engine's "
+        "format with --engine, else required.",
+    ),
+]
+MaxRankOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-rank",
+        metavar="K",
+        help="Reduce modules above rank K, and forms with no low-rank form, to at most K "
+        "(QR-core SVD); with --energy, a cap.",
+    ),
+]
+EnergyOption = Annotated[
+    float | None,
+    typer.Option(
+        "--energy",
+        metavar="SHARE",
+        help="Give each module the smallest rank keeping this share of its update's "
+        "energy, e.g. 0.99.",
+    ),
+]
+
 
 def convert(
-    adapter: Annotated[
-        str,
-        typer.Argument(
-            metavar="ADAPTER", help="Adapter to convert (a path or a cached hub repo id)."
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="OUT",
-            help="Output folder (peft, diffusers) or file (kohya: .safetensors, gguf: .gguf).",
-        ),
-    ],
-    to: Annotated[
-        str | None,
-        typer.Option(
-            "--to",
-            metavar=choices(OUTPUT_FORMAT_NAMES),
-            help="Output format (gguf is llama.cpp's and needs --base). Default: the engine's "
-            "format with --engine, else required.",
-        ),
-    ] = None,
-    max_rank: Annotated[
-        int | None,
-        typer.Option(
-            "--max-rank",
-            metavar="K",
-            help="Reduce modules above rank K, and forms with no low-rank form, to at most K "
-            "(QR-core SVD); with --energy, a cap.",
-        ),
-    ] = None,
-    energy: Annotated[
-        float | None,
-        typer.Option(
-            "--energy",
-            metavar="SHARE",
-            help="Give each module the smallest rank keeping this share of its update's "
-            "energy, e.g. 0.99.",
-        ),
-    ] = None,
+    adapter: AdapterArgument,
+    out: OutOption,
+    to: ToOption = None,
+    max_rank: MaxRankOption = None,
+    energy: EnergyOption = None,
     alpha: DyloraAlpha = None,
     engine: Engine = None,
     base: BaseOption = None,

@@ -26,50 +26,57 @@ from loramerge_cli.common import (
 
 from loramerge.jobs.defaults import ROUNDINGS
 
+# the options of `fold`, each with its help
+LinksArgument = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="LINK...",
+        help="The chain's links in training order (each a LoRA in any format loramerge "
+        "reads), or one folder holding the links and a cola_chain.json manifest.",
+    ),
+]
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        metavar="OUT",
+        help="Model folder to write (an adapter folder with --as-lora).",
+    ),
+]
+RoundingOption = Annotated[
+    str,
+    typer.Option(
+        "--rounding",
+        metavar=choices(ROUNDINGS),
+        help="once: sum every link in float32 and round once (default). per-link: round "
+        "after each link, as tying each knot in the base dtype did during training.",
+    ),
+]
+AsLoraOption = Annotated[
+    bool,
+    typer.Option(
+        "--as-lora",
+        help="Write one PEFT adapter equal to the whole chain (r = lora_alpha = sum of ranks).",
+    ),
+]
+RankOption = Annotated[
+    int | None,
+    typer.Option(
+        "--rank",
+        help="With --as-lora: compress each module to at most this rank (optimal SVD) and "
+        "report the energy kept.",
+    ),
+]
+
 
 def fold(
-    links: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="LINK...",
-            help="The chain's links in training order (each a LoRA in any format loramerge "
-            "reads), or one folder holding the links and a cola_chain.json manifest.",
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="OUT",
-            help="Model folder to write (an adapter folder with --as-lora).",
-        ),
-    ],
+    links: LinksArgument,
+    out: OutOption,
     base: BaseOption = None,
-    rounding: Annotated[
-        str,
-        typer.Option(
-            "--rounding",
-            metavar=choices(ROUNDINGS),
-            help="once: sum every link in float32 and round once (default). per-link: round "
-            "after each link, as tying each knot in the base dtype did during training.",
-        ),
-    ] = ROUNDINGS[0],
-    as_lora: Annotated[
-        bool,
-        typer.Option(
-            "--as-lora",
-            help="Write one PEFT adapter equal to the whole chain (r = lora_alpha = sum of ranks).",
-        ),
-    ] = False,
-    rank: Annotated[
-        int | None,
-        typer.Option(
-            "--rank",
-            help="With --as-lora: compress each module to at most this rank (optimal SVD) and "
-            "report the energy kept.",
-        ),
-    ] = None,
+    rounding: RoundingOption = ROUNDINGS[0],
+    as_lora: AsLoraOption = False,
+    rank: RankOption = None,
     engine: Engine = None,
     dtype: OutDtype = None,
     max_shard_size: MaxShardSize = None,

@@ -24,32 +24,34 @@ from loramerge_cli.common import (
     show,
 )
 
+# the options of `merge`, each with its help
+AdapterArgument = Annotated[
+    str,
+    typer.Argument(metavar="ADAPTER", help="Adapter to merge (a path or a cached hub repo id)."),
+]
+BaseOption = Annotated[
+    str,
+    typer.Option("--base", "-b", metavar="BASE", help="Base model folder or cached hub repo id."),
+]
+OutOption = Annotated[
+    Path,
+    typer.Option("--out", "-o", metavar="OUT", help="Folder to write the merged model to."),
+]
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="Print what would be written and write nothing.")
+]
+
 
 def merge(
-    adapter: Annotated[
-        str,
-        typer.Argument(
-            metavar="ADAPTER", help="Adapter to merge (a path or a cached hub repo id)."
-        ),
-    ],
-    base: Annotated[
-        str,
-        typer.Option(
-            "--base", "-b", metavar="BASE", help="Base model folder or cached hub repo id."
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option("--out", "-o", metavar="OUT", help="Folder to write the merged model to."),
-    ],
+    adapter: AdapterArgument,
+    base: BaseOption,
+    out: OutOption,
     dtype: OutDtype = None,
     max_shard_size: MaxShardSize = None,
     fmt: InputFormatOption = None,
     component: Component = None,
     alpha: DyloraAlpha = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print what would be written and write nothing.")
-    ] = False,
+    dry_run: DryRunOption = False,
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     json_output: JsonOutput = False,

@@ -46,65 +46,74 @@ MaxBatches = Annotated[
 ]
 
 
+# the options of `reslora`, each with its help
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        metavar="OUT",
+        help="Output: a PEFT folder, or with --merge a model.",
+    ),
+]
+MergeOption = Annotated[
+    bool, typer.Option("--merge", help="Write the fully merged model instead of a LoRA.")
+]
+UniformRankOption = Annotated[
+    bool,
+    typer.Option("--uniform-rank", help="bs: zero-pad every module to the largest rank (exact)."),
+]
+RankOption = Annotated[
+    int | None,
+    typer.Option("--rank", help="Compress every module to this rank (QR-core SVD, lossy)."),
+]
+NormsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--norms",
+        metavar=choices(NORMS),
+        help="Norms behind the is/ms coefficients: weights (default; the paper's rule from "
+        "the base weights), official (is only: the official code's ||W + (BA)^T||), or "
+        "inputs (calibration statistics from --stats; the default when --stats is given).",
+    ),
+]
+StatsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--stats", metavar="FILE", help="Statistics file written by `loramerge reslora-stats`."
+    ),
+]
+MsRuleOption = Annotated[
+    str,
+    typer.Option(
+        "--ms-rule",
+        metavar=choices(MS_RULES),
+        help="ms: amerge (merge the previous A's) or scalar (needs --stats).",
+    ),
+]
+CheckTextOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--check-text",
+        metavar="FILE",
+        help="Run the ResLoRA forward and the written plain model on this text and report "
+        "the loss difference and the max logit difference.",
+    ),
+]
+
+
 def reslora(
     checkpoint: Checkpoint,
     base: Base,
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="OUT",
-            help="Output: a PEFT folder, or with --merge a model.",
-        ),
-    ],
-    merge: Annotated[
-        bool, typer.Option("--merge", help="Write the fully merged model instead of a LoRA.")
-    ] = False,
+    out: OutOption,
+    merge: MergeOption = False,
     engine: Engine = None,
-    uniform_rank: Annotated[
-        bool,
-        typer.Option(
-            "--uniform-rank", help="bs: zero-pad every module to the largest rank (exact)."
-        ),
-    ] = False,
-    rank: Annotated[
-        int | None,
-        typer.Option("--rank", help="Compress every module to this rank (QR-core SVD, lossy)."),
-    ] = None,
-    norms: Annotated[
-        str | None,
-        typer.Option(
-            "--norms",
-            metavar=choices(NORMS),
-            help="Norms behind the is/ms coefficients: weights (default; the paper's rule from "
-            "the base weights), official (is only: the official code's ||W + (BA)^T||), or "
-            "inputs (calibration statistics from --stats; the default when --stats is given).",
-        ),
-    ] = None,
-    stats: Annotated[
-        Path | None,
-        typer.Option(
-            "--stats", metavar="FILE", help="Statistics file written by `loramerge reslora-stats`."
-        ),
-    ] = None,
-    ms_rule: Annotated[
-        str,
-        typer.Option(
-            "--ms-rule",
-            metavar=choices(MS_RULES),
-            help="ms: amerge (merge the previous A's) or scalar (needs --stats).",
-        ),
-    ] = MS_RULES[0],
-    check_text: Annotated[
-        Path | None,
-        typer.Option(
-            "--check-text",
-            metavar="FILE",
-            help="Run the ResLoRA forward and the written plain model on this text and report "
-            "the loss difference and the max logit difference.",
-        ),
-    ] = None,
+    uniform_rank: UniformRankOption = False,
+    rank: RankOption = None,
+    norms: NormsOption = None,
+    stats: StatsOption = None,
+    ms_rule: MsRuleOption = MS_RULES[0],
+    check_text: CheckTextOption = None,
     seq_len: SeqLen = SEQ_LEN,
     batch_size: BatchSize = BATCH_SIZE,
     dtype: OutDtype = None,

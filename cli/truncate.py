@@ -29,73 +29,81 @@ from loramerge_cli.common import (
 from loramerge.formats.registry import OUTPUT_FORMAT_NAMES
 from loramerge.jobs.defaults import TRUNCATE_METHODS
 
+# the options of `truncate`, each with its help
+AdapterArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="ADAPTER",
+        help="Adapter: DyLoRA (official or kohya), PEFT folder or kohya file (a path or a "
+        "cached hub repo id).",
+    ),
+]
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        metavar="OUT",
+        help="Output; with several ranks a folder holding one per rank.",
+    ),
+]
+RankOption = Annotated[
+    Ranks | None,
+    typer.Option(
+        "--rank",
+        "-r",
+        metavar="B[,B...]",
+        parser=parse_ranks,
+        help="Target rank B, or a list like 4,8,16.",
+    ),
+]
+MethodOption = Annotated[
+    str | None,
+    typer.Option(
+        "--method",
+        metavar=choices(TRUNCATE_METHODS),
+        help="prefix (DyLoRA's trained first ranks; default for DyLoRA inputs), svd "
+        "(optimal reduction; default otherwise) or dylora (prefix, declaring a PEFT "
+        "adapter to be DyLoRA).",
+    ),
+]
+EnergyOption = Annotated[
+    float | None,
+    typer.Option(
+        "--energy",
+        help="Instead of --rank: give each module the smallest rank keeping this share "
+        "of its update's energy, e.g. 0.9 (SVD).",
+    ),
+]
+MaxRankOption = Annotated[
+    int | None, typer.Option("--max-rank", help="Cap on the ranks --energy chooses.")
+]
+ToOption = Annotated[
+    str | None,
+    typer.Option(
+        "--to",
+        metavar=choices(OUTPUT_FORMAT_NAMES),
+        help="Output format (default: kohya for kohya inputs, else peft).",
+    ),
+]
+MergeOption = Annotated[
+    bool,
+    typer.Option("--merge", help="Write the merged model (needs --base) instead of an adapter."),
+]
+
 
 def truncate(
-    adapter: Annotated[
-        str,
-        typer.Argument(
-            metavar="ADAPTER",
-            help="Adapter: DyLoRA (official or kohya), PEFT folder or kohya file (a path or a "
-            "cached hub repo id).",
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="OUT",
-            help="Output; with several ranks a folder holding one per rank.",
-        ),
-    ],
-    rank: Annotated[
-        Ranks | None,
-        typer.Option(
-            "--rank",
-            "-r",
-            metavar="B[,B...]",
-            parser=parse_ranks,
-            help="Target rank B, or a list like 4,8,16.",
-        ),
-    ] = None,
-    method: Annotated[
-        str | None,
-        typer.Option(
-            "--method",
-            metavar=choices(TRUNCATE_METHODS),
-            help="prefix (DyLoRA's trained first ranks; default for DyLoRA inputs), svd "
-            "(optimal reduction; default otherwise) or dylora (prefix, declaring a PEFT "
-            "adapter to be DyLoRA).",
-        ),
-    ] = None,
-    energy: Annotated[
-        float | None,
-        typer.Option(
-            "--energy",
-            help="Instead of --rank: give each module the smallest rank keeping this share "
-            "of its update's energy, e.g. 0.9 (SVD).",
-        ),
-    ] = None,
-    max_rank: Annotated[
-        int | None, typer.Option("--max-rank", help="Cap on the ranks --energy chooses.")
-    ] = None,
+    adapter: AdapterArgument,
+    out: OutOption,
+    rank: RankOption = None,
+    method: MethodOption = None,
+    energy: EnergyOption = None,
+    max_rank: MaxRankOption = None,
     alpha: DyloraAlpha = None,
-    to: Annotated[
-        str | None,
-        typer.Option(
-            "--to",
-            metavar=choices(OUTPUT_FORMAT_NAMES),
-            help="Output format (default: kohya for kohya inputs, else peft).",
-        ),
-    ] = None,
+    to: ToOption = None,
     base: BaseOption = None,
     engine: Engine = None,
-    merge: Annotated[
-        bool,
-        typer.Option(
-            "--merge", help="Write the merged model (needs --base) instead of an adapter."
-        ),
-    ] = False,
+    merge: MergeOption = False,
     dtype: OutDtype = None,
     fmt: InputFormatOption = None,
     allow_nonfinite: AllowNonfinite = False,

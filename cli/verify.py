@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from loramerge_cli.common import (
@@ -19,41 +19,49 @@ from loramerge_cli.common import (
 
 from loramerge.jobs.defaults import VERIFY_ATOL, VERIFY_RTOL
 
+if TYPE_CHECKING:
+    from loramerge.jobs.verify_result import VerifyResult
+
+# the options of `verify`, each with its help
+SourceArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="SOURCE",
+        help="The reference: an adapter in any format (a path or a cached hub repo id).",
+    ),
+]
+CandidateArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="CANDIDATE",
+        help="What should mean the same: an adapter (GGUF too) or a merged model folder.",
+    ),
+]
+TextOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--text",
+        metavar="FILE",
+        help="Text file to run through the base (needs --base): compares logits.",
+    ),
+]
+AtolOption = Annotated[float, typer.Option("--atol", help="Absolute tolerance on each difference.")]
+RtolOption = Annotated[
+    float,
+    typer.Option(
+        "--rtol",
+        help="Relative tolerance: of each module's update norm, or of the largest logit.",
+    ),
+]
+
 
 def verify(
-    source: Annotated[
-        str,
-        typer.Argument(
-            metavar="SOURCE",
-            help="The reference: an adapter in any format (a path or a cached hub repo id).",
-        ),
-    ],
-    candidate: Annotated[
-        str,
-        typer.Argument(
-            metavar="CANDIDATE",
-            help="What should mean the same: an adapter (GGUF too) or a merged model folder.",
-        ),
-    ],
+    source: SourceArgument,
+    candidate: CandidateArgument,
     base: BaseOption = None,
-    text: Annotated[
-        Path | None,
-        typer.Option(
-            "--text",
-            metavar="FILE",
-            help="Text file to run through the base (needs --base): compares logits.",
-        ),
-    ] = None,
-    atol: Annotated[
-        float, typer.Option("--atol", help="Absolute tolerance on each difference.")
-    ] = VERIFY_ATOL,
-    rtol: Annotated[
-        float,
-        typer.Option(
-            "--rtol",
-            help="Relative tolerance: of each module's update norm, or of the largest logit.",
-        ),
-    ] = VERIFY_RTOL,
+    text: TextOption = None,
+    atol: AtolOption = VERIFY_ATOL,
+    rtol: RtolOption = VERIFY_RTOL,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -88,30 +96,29 @@ def verify(
     failure = result.failure(source, candidate)
     if failure is not None:
         raise failure
-    if json_output:
-        return
+    if not json_output:
+        show(_ok_line(result, source, candidate), quiet)
+
+
+def _ok_line(result: VerifyResult, source: str, candidate: str) -> str:
+    """The one line that says what matched, and by how much."""
     worst = result.worst
     if result.mode == "logits":
         logits = result.logits or {}
-        show(
+        return (
             f"ok: {candidate} matches {source} on {logits['tokens']} tokens: max |logits "
             f"difference| {logits['max_abs_diff']:.3e}, loss {logits['loss_source']:.6f} "
-            f"vs {logits['loss_candidate']:.6f}",
-            quiet,
+            f"vs {logits['loss_candidate']:.6f}"
         )
-        return
     if result.mode == "weights":
         changed = [d for d in result.differences if d.source_norm > 0]
-        show(
+        return (
             f"ok: {candidate} matches {source}: {len(result.differences)} tensors or modules "
             f"compared ({len(changed)} changed by the merge), largest difference beyond "
-            f"rounding {worst.diff_norm if worst else 0.0:.3e}",
-            quiet,
+            f"rounding {worst.diff_norm if worst else 0.0:.3e}"
         )
-        return
     largest = f"{worst.relative:.3e} ({worst.name})" if worst else "none"
-    show(
+    return (
         f"ok: {candidate} matches {source}: {len(result.differences)} compared, "
-        f"largest relative difference {largest}",
-        quiet,
+        f"largest relative difference {largest}"
     )
