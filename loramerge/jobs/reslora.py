@@ -87,7 +87,7 @@ def reslora(
         check_adapter_output(out, output, inputs, force)
     batches = prepare_text(base, check_text) if check_text is not None else None
     # one bar over the norms' pass over the base and the merge's
-    merging = _base_bytes(base) if output is None else 0
+    merging = _base_bytes(base) if output is None and progress is not None else 0
     conversion = convert_reslora(checkpoint, base, options, within(progress, after=merging))
     result = ResLoraResult(out, conversion, "merged" if output is None else output.entry.name)
     if output is None:
