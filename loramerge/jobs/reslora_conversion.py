@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loramerge.adapter import Adapter, LoraModule
+from loramerge.adapter_checks import nonfinite_count
 from loramerge.errors import FormatError, OptionError
 from loramerge.formats import reslora_checkpoint as reslora_format
 from loramerge.formats.reslora_chains import ResLoraBlock, ResLoraChain, natural_order
@@ -145,7 +144,7 @@ def _convert_chains(
         chains = {}
         for chain in checkpoint.chains:
             factors = ChainFactors(chain)
-            _check_finite(checkpoint, factors)
+            _check_finite(checkpoint, chain)
             data = _rule_data(rule, factors, reader, stats)
             chains[chain.name] = (factors, rule.apply(factors, config.scale, config.pre_num, data))
         for chain, n, block in sorted(checkpoint.blocks(), key=lambda b: natural_order(b[2].path)):
@@ -191,15 +190,12 @@ def _report(
     )
 
 
-def _check_finite(checkpoint: ResLoraCheckpoint, factors: ChainFactors) -> None:
-    """Every block's factors read once and checked, none kept."""
-    for n in range(len(factors)):
-        B, A = factors[n]
-        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+def _check_finite(checkpoint: ResLoraCheckpoint, chain: ResLoraChain) -> None:
+    """Every block's stored factors checked (none kept): widening never makes one non-finite."""
+    for block in chain.blocks:
+        if any(nonfinite_count(factor) for pair in block.loras for factor in pair):
             raise FormatError(
-                "holds NaN or Inf values",
-                file=checkpoint.source_path,
-                module=factors.chain.blocks[n].path,
+                "holds NaN or Inf values", file=checkpoint.source_path, module=block.path
             )
 
 

@@ -21,16 +21,18 @@ from loramerge.ops.reslora_rules import PlainBlock
 
 
 class ChainFactors(Sequence[Factors]):
-    """A chain's (B_n, A_n) in float64, read from the checkpoint each time one is indexed."""
+    """A chain's (B_n, A_n) in float64, read from the checkpoint when indexed; the last one is
+    kept (a weight-based rule reads block n for its base products, then for its norm)."""
 
     def __init__(self, chain: ResLoraChain) -> None:
         self.chain = chain
+        self._recent = RecentValues(size=1)
 
     def __len__(self) -> int:
         return len(self.chain.blocks)
 
     def __getitem__(self, n: int) -> Factors:  # type: ignore[override]
-        return self.chain.blocks[n].factors(torch.float64)
+        return self._recent.get(n, lambda: self.chain.blocks[n].factors(torch.float64))
 
 
 class FormedFactors:

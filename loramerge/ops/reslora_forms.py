@@ -46,11 +46,6 @@ class BlockForm:
             B = self.b_scale * B
         return B, self._a_merged(A, chain) if self.a_terms else A
 
-    def a_factor(self, chain: Sequence[Factors]) -> torch.Tensor:
-        """A' alone."""
-        A = torch.cat([chain[j][1] for j in self.stacked], dim=0)
-        return self._a_merged(A, chain) if self.a_terms else A
-
     def _a_merged(self, A: torch.Tensor, chain: Sequence[Factors]) -> torch.Tensor:
         """A + sum c A_j, always from the chain's original A's."""
         merged = A.clone()

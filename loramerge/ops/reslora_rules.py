@@ -197,7 +197,8 @@ def merge_ms_amerge_weights(
         m = window(pre_num, n)
         coefficients = {f"c_{k}": math.prod(alphas[n - k + 1 : n + 1]) for k in range(1, m + 1)}
         form = _a_merge_form(n, coefficients)
-        fstar.append(merged_norm(products[n], chain[n][0], form.a_factor(chain), scale))
+        B, merged = form.factors(chain)  # B' = B_n: the A-merge leaves B as it is
+        fstar.append(merged_norm(products[n], B, merged, scale))
         # the f* that the a_j inside the window (j >= 2; a_0 = a_1 = 1) were taken from
         used = sorted({i for j in range(max(n - m + 1, 2), n + 1) for i in (j - 2, j - 1)})
         norms = {f"f*_{i}": fstar[i] for i in used}
