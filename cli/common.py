@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -131,6 +132,11 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise typer.BadParameter(f"{text!r} is not a positive size")
     return size
+
+
+def out_option(help_text: str) -> Any:
+    """The type of a command's OUT (`--out`, `-o`), with what the command writes there."""
+    return Annotated[Path, typer.Option("--out", "-o", metavar="OUT", help=help_text)]
 
 
 class Ranks(tuple):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +18,7 @@ from loramerge_cli.common import (
     Quiet,
     choices,
     note,
+    out_option,
     print_engine_report,
     print_json,
     show,
@@ -31,15 +31,9 @@ AdapterArgument = Annotated[
     str,
     typer.Argument(metavar="ADAPTER", help="Adapter to convert (a path or a cached hub repo id)."),
 ]
-OutOption = Annotated[
-    Path,
-    typer.Option(
-        "--out",
-        "-o",
-        metavar="OUT",
-        help="Output folder (peft, diffusers) or file (kohya: .safetensors, gguf: .gguf).",
-    ),
-]
+OutOption = out_option(
+    "Output folder (peft, diffusers) or file (kohya: .safetensors, gguf: .gguf)."
+)
 ToOption = Annotated[
     str | None,
     typer.Option(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,6 +19,7 @@ from loramerge_cli.common import (
     choices,
     json_done,
     note,
+    out_option,
     print_engine_report,
     stdout,
 )
@@ -35,15 +35,7 @@ LinksArgument = Annotated[
         "reads), or one folder holding the links and a cola_chain.json manifest.",
     ),
 ]
-OutOption = Annotated[
-    Path,
-    typer.Option(
-        "--out",
-        "-o",
-        metavar="OUT",
-        help="Model folder to write (an adapter folder with --as-lora).",
-    ),
-]
+OutOption = out_option("Model folder to write (an adapter folder with --as-lora).")
 RoundingOption = Annotated[
     str,
     typer.Option(

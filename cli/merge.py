@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,6 +19,7 @@ from loramerge_cli.common import (
     byte_progress,
     json_done,
     note,
+    out_option,
     print_json,
     show,
 )
@@ -33,10 +33,7 @@ BaseOption = Annotated[
     str,
     typer.Option("--base", "-b", metavar="BASE", help="Base model folder or cached hub repo id."),
 ]
-OutOption = Annotated[
-    Path,
-    typer.Option("--out", "-o", metavar="OUT", help="Folder to write the merged model to."),
-]
+OutOption = out_option("Folder to write the merged model to.")
 DryRunOption = Annotated[
     bool, typer.Option("--dry-run", help="Print what would be written and write nothing.")
 ]

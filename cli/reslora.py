@@ -17,6 +17,7 @@ from loramerge_cli.common import (
     choices,
     json_done,
     note,
+    out_option,
     print_engine_report,
     print_json,
     show,
@@ -47,15 +48,7 @@ MaxBatches = Annotated[
 
 
 # the options of `reslora`, each with its help
-OutOption = Annotated[
-    Path,
-    typer.Option(
-        "--out",
-        "-o",
-        metavar="OUT",
-        help="Output: a PEFT folder, or with --merge a model.",
-    ),
-]
+OutOption = out_option("Output: a PEFT folder, or with --merge a model.")
 MergeOption = Annotated[
     bool, typer.Option("--merge", help="Write the fully merged model instead of a LoRA.")
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,6 +20,7 @@ from loramerge_cli.common import (
     byte_progress,
     choices,
     json_done,
+    out_option,
     parse_ranks,
     print_engine_report,
     stdout,
@@ -38,15 +38,7 @@ AdapterArgument = Annotated[
         "cached hub repo id).",
     ),
 ]
-OutOption = Annotated[
-    Path,
-    typer.Option(
-        "--out",
-        "-o",
-        metavar="OUT",
-        help="Output; with several ranks a folder holding one per rank.",
-    ),
-]
+OutOption = out_option("Output; with several ranks a folder holding one per rank.")
 RankOption = Annotated[
     Ranks | None,
     typer.Option(
